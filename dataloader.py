@@ -1,0 +1,343 @@
+"""Datasets, standard transforms and loaders.
+
+The built-in datasets are small (CIFAR-10 is 150 MB as uint8), so each split is read once
+from its standard on-disk files into a uint8 tensor and kept on the training device;
+``DeviceLoader`` then shuffles, crops, flips and normalizes whole batches with tensor
+operations.  ``WorkersLoader`` is the classic per-sample DataLoader with worker processes:
+the path for image-folder datasets and the reference the batched path is checked against.
+"""
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import augmentations
+from utils import UsageError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+    horizontal_flip: bool
+
+
+DATASETS = {
+    'CIFAR10': DatasetInfo('CIFAR10', 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    'CIFAR100': DatasetInfo('CIFAR100', 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    'MNIST': DatasetInfo('MNIST', 1, 28, 10, (0.1307,), (0.3081,), False),
+    'FashionMNIST': DatasetInfo('FashionMNIST', 1, 28, 10, (0.2860,), (0.3530,), True),
+    'KMNIST': DatasetInfo('KMNIST', 1, 28, 10, (0.1904,), (0.3475,), False),
+}
+DATASET_CHOICES = list(DATASETS) + ['ImageFolder']
+
+_CIFAR_FILES = {
+    'CIFAR10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'labels'),
+    'CIFAR100': ('cifar-100-python', ['train'], ['test'], 'fine_labels'),
+}
+_IDX_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+              False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+_TORCHVISION_CLASSES = {'CIFAR10': 'CIFAR10', 'CIFAR100': 'CIFAR100', 'MNIST': 'MNIST',
+                        'FashionMNIST': 'FashionMNIST', 'KMNIST': 'KMNIST'}
+
+
+def _read_cifar(root, name, train):
+    folder, train_files, test_files, label_key = _CIFAR_FILES[name]
+    directory = os.path.join(root, folder)
+    images, labels = [], []
+    for file_name in train_files if train else test_files:
+        path = os.path.join(directory, file_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        try:
+            with open(path, 'rb') as f:
+                batch = pickle.load(f, encoding='latin1')
+            data = np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = np.asarray(batch[label_key], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+            raise UsageError(f'--dataset_dir: {path} is not a valid {name} batch file '
+                             f'({type(error).__name__}: {error})') from None
+        images.append(data)
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _open_maybe_gz(base_path):
+    for path, opener in ((base_path, open), (base_path + '.gz', gzip.open)):
+        if os.path.isfile(path):
+            return path, opener
+    raise FileNotFoundError(base_path)
+
+
+def _read_idx(path, opener, expected_ndim):
+    """Parse an idx file (LeCun's MNIST format): magic, big-endian sizes, uint8 payload."""
+    try:
+        with opener(path, 'rb') as f:
+            raw = f.read()
+        magic = int.from_bytes(raw[0:4], 'big')
+        ndim = magic & 0xFF
+        if magic >> 8 != 0x08 or ndim != expected_ndim:
+            raise ValueError(f'magic number {magic:#x} is not a uint8 idx file of {expected_ndim} dims')
+        shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+        payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if payload.size != int(np.prod(shape)):
+            raise ValueError(f'expected {int(np.prod(shape))} values, found {payload.size} (truncated?)')
+    except (OSError, EOFError, ValueError) as error:
+        raise UsageError(f'--dataset_dir: {path} is not a valid idx file ({error})') from None
+    return payload.reshape(shape)
+
+
+def _read_mnist_family(root, name, train):
+    images_name, labels_name = _IDX_FILES[train]
+    candidates = [os.path.join(root, name, 'raw'), os.path.join(root, name), root]
+    for directory in candidates:
+        try:
+            images_path, images_open = _open_maybe_gz(os.path.join(directory, images_name))
+            labels_path, labels_open = _open_maybe_gz(os.path.join(directory, labels_name))
+        except FileNotFoundError:
+            continue
+        images = _read_idx(images_path, images_open, 3)
+        labels = _read_idx(labels_path, labels_open, 1)
+        if len(images) != len(labels):
+            raise UsageError(f'--dataset_dir: {images_path} has {len(images)} images but '
+                             f'{labels_path} has {len(labels)} labels')
+        return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    raise FileNotFoundError(os.path.join(candidates[0], images_name))
+
+
+def _expected_location(root, name):
+    if name in _CIFAR_FILES:
+        return os.path.join(root, _CIFAR_FILES[name][0]) + '/'
+    return os.path.join(root, name, 'raw') + '/ (train-images-idx3-ubyte[.gz], ...)'
+
+
+def _download(root, name):
+    from torchvision import datasets
+    dataset_class = getattr(datasets, _TORCHVISION_CLASSES[name])
+    try:
+        for train in (True, False):
+            dataset_class(root, train=train, download=True)
+    except Exception as error:  # network failures surface as many exception types
+        raise UsageError(f'--download: could not fetch {name} into {root} '
+                         f'({type(error).__name__}: {error})') from None
+
+
+def load_split(root, name, train, download=False):
+    """One split of a built-in dataset as (uint8 images N x C x H x W, int64 labels N)."""
+    reader = _read_cifar if name in _CIFAR_FILES else _read_mnist_family
+    try:
+        return reader(root, name, train)
+    except FileNotFoundError as missing:
+        if not download:
+            raise UsageError(f'--dataset_dir: {name} files not found: looked for '
+                             f'{_expected_location(root, name)} (missing {missing.args[0]}); '
+                             f'pass --download to fetch them') from None
+    _download(root, name)
+    return reader(root, name, train)
+
+
+def split_validation(images, labels, val_ratio, split_seed=0):
+    """Hold out ``val_ratio`` of the training set, the same images for every --seed."""
+    generator = torch.Generator().manual_seed(split_seed)
+    order = torch.randperm(len(labels), generator=generator)
+    n_val = int(round(len(labels) * val_ratio))
+    if n_val < 1 or n_val >= len(labels):
+        raise UsageError(f'--val_ratio {val_ratio}: leaves {len(labels) - n_val} training and '
+                         f'{n_val} validation images')
+    val_index, train_index = order[:n_val], order[n_val:]
+    return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+
+
+class DeviceLoader:
+    """Batches from a uint8 tensor dataset held on ``device``, augmented as whole batches.
+
+    Training batches: shuffled, padded random crop, horizontal flip, optional AutoAugment,
+    then normalized to float32. Evaluation batches are only normalized.
+    """
+
+    def __init__(self, images, labels, info, batch_size, device, train, random_crop_padding=0,
+                 horizontal_flip=False, use_autoaugment=False, drop_last=None):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.info = info
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.random_crop_padding = random_crop_padding
+        self.horizontal_flip = horizontal_flip
+        self.use_autoaugment = use_autoaugment
+        # A last batch of one image breaks BatchNorm in training, so full batches only there.
+        self.drop_last = train and len(labels) > batch_size if drop_last is None else drop_last
+
+    @property
+    def num_samples(self):
+        return len(self.labels)
+
+    def __len__(self):
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        if self.train:
+            order = torch.randperm(self.num_samples, device=self.device)
+        else:
+            order = torch.arange(self.num_samples, device=self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.images[index]
+            if self.train:
+                images = self.augment(images)
+            yield augmentations.normalize(images, self.info.mean, self.info.std), self.labels[index]
+
+    def augment(self, images):
+        if self.use_autoaugment:
+            images = augmentations.autoaugment(images)
+        if self.random_crop_padding > 0:
+            images = augmentations.random_crop(images, self.random_crop_padding)
+        if self.horizontal_flip:
+            images = augmentations.random_horizontal_flip(images)
+        return images
+
+
+class _TensorDataset(torch.utils.data.Dataset):
+    """uint8 tensors served one image at a time through torchvision transforms."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def build_sample_transform(info, train, random_crop_padding=0, horizontal_flip=False,
+                           use_autoaugment=False, from_pil=False, image_size=None):
+    """Per-sample torchvision transform equivalent to DeviceLoader's batched one."""
+    from torchvision import transforms
+    steps = []
+    if from_pil:
+        if image_size:
+            steps.append(transforms.Resize((image_size, image_size)))
+        steps.append(transforms.PILToTensor())
+    if train:
+        if use_autoaugment:
+            steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10))
+        if random_crop_padding > 0:
+            steps.append(transforms.RandomCrop(info.image_size, padding=random_crop_padding))
+        if horizontal_flip:
+            steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ConvertImageDtype(torch.float32), transforms.Normalize(info.mean, info.std)]
+    return transforms.Compose(steps)
+
+
+class WorkersLoader(torch.utils.data.DataLoader):
+    """A DataLoader that moves each batch to ``device`` (pinned, non-blocking on CUDA)."""
+
+    def __init__(self, dataset, batch_size, device, train, num_workers):
+        super().__init__(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
+                         num_workers=num_workers, pin_memory=device.type == 'cuda',
+                         persistent_workers=num_workers > 0)
+        self.device = device
+
+    @property
+    def num_samples(self):
+        return len(self.dataset)
+
+    def __iter__(self):
+        for images, labels in super().__iter__():
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+
+
+def _image_folder_info(dataset_dir, image_size):
+    from torchvision import datasets
+    splits = {}
+    for split in ('train', 'test'):
+        path = os.path.join(dataset_dir, split)
+        if not os.path.isdir(path):
+            raise UsageError(f'--dataset_dir: ImageFolder needs {path}/ with one folder per class')
+        try:
+            splits[split] = datasets.ImageFolder(path)
+        except (FileNotFoundError, RuntimeError) as error:
+            raise UsageError(f'--dataset_dir: {path}: {error}') from None
+    train_set = splits['train']
+    if splits['test'].classes != train_set.classes:
+        raise UsageError(f'--dataset_dir: {dataset_dir}: train/ and test/ have different class folders')
+    first_image = train_set.loader(train_set.samples[0][0])
+    size = image_size or first_image.size[0]
+    channels = len(first_image.getbands())
+    # Per-channel statistics from up to 1000 training images stand in for the published ones.
+    stride = max(1, len(train_set) // 1000)
+    pixels = torch.stack([
+        build_sample_transform(DatasetInfo('', channels, size, 0, (0.0,) * channels, (1.0,) * channels, False),
+                               train=False, from_pil=True, image_size=size)(train_set.loader(path))
+        for path, _ in train_set.samples[::stride]])
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    info = DatasetInfo('ImageFolder', channels, size, len(train_set.classes), mean, std, True)
+    return info, splits
+
+
+@dataclass
+class Data:
+    info: DatasetInfo
+    train_loader: object
+    test_loader: object
+    test_split_name: str
+
+
+def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,
+               use_random_crop=True, random_crop_padding=4, use_horizontal_flip=True,
+               use_autoaugment=False, val_ratio=0.0, download=False, image_size=None,
+               test_batch_size=None):
+    """Training and evaluation loaders for ``dataset`` (evaluation on the held-out
+    validation split when ``val_ratio`` > 0, else on the test set)."""
+    test_batch_size = test_batch_size or max(batch_size, 256)
+    if dataset == 'ImageFolder':
+        return _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers,
+                                        use_random_crop, random_crop_padding, use_horizontal_flip,
+                                        use_autoaugment, image_size)
+    if dataset not in DATASETS:
+        raise UsageError(f'--dataset {dataset!r}: unknown; choose from {", ".join(DATASET_CHOICES)}')
+    info = DATASETS[dataset]
+    train_images, train_labels = load_split(dataset_dir, dataset, train=True, download=download)
+    if val_ratio > 0:
+        (train_images, train_labels), (test_images, test_labels) = split_validation(
+            train_images, train_labels, val_ratio)
+    else:
+        test_images, test_labels = load_split(dataset_dir, dataset, train=False, download=download)
+    augment = dict(random_crop_padding=random_crop_padding if use_random_crop else 0,
+                   horizontal_flip=use_horizontal_flip and info.horizontal_flip,
+                   use_autoaugment=use_autoaugment)
+    if data_pipeline == 'device':
+        train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment)
+        test_loader = DeviceLoader(test_images, test_labels, info, test_batch_size, device, False)
+    elif data_pipeline == 'workers':
+        train_set = _TensorDataset(train_images, train_labels, build_sample_transform(info, True, **augment))
+        test_set = _TensorDataset(test_images, test_labels, build_sample_transform(info, False))
+        train_loader = WorkersLoader(train_set, batch_size, device, True, num_workers)
+        test_loader = WorkersLoader(test_set, test_batch_size, device, False, num_workers)
+    else:
+        raise UsageError(f'--data_pipeline {data_pipeline!r}: choose device or workers')
+    return Data(info, train_loader, test_loader, 'val' if val_ratio > 0 else 'test')
+
+
+def _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers, use_random_crop,
+                             random_crop_padding, use_horizontal_flip, use_autoaugment, image_size):
+    info, splits = _image_folder_info(dataset_dir, image_size)
+    augment = dict(random_crop_padding=random_crop_padding if use_random_crop else 0,
+                   horizontal_flip=use_horizontal_flip, use_autoaugment=use_autoaugment)
+    splits['train'].transform = build_sample_transform(info, True, from_pil=True, image_size=info.image_size,
+                                                       **augment)
+    splits['test'].transform = build_sample_transform(info, False, from_pil=True, image_size=info.image_size)
+    return Data(info, WorkersLoader(splits['train'], batch_size, device, True, num_workers),
+                WorkersLoader(splits['test'], test_batch_size, device, False, num_workers), 'test')

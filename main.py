@@ -1,0 +1,674 @@
+#!/usr/bin/env python
+"""Train and evaluate an image classifier on CIFAR-10/100, MNIST, FashionMNIST or KMNIST.
+
+    ./main.py --arch resnet_preact --depth 56 --outdir results/resnet_preact_56/00
+    ./main.py --arch wrn --outdir results/wrn/00 --scheduler cosine --use_cutout
+
+Settings resolve in this order, later winning: built-in defaults, the architecture's
+defaults (the original tool's configs), ``--config FILE.json``, then explicit flags.
+The run directory receives config.json, log.json (one record per epoch, rewritten
+atomically), TensorBoard scalars, checkpoint.pth (resumable with ``--resume``) and the
+final model_state.pth.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import augmentations
+import dataloader
+import models
+import optim
+import utils
+from utils import UsageError, json_list, str2bool
+
+PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _switch(group, name, help, default=False):
+    """A boolean flag usable as a switch (``--use_cutout``) or with a value (``--use_cutout false``)."""
+    group.add_argument(name, type=str2bool, nargs='?', const=True, default=default, metavar='BOOL', help=help)
+
+
+def get_args_parser():
+    parser = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
+    group.add_argument('--arch', default='resnet_preact', help='architecture name')
+    group.add_argument('--config', help='JSON file of flag defaults; explicit flags override it')
+    group.add_argument('--list_archs', action='store_true', help='list architectures and their flags, then exit')
+    group.add_argument('--depth', type=int, help='number of layers')
+    group.add_argument('--base_channels', type=int, help='channels of the first stage')
+    group.add_argument('--block_type', choices=['basic', 'bottleneck'])
+    group.add_argument('--n_channels', type=json_list, help="vgg: channels per stage, e.g. '[64,128,256,512,512]'")
+    group.add_argument('--n_layers', type=json_list, help="vgg: conv layers per stage, e.g. '[2,2,3,3,3]'")
+    group.add_argument('--use_bn', type=str2bool, nargs='?', const=True, help='vgg: batch norm after each conv')
+    group.add_argument('--remove_first_relu', type=str2bool, nargs='?', const=True, help='resnet_preact')
+    group.add_argument('--add_last_bn', type=str2bool, nargs='?', const=True, help='resnet_preact')
+    group.add_argument('--preact_stage', type=json_list, help="resnet_preact, e.g. '[true,false,false]'")
+    group.add_argument('--widening_factor', type=int, help='wrn, resnet_preact')
+    group.add_argument('--drop_rate', type=float, help='dropout (wrn, densenet)')
+    group.add_argument('--growth_rate', type=int, help='densenet k')
+    group.add_argument('--compression_rate', type=float, help='densenet-BC transition compression')
+    group.add_argument('--memory_efficient', type=str2bool, nargs='?', const=True,
+                       help='densenet: recompute concatenations in backward (less memory)')
+    group.add_argument('--pyramid_alpha', type=int, help='pyramidnet widening')
+    group.add_argument('--cardinality', type=int, help='resnext groups')
+    group.add_argument('--shake_forward', type=str2bool, nargs='?', const=True, help='shake_shake: random alpha')
+    group.add_argument('--shake_backward', type=str2bool, nargs='?', const=True, help='shake_shake: random beta')
+    group.add_argument('--shake_image', type=str2bool, nargs='?', const=True,
+                       help='shake_shake: per image (true) or per batch')
+    group.add_argument('--se_reduction', type=int, help='squeeze-and-excitation reduction ratio')
+
+    group = parser.add_argument_group('Optimization')
+    group.add_argument('--epochs', type=int, default=160)
+    group.add_argument('--batch_size', type=int, default=128)
+    group.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam', 'adamw', 'lars', 'adabound'])
+    group.add_argument('--base_lr', type=float, default=0.1)
+    group.add_argument('--weight_decay', type=float, default=1e-4)
+    _switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--nesterov', type=str2bool, nargs='?', const=True, default=True)
+    group.add_argument('--betas', type=json_list, default=[0.9, 0.999], help='adam/adamw/adabound betas')
+    group.add_argument('--adabound_final_lr', type=float, default=0.1)
+    group.add_argument('--adabound_gamma', type=float, default=1e-3)
+    _switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
+    group.add_argument('--sam_rho', type=float, default=0.05, help='SAM neighbourhood radius')
+    _switch(group, '--sam_adaptive', 'adaptive SAM (ASAM, arXiv 2102.11600)')
+    group.add_argument('--gradient_clip', type=float, default=0.0, help='max gradient norm; 0 = off')
+    group.add_argument('--ema_decay', type=float, default=0.0,
+                       help='exponential moving average of weights; 0 = off (e.g. 0.999)')
+    group.add_argument('--subdivision', type=int, default=1,
+                       help='ghost batch norm: split each batch into N sub-batches, accumulate gradients')
+    group.add_argument('--precision', default='fp32', choices=['fp32', 'fp16', 'bf16', *PRECISION_ALIASES],
+                       help='torch.amp autocast dtype (fp16 uses a GradScaler). Legacy apex names: '
+                            'O0 = fp32, O1/O2/O3 = fp16 mixed precision')
+    group.add_argument('--lr_finder', action='store_true',
+                       help='run a learning-rate range test instead of training; writes lr_finder.json/png')
+
+    group = parser.add_argument_group('Learning-rate schedule (stepped every iteration)')
+    group.add_argument('--scheduler', default='multistep',
+                       choices=['none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial'])
+    group.add_argument('--milestones', type=json_list, default=[80, 120], help='multistep: epochs')
+    group.add_argument('--lr_decay', type=float, default=0.1, help='multistep factor')
+    group.add_argument('--lr_min', type=float, default=0.0, help='final lr of cosine/sgdr/linear/polynomial')
+    group.add_argument('--T0', type=int, default=10, help='sgdr: first period in epochs')
+    group.add_argument('--T_mul', type=int, default=1, help='sgdr: period multiplier')
+    group.add_argument('--poly_power', type=float, default=1.0, help='polynomial decay power')
+    group.add_argument('--warmup_epochs', type=float, default=0)
+    group.add_argument('--warmup_method', default='linear', choices=['linear', 'exponential'])
+    group.add_argument('--warmup_start_factor', type=float, default=1e-3, help='lr factor at step 0 of warmup')
+
+    group = parser.add_argument_group('Data')
+    group.add_argument('--dataset', default='CIFAR10', choices=dataloader.DATASET_CHOICES)
+    group.add_argument('--dataset_dir', default=None,
+                       help='root holding cifar-10-batches-py/, MNIST/raw/, ... (default ~/.torchvision/datasets/NAME)')
+    group.add_argument('--download', action='store_true', help='fetch missing dataset files (torchvision)')
+    group.add_argument('--image_size', type=int, help='ImageFolder: resize images to this size')
+    group.add_argument('--data_pipeline', default='device', choices=['device', 'workers'],
+                       help='device: dataset held on the training device, batched augmentation; '
+                            'workers: per-sample DataLoader with worker processes')
+    group.add_argument('--num_workers', type=int, default=2)
+    group.add_argument('--val_ratio', type=float, default=0.0,
+                       help='hold out this part of the training set and evaluate on it instead of the test set')
+    group.add_argument('--test_batch_size', type=int, default=None)
+    _switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
+    group.add_argument('--random_crop_padding', type=int, default=4)
+    _switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
+
+    group = parser.add_argument_group('Augmentation and regularization')
+    _switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
+    group.add_argument('--cutout_size', type=int, default=16)
+    group.add_argument('--cutout_prob', type=float, default=1.0)
+    _switch(group, '--cutout_inside', 'keep the whole square inside the image')
+    _switch(group, '--use_random_erasing', 'Random Erasing (arXiv 1708.04896)')
+    group.add_argument('--random_erasing_prob', type=float, default=0.5)
+    group.add_argument('--random_erasing_area_ratio_range', type=json_list, default=[0.02, 0.4])
+    group.add_argument('--random_erasing_min_aspect_ratio', type=float, default=0.3)
+    group.add_argument('--random_erasing_max_attempt', type=int, default=20)
+    _switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
+    group.add_argument('--mixup_alpha', type=float, default=1.0)
+    _switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
+    group.add_argument('--ricap_beta', type=float, default=0.3)
+    _switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
+    group.add_argument('--cutmix_alpha', type=float, default=1.0)
+    _switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
+    group.add_argument('--dual_cutout_alpha', type=float, default=0.1)
+    _switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
+    group.add_argument('--label_smoothing_epsilon', type=float, default=0.1)
+    _switch(group, '--use_autoaugment', 'AutoAugment, CIFAR-10 policy (arXiv 1805.09501)')
+
+    group = parser.add_argument_group('Run')
+    group.add_argument('--outdir', help='run directory (required for training)')
+    group.add_argument('--seed', type=int, default=17)
+    group.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda if available)')
+    group.add_argument('--gpu', type=int, default=None, help='shorthand for --device cuda:N')
+    _switch(group, '--test_first', 'evaluate once before training (logged as epoch 0)')
+    _switch(group, '--tensorboard', 'write TensorBoard scalars', True)
+    group.add_argument('--no-tensorboard', dest='tensorboard', action='store_false')
+    _switch(group, '--resume', 'continue the run in --outdir from its checkpoint.pth')
+    group.add_argument('--dry_run', action='store_true',
+                       help='build data and model, print the settings and parameter count, write nothing')
+    group.add_argument('--evaluate', metavar='MODEL_STATE',
+                       help='evaluate a saved model_state.pth on the test set (arch and flags from the '
+                            'config.json beside it, or from the command line) and exit')
+    group.add_argument('--tta', default='none', choices=['none', 'flip'], help='test-time augmentation')
+    _switch(group, '--channels_last', 'channels_last memory format for model and inputs')
+    _switch(group, '--compile', 'torch.compile the model')
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+# Flags that never change what a run computes, so a resumed run may give them anew.
+RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
+                  'download', 'dry_run', 'evaluate', 'list_archs', 'config', 'epochs'}
+MODEL_FLAGS = ['depth', 'base_channels', 'block_type', 'n_channels', 'n_layers', 'use_bn',
+               'remove_first_relu', 'add_last_bn', 'preact_stage', 'widening_factor', 'drop_rate',
+               'growth_rate', 'compression_rate', 'memory_efficient', 'pyramid_alpha', 'cardinality',
+               'shake_forward', 'shake_backward', 'shake_image', 'se_reduction']
+
+
+def parse_args(argv=None):
+    """Resolve settings: defaults < arch defaults < --config < explicit flags."""
+    parser = get_args_parser()
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = vars(parser.parse_args(argv))
+
+    from_config = {}
+    if explicit.get('config'):
+        from_config = utils.load_json(explicit['config'], what='--config')
+        if not isinstance(from_config, dict):
+            raise UsageError(f'--config {explicit["config"]}: expected a JSON object of flag values')
+        unknown = sorted(set(from_config) - set(defaults))
+        if unknown:
+            raise UsageError(f'--config {explicit["config"]}: unknown setting(s) {", ".join(unknown)}')
+
+    arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
+    try:
+        arch_defaults = models.train_defaults(arch)
+    except KeyError:
+        raise UsageError(f'--arch {arch!r}: unknown; known: {", ".join(models.list_models())}') from None
+    settings = {**defaults, **arch_defaults, **from_config, **explicit}
+    given = set(from_config) | set(explicit)
+    if settings['use_ricap'] and 'use_random_crop' not in given:
+        settings['use_random_crop'] = False  # RICAP's paper setting; SPEC section 4 has both
+    args = argparse.Namespace(**settings)
+    args.explicit = sorted(given)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    args.precision = PRECISION_ALIASES.get(args.precision, args.precision)
+    for name in ('epochs', 'batch_size', 'subdivision'):
+        if not isinstance(getattr(args, name), int) or getattr(args, name) <= 0:
+            raise UsageError(f'--{name} must be a positive integer, got {getattr(args, name)}')
+    for name in ('base_lr',):
+        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
+            raise UsageError(f'--{name} must be positive, got {getattr(args, name)}')
+    for name in ('weight_decay', 'momentum', 'gradient_clip', 'lr_min', 'warmup_epochs'):
+        if getattr(args, name) < 0:
+            raise UsageError(f'--{name} must not be negative, got {getattr(args, name)}')
+    if not 0 <= args.ema_decay < 1:
+        raise UsageError(f'--ema_decay must be in [0, 1), got {args.ema_decay}')
+    if not 0 <= args.val_ratio < 1:
+        raise UsageError(f'--val_ratio must be in [0, 1), got {args.val_ratio}')
+    if args.batch_size % args.subdivision:
+        raise UsageError(f'--subdivision {args.subdivision} must divide --batch_size {args.batch_size}')
+    if not all(isinstance(m, (int, float)) for m in args.milestones):
+        raise UsageError(f'--milestones must be a list of epochs, got {args.milestones}')
+    if args.use_sam and args.precision == 'fp16':
+        raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
+    if args.gpu is not None:
+        args.device = f'cuda:{args.gpu}'
+    if args.dataset_dir is None:
+        args.dataset_dir = os.path.expanduser(os.path.join('~/.torchvision/datasets', args.dataset))
+    needs_outdir = not (args.list_archs or args.dry_run or args.evaluate)
+    if needs_outdir and not args.outdir:
+        raise UsageError('--outdir is required (the run directory to write into)')
+
+
+def resolve_device(name):
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'--device {name!r}: not a device (cpu, cuda, cuda:N)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
+def model_kwargs(args):
+    return {name: getattr(args, name) for name in MODEL_FLAGS}
+
+
+def list_archs():
+    for name in models.list_models():
+        flags = ', '.join(f'--{k} {v}' for k, v in models.model_params(name).items())
+        defaults = ', '.join(f'{k}={v}' for k, v in models.train_defaults(name).items())
+        print(f'{name}\n    model flags: {flags}\n    training defaults: {defaults}')
+
+
+# ----------------------------------------------------------------------------- training
+
+class Trainer:
+    """One optimization step and one evaluation pass, with AMP, ghost batches, SAM and EMA."""
+
+    def __init__(self, model, optimizer, scheduler, regularizer, args, device):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.regularizer, self.args, self.device = regularizer, args, device
+        self.forward_model = maybe_compile(model, args.compile)
+        self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+        self.ema = optim.create_ema(model, args.ema_decay) if args.ema_decay > 0 else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _prepare(self, images):
+        if self.args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _forward_backward(self, chunks):
+        """Accumulate gradients over ghost sub-batches; returns (loss, accuracy) of the batch."""
+        batch_size = sum(len(targets) for _, targets in chunks)
+        total_loss, total_correct = 0.0, 0.0
+        for images, targets in chunks:
+            with self.autocast():
+                logits = self.forward_model(self._prepare(images))
+                loss = self.regularizer.loss(logits.float(), targets)
+            self.scaler.scale(loss * (len(targets) / batch_size)).backward()
+            total_loss += loss.detach() * len(targets)
+            total_correct += self.regularizer.accuracy(logits.detach().float(), targets) * len(targets)
+        return total_loss / batch_size, total_correct / batch_size
+
+    def train_step(self, images, labels):
+        chunks = [self.regularizer(image_chunk, label_chunk) for image_chunk, label_chunk
+                  in zip(images.chunk(self.args.subdivision), labels.chunk(self.args.subdivision))]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = self._forward_backward(chunks)
+        if self.args.use_sam:
+            self.optimizer.first_step(zero_grad=True)
+            self._forward_backward(chunks)
+            self._clip()
+            self.optimizer.second_step(zero_grad=False)
+        else:
+            self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss, accuracy
+
+    def _clip(self):
+        if self.args.gradient_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.gradient_clip)
+
+    def train_one_epoch(self, loader, epoch, progress):
+        self.model.train()
+        loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
+        start = time.perf_counter()
+        bar = progress(loader, f'epoch {epoch} train')
+        for step, (images, labels) in enumerate(bar):
+            loss, accuracy = self.train_step(images, labels)
+            loss_meter.update(loss, len(labels))
+            accuracy_meter.update(accuracy, len(labels))
+            if step % 50 == 0 and not bar.disable:
+                bar.set_postfix(loss=f'{loss_meter.average:.4f}', acc=f'{accuracy_meter.average:.4f}')
+        elapsed = time.perf_counter() - start
+        if not math.isfinite(loss_meter.average):
+            raise FloatingPointError(f'training loss became {loss_meter.average} in epoch {epoch}')
+        return {'train_loss': loss_meter.average, 'train_accuracy': accuracy_meter.average,
+                'train_time': elapsed, 'train_images_per_sec': loss_meter.count / elapsed}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext, channels_last=False,
+             progress=None, description='test'):
+    """Mean cross-entropy and accuracy; with tta='flip', logits averaged over the image and its mirror."""
+    model.eval()
+    total_loss, total_correct, count = 0.0, 0, 0
+    start = time.perf_counter()
+    batches = progress(loader, description) if progress else loader
+    for images, labels in batches:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images).float()
+            if tta == 'flip':
+                logits = (logits + model(images.flip(3)).float()) / 2
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction='sum')
+        total_correct += (logits.argmax(1) == labels).sum()
+        count += len(labels)
+    elapsed = time.perf_counter() - start
+    return {'loss': float(total_loss) / count, 'accuracy': float(total_correct) / count,
+            'time': elapsed, 'images_per_sec': count / elapsed}
+
+
+def make_progress(enabled=True):
+    """tqdm bars that also behave when stderr is a file or a pipe (no terminal control codes)."""
+    from tqdm import tqdm
+    is_terminal = sys.stderr.isatty()
+
+    def progress(iterable, description):
+        return tqdm(iterable, desc=description, total=len(iterable), leave=False, disable=not enabled,
+                    dynamic_ncols=is_terminal, ncols=None if is_terminal else 100,
+                    mininterval=0.5 if is_terminal else 30.0, file=sys.stderr)
+    return progress
+
+
+# ----------------------------------------------------------------------------- run directory
+
+class RunDirectory:
+    """The files of one run: refuses to overwrite another run, writes atomically."""
+
+    def __init__(self, outdir, resume):
+        self.outdir = outdir
+        self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
+        if os.path.exists(outdir) and not os.path.isdir(outdir):
+            raise UsageError(f'--outdir {outdir}: exists and is not a directory')
+        if resume:
+            if not os.path.isfile(self.checkpoint_path):
+                raise UsageError(f'--resume: no checkpoint.pth in {outdir} to resume from')
+        elif os.path.isdir(outdir) and os.listdir(outdir):
+            raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
+                             f'or choose another directory')
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            probe = os.path.join(outdir, '.write-test')
+            with open(probe, 'w'):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
+
+    def path(self, name):
+        return os.path.join(self.outdir, name)
+
+
+def summarize(log, split):
+    final = log[-1]
+    best = max(log, key=lambda record: record[f'{split}_accuracy'])
+    summary = {
+        f'final_{split}_accuracy': final[f'{split}_accuracy'],
+        f'final_{split}_error': 1 - final[f'{split}_accuracy'],
+        f'best_{split}_accuracy': best[f'{split}_accuracy'],
+        f'best_{split}_epoch': best['epoch'],
+        'epochs': final['epoch'],
+    }
+    if split == 'test':
+        summary['note'] = ('report final_test_accuracy; best_test_accuracy selects on the test set and is '
+                           'optimistic (use --val_ratio for model selection)')
+    return summary
+
+
+def build_model(args, info, device):
+    try:
+        model = models.create_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                                    **model_kwargs(args))
+    except models.ModelConfigError as error:
+        raise UsageError(str(error)) from None
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def maybe_compile(model, enabled):
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as error:  # no compiler toolchain, unsupported platform or python
+        print(f'--compile: torch.compile unavailable ({type(error).__name__}: {error}); running eager',
+              file=sys.stderr)
+        return model
+
+
+def run_evaluation(args, device):
+    """--evaluate: rebuild the model from the config.json beside the weights and test it."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), 'config.json')
+    if os.path.isfile(config_path):
+        saved = utils.load_json(config_path, what='config')['settings']
+        for name in ['arch', 'dataset', *MODEL_FLAGS]:
+            if name not in args.explicit and name in saved:
+                setattr(args, name, saved[name])
+    state = utils.load_checkpoint(args.evaluate, map_location=device)
+    data = dataloader.build_data(args.dataset, args.dataset_dir, args.batch_size, device, args.data_pipeline,
+                                 args.num_workers, download=args.download, test_batch_size=args.test_batch_size)
+    model = build_model(args, data.info, device)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UsageError(f'--evaluate {args.evaluate}: weights do not fit --arch {args.arch} '
+                         f'({str(error).splitlines()[0]})') from None
+    result = evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last)
+    print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
+          f'({data.test_loader.num_samples} images, tta={args.tta})')
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_archs:
+        list_archs()
+        return
+    device = resolve_device(args.device)
+    if args.evaluate:
+        run_evaluation(args, device)
+        return
+
+    run = None
+    if not args.dry_run:
+        run = RunDirectory(args.outdir, args.resume)
+        if args.resume:
+            checkpoint = utils.load_checkpoint(run.checkpoint_path)
+            args = restore_args(args, checkpoint)
+    utils.set_seed(args.seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    data = dataloader.build_data(
+        args.dataset, args.dataset_dir, args.batch_size, device, args.data_pipeline, args.num_workers,
+        args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip, args.use_autoaugment,
+        args.val_ratio, args.download, args.image_size, args.test_batch_size)
+    model = build_model(args, data.info, device)
+    n_params = utils.count_parameters(model)
+    try:
+        regularizer = augmentations.BatchRegularizer.from_args(args, data.info.num_classes)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    if args.dry_run:
+        settings = {k: v for k, v in vars(args).items() if k != 'explicit'}
+        print(json.dumps(settings, indent=2, default=str))
+        print(f'{args.arch}: {n_params:,} parameters; {data.info.name}: '
+              f'{data.train_loader.num_samples} train / {data.test_loader.num_samples} {data.test_split_name} images, '
+              f'{len(data.train_loader)} steps per epoch on {device}')
+        return
+
+    optimizer = build_optimizer(model, args)
+    scheduler = optim.build_scheduler(
+        optimizer, scheduler=args.scheduler, epochs=args.epochs, steps_per_epoch=len(data.train_loader),
+        milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min, T0=args.T0, T_mul=args.T_mul,
+        poly_power=args.poly_power, warmup_epochs=args.warmup_epochs, warmup_method=args.warmup_method,
+        warmup_start_factor=args.warmup_start_factor)
+    if args.lr_finder:
+        return run_lr_finder(model, optimizer, data, regularizer, run)
+
+    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device)
+    log, start_epoch = [], 1
+    if args.resume:
+        log, start_epoch = restore_state(checkpoint, model, trainer)
+    write_config(run, args, n_params, device)
+    if start_epoch > args.epochs:
+        print(f'{args.outdir}: already trained for {args.epochs} epochs; nothing to do')
+        return
+
+    progress = make_progress()
+    writer = make_tensorboard_writer(run, args.tensorboard)
+    split = data.test_split_name
+    eval_autocast = trainer.autocast
+    if args.test_first and start_epoch == 1:
+        result = evaluate(model, data.test_loader, device, args.tta, eval_autocast, args.channels_last,
+                          progress, split)
+        print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
+        log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        record = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr']}
+        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
+        record['train_accuracy_kind'] = 'lambda-weighted' if regularizer.mixes_labels else 'plain'
+        result = evaluate(model, data.test_loader, device, args.tta, eval_autocast, args.channels_last,
+                          progress, split)
+        record.update({f'{split}_{key}': value for key, value in result.items()})
+        if trainer.ema is not None:
+            ema_result = evaluate(trainer.ema.module, data.test_loader, device, args.tta, eval_autocast,
+                                  args.channels_last, None)
+            record.update({f'ema_{split}_loss': ema_result['loss'], f'ema_{split}_accuracy': ema_result['accuracy']})
+        best = max([r for r in log if f'{split}_accuracy' in r and r['epoch'] > 0] + [record],
+                   key=lambda r: r[f'{split}_accuracy'])
+        record[f'best_{split}_accuracy'], record[f'best_{split}_epoch'] = best[f'{split}_accuracy'], best['epoch']
+        record['epoch_time'] = record['train_time'] + result['time']
+        log.append(record)
+
+        utils.save_json(log, run.path('log.json'))
+        utils.save_checkpoint(checkpoint_state(model, trainer, epoch, args, log), run.checkpoint_path)
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != 'epoch':
+                    writer.add_scalar(key.replace('_', '/', 1), value, epoch)
+            writer.flush()
+        print(f'epoch {epoch}/{args.epochs}: lr {record["lr"]:.4g} train loss {record["train_loss"]:.4f} '
+              f'acc {record["train_accuracy"]:.4f} | {split} loss {record[f"{split}_loss"]:.4f} '
+              f'acc {record[f"{split}_accuracy"]:.4f} | {record["epoch_time"]:.1f}s', flush=True)
+
+    torch.save(model.state_dict(), run.path('model_state.pth'))
+    if trainer.ema is not None:
+        torch.save(trainer.ema.module.state_dict(), run.path('model_state_ema.pth'))
+    utils.save_json(summarize([r for r in log if r['epoch'] > 0], split), run.path('summary.json'))
+    if writer is not None:
+        writer.close()
+
+
+def build_optimizer(model, args):
+    try:
+        return optim.build_optimizer(
+            model, optimizer=args.optimizer, base_lr=args.base_lr, momentum=args.momentum,
+            nesterov=args.nesterov, weight_decay=args.weight_decay, no_weight_decay_on_bn=args.no_weight_decay_on_bn,
+            betas=tuple(args.betas), adabound_final_lr=args.adabound_final_lr, adabound_gamma=args.adabound_gamma,
+            use_sam=args.use_sam, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def checkpoint_state(model, trainer, epoch, args, log):
+    state = {
+        'epoch': epoch,
+        'model': model.state_dict(),
+        'optimizer': trainer.optimizer.state_dict(),
+        'scheduler': trainer.scheduler.state_dict(),
+        'scaler': trainer.scaler.state_dict(),
+        'rng': utils.get_rng_state(),
+        'args': {k: v for k, v in vars(args).items()},
+        'log': log,
+    }
+    if trainer.ema is not None:
+        state['ema'] = trainer.ema.state_dict()
+    return state
+
+
+def restore_args(args, checkpoint):
+    """A resumed run keeps its saved settings; only run-control flags (and --epochs) may change."""
+    saved = checkpoint.get('args')
+    if not isinstance(saved, dict):
+        raise UsageError(f'--resume: {args.outdir}/checkpoint.pth holds no settings')
+    changed = sorted(name for name in args.explicit
+                     if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
+    if changed:
+        raise UsageError(f'--resume: {", ".join("--" + n for n in changed)} differ from the saved run; '
+                         f'a resumed run keeps its settings (start a new --outdir instead)')
+    restored = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RUN_ONLY_FLAGS}})
+    restored.resume = True
+    return restored
+
+
+def restore_state(checkpoint, model, trainer):
+    try:
+        model.load_state_dict(checkpoint['model'])
+        trainer.optimizer.load_state_dict(checkpoint['optimizer'])
+        trainer.scheduler.load_state_dict(checkpoint['scheduler'])
+        trainer.scaler.load_state_dict(checkpoint['scaler'])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(checkpoint['ema'])
+        utils.set_rng_state(checkpoint['rng'])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '
+                         f'{str(error).splitlines()[0] if str(error) else ""})') from None
+    return list(checkpoint['log']), checkpoint['epoch'] + 1
+
+
+def write_config(run, args, n_params, device):
+    utils.save_json({
+        'settings': {k: v for k, v in vars(args).items() if k != 'explicit'},
+        'explicit_flags': args.explicit,
+        'n_params': n_params,
+        'model_flags': {k: getattr(args, k) for k in models.model_params(args.arch) if getattr(args, k) is not None},
+        'command_line': ' '.join(shlex.quote(a) for a in sys.argv),
+        'environment': utils.environment_info(device),
+    }, run.path('config.json'))
+
+
+def make_tensorboard_writer(run, enabled):
+    if not enabled:
+        return None
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(run.path('tensorboard'))
+
+
+def run_lr_finder(model, optimizer, data, regularizer, run):
+    def batches():
+        for images, labels in data.train_loader:
+            yield regularizer(images, labels)
+    result = optim.lr_range_test(model, optimizer, batches(), regularizer.loss,
+                                 num_steps=min(100, len(data.train_loader)))
+    optim.save_lr_range_test(result, run.outdir)
+    print(f'lr range test: {len(result["lrs"])} steps, suggested lr {result["suggested_lr"]:.3g}; '
+          f'wrote {run.path("lr_finder.json")} and lr_finder.png')
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f'{os.path.basename(sys.argv[0]) or "main.py"}: error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted; resume with the same command plus --resume', file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    cli()

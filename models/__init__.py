@@ -1,0 +1,19 @@
+"""Model families, one module each; importing the package registers every builder.
+
+Adding a model is one file in this folder: every public module is imported here, and
+its ``@register_model`` builders become ``--arch`` choices.
+"""
+import importlib
+import pkgutil
+
+from models.registry import (ModelConfigError, create_model, list_models, model_params,
+                             register_model, train_defaults)
+
+_SUPPORT_MODULES = {'registry', 'common'}
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT_MODULES and not _module.name.startswith('_'):
+        importlib.import_module(f'{__name__}.{_module.name}')
+
+__all__ = ['ModelConfigError', 'create_model', 'list_models', 'model_params',
+           'register_model', 'train_defaults']

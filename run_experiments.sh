@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The experiment tables of SPEC section 4 (and the fast recipe of section 5) as loops over seeds.
+#
+#   ./run_experiments.sh list                  # names of the experiments
+#   ./run_experiments.sh resnet110             # seeds 0 1 2 -> results/resnet110/{0,1,2}
+#   SEEDS="0 1 2 3 4" ./run_experiments.sh resnet_preact56_ablation
+#   DRY=1 ./run_experiments.sh resnet110       # print the commands only
+#   EXTRA="--dataset_dir data" ./run_experiments.sh resnet110   # flags added to every run
+#
+# Each run writes results/<experiment>/<variant>/<seed>/ (config.json, log.json, ...).
+# Numbers in results/ are only those measured; see results/README.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+SEEDS=${SEEDS:-"0 1 2"}
+EXTRA=${EXTRA:-}
+
+run() {  # run <outdir-prefix> <flags...>: one run per seed
+    local prefix=$1; shift
+    for seed in $SEEDS; do
+        local cmd=(./main.py "$@" --seed "$seed" --outdir "results/$prefix/$seed")
+        # shellcheck disable=SC2206
+        cmd+=($EXTRA)
+        if [[ -n "${DRY:-}" ]]; then echo "${cmd[*]}"; else "${cmd[@]}"; fi
+    done
+}
+
+# --- Plain architectures (CIFAR-10 test error %, median of 3; SPEC section 4) ---
+vgg15()            { run vgg15 --arch vgg; }
+resnet110()        { run resnet110 --arch resnet --depth 110 --block_type basic; }
+resnet_preact110() { run resnet_preact110 --arch resnet_preact --depth 110 --block_type basic; }
+resnet_preact164() { run resnet_preact164 --arch resnet_preact --depth 164 --block_type bottleneck; }
+wrn28_10()         { run wrn28_10 --arch wrn --depth 28 --widening_factor 10; }
+densenet100_k12()  { run densenet100_k12 --arch densenet --depth 100 --block_type basic --growth_rate 12; }
+densenet_bc100()   { run densenet_bc100 --arch densenet --depth 100 --block_type bottleneck --growth_rate 12; }
+pyramidnet110_84() { run pyramidnet110_84 --arch pyramidnet --depth 110 --block_type basic --pyramid_alpha 84; }
+pyramidnet110_270() { run pyramidnet110_270 --arch pyramidnet --depth 110 --block_type basic --pyramid_alpha 270; }
+pyramidnet164_270() { run pyramidnet164_270 --arch pyramidnet --depth 164 --block_type bottleneck --pyramid_alpha 270; }
+resnext29_4x64d()  { run resnext29_4x64d --arch resnext --depth 29 --cardinality 4 --base_channels 64; }
+resnext29_8x64d()  { run resnext29_8x64d --arch resnext --depth 29 --cardinality 8 --base_channels 64; }
+shake_shake26_2x32d() { run shake_shake26_2x32d --arch shake_shake --depth 26 --base_channels 32; }
+shake_shake26_2x64d() { run shake_shake26_2x64d --arch shake_shake --depth 26 --base_channels 64; }
+shake_shake26_2x96d() { run shake_shake26_2x96d --arch shake_shake --depth 26 --base_channels 96; }
+
+# --- Regularization (cosine, initial lr 0.2) ---
+REG_RP20W4=(--arch resnet_preact --depth 20 --widening_factor 4 --epochs 200 --scheduler cosine --base_lr 0.2)
+regularization_resnet_preact20_w4() {
+    run reg_rp20w4/plain "${REG_RP20W4[@]}"
+    run reg_rp20w4/cutout "${REG_RP20W4[@]}" --use_cutout --cutout_size 16
+    run reg_rp20w4/ricap "${REG_RP20W4[@]}" --use_ricap --ricap_beta 0.3
+}
+REG_WRN=(--arch wrn --depth 28 --widening_factor 10 --epochs 200 --scheduler cosine --base_lr 0.2)
+regularization_wrn28_10() {
+    run reg_wrn/cutout "${REG_WRN[@]}" --use_cutout --cutout_size 16
+    run reg_wrn/mixup "${REG_WRN[@]}" --use_mixup --mixup_alpha 1
+    run reg_wrn/ricap "${REG_WRN[@]}" --use_ricap --ricap_beta 0.3
+    run reg_wrn/dual_cutout "${REG_WRN[@]}" --use_dual_cutout --dual_cutout_alpha 0.1
+}
+REG_SS=(--arch shake_shake --depth 26 --base_channels 96 --epochs 1800 --scheduler cosine --base_lr 0.2)
+regularization_shake_shake() {
+    run reg_ss96/cutout "${REG_SS[@]}" --use_cutout
+    run reg_ss96/mixup "${REG_SS[@]}" --use_mixup
+    run reg_ss96/ricap "${REG_SS[@]}" --use_ricap
+}
+RP20=(--arch resnet_preact --depth 20 --epochs 200 --scheduler cosine --base_lr 0.2)
+regularization_resnet_preact20() {
+    run reg_rp20/plain "${RP20[@]}"
+    run reg_rp20/label_smoothing "${RP20[@]}" --use_label_smoothing --label_smoothing_epsilon 0.01
+    run reg_rp20/mixup "${RP20[@]}" --use_mixup
+    run reg_rp20/ricap "${RP20[@]}" --use_ricap
+    run reg_rp20/dual_cutout "${RP20[@]}" --use_dual_cutout
+}
+RP56=(--arch resnet_preact --depth 56 --base_lr 0.2)
+resnet_preact56_ablation() {  # median of 5 in the original: SEEDS="0 1 2 3 4"
+    run rp56/first_relu_no_last_bn "${RP56[@]}" --remove_first_relu false --add_last_bn false
+    run rp56/no_first_relu_last_bn "${RP56[@]}" --remove_first_relu true --add_last_bn true
+    run rp56/cosine "${RP56[@]}" --remove_first_relu true --add_last_bn true --scheduler cosine
+    run rp56/cutout "${RP56[@]}" --remove_first_relu true --add_last_bn true --scheduler cosine --use_cutout
+    run rp56/random_erasing "${RP56[@]}" --remove_first_relu true --add_last_bn true --scheduler cosine --use_random_erasing
+    run rp56/mixup_300ep "${RP56[@]}" --remove_first_relu true --add_last_bn true --scheduler cosine --use_mixup --epochs 300
+}
+
+# --- Batch size, LARS, ghost BN, precision (ResNet-preact-20, cosine, 200 epochs) ---
+BS=(--arch resnet_preact --depth 20 --epochs 200 --scheduler cosine)
+batch_size_lr() {
+    run bs/128_lr0.1 "${BS[@]}" --batch_size 128 --base_lr 0.1
+    run bs/1024_lr0.8 "${BS[@]}" --batch_size 1024 --base_lr 0.8
+    run bs/4096_lr3.2 "${BS[@]}" --batch_size 4096 --base_lr 3.2
+    run bs/4096_lars_lr0.02 "${BS[@]}" --batch_size 4096 --optimizer lars --base_lr 0.02
+    run bs/4096_no_wd_on_bn "${BS[@]}" --batch_size 4096 --base_lr 3.2 --no_weight_decay_on_bn
+    run bs/4096_ghost128 "${BS[@]}" --batch_size 4096 --base_lr 3.2 --subdivision 32
+    run bs/4096_fp16 "${BS[@]}" --batch_size 4096 --base_lr 3.2 --precision fp16
+    run bs/4096_bf16 "${BS[@]}" --batch_size 4096 --base_lr 3.2 --precision bf16
+}
+
+# --- Other datasets (ResNet-preact-20) ---
+RP20_DATA=(--arch resnet_preact --depth 20 --scheduler cosine)
+datasets() {
+    run fashion_mnist/plain "${RP20_DATA[@]}" --dataset FashionMNIST --epochs 200
+    run fashion_mnist/cutout "${RP20_DATA[@]}" --dataset FashionMNIST --epochs 200 --use_cutout --cutout_size 16
+    run mnist/plain "${RP20_DATA[@]}" --dataset MNIST --epochs 100
+    run mnist/cutout "${RP20_DATA[@]}" --dataset MNIST --epochs 100 --use_cutout --cutout_size 16
+    run kmnist/cutout14 "${RP20_DATA[@]}" --dataset KMNIST --epochs 100 --use_cutout --cutout_size 14
+}
+
+ALL=(vgg15 resnet110 resnet_preact110 resnet_preact164 wrn28_10 densenet100_k12 densenet_bc100
+     pyramidnet110_84 pyramidnet110_270 pyramidnet164_270 resnext29_4x64d resnext29_8x64d
+     shake_shake26_2x32d shake_shake26_2x64d shake_shake26_2x96d
+     regularization_resnet_preact20_w4 regularization_wrn28_10 regularization_shake_shake
+     regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr datasets)
+
+if [[ $# -eq 0 || "$1" == "list" || "$1" == "-h" || "$1" == "--help" ]]; then
+    printf '%s\n' "${ALL[@]}"
+    exit 0
+fi
+for name in "$@"; do
+    if [[ " ${ALL[*]} " != *" $name "* ]]; then
+        echo "run_experiments.sh: unknown experiment '$name' (./run_experiments.sh list)" >&2
+        exit 2
+    fi
+    "$name"
+done

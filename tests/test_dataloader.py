@@ -1,0 +1,160 @@
+"""Dataset readers on tiny files in the real formats, and the two loader pipelines."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import dataloader
+from conftest import write_cifar10, write_cifar100, write_image_folder, write_mnist_family
+from utils import UsageError
+
+CPU = torch.device('cpu')
+
+
+def test_cifar10_reader_matches_written_pickles(cifar10_dir):
+    images, labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=True)
+    assert images.shape == (200, 3, 32, 32) and images.dtype == torch.uint8
+    with open(os.path.join(cifar10_dir, 'cifar-10-batches-py', 'data_batch_2'), 'rb') as f:
+        batch = pickle.load(f, encoding='latin1')
+    # rows are R, G, B planes of 32x32 in row-major order
+    assert torch.equal(images[40], torch.from_numpy(batch['data'][0].reshape(3, 32, 32)))
+    assert labels[40:80].tolist() == batch['labels']
+    test_images, test_labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=False)
+    assert test_images.shape == (40, 3, 32, 32) and test_labels.dtype == torch.int64
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    root = write_cifar100(str(tmp_path))
+    images, labels = dataloader.load_split(root, 'CIFAR100', train=True)
+    assert images.shape == (200, 3, 32, 32)
+    assert labels.max() > 20  # fine labels go to 99, coarse only to 19
+
+
+@pytest.mark.parametrize('name', ['MNIST', 'FashionMNIST', 'KMNIST'])
+@pytest.mark.parametrize('compress', [True, False])
+def test_mnist_family_reader(tmp_path, name, compress):
+    root = write_mnist_family(str(tmp_path), name=name, compress=compress)
+    images, labels = dataloader.load_split(root, name, train=True)
+    assert images.shape == (200, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (200,) and set(labels.tolist()) == set(range(10))
+    test_images, _ = dataloader.load_split(root, name, train=False)
+    assert test_images.shape == (100, 1, 28, 28)
+
+
+def test_real_mnist_test_set_if_present():
+    folder = os.path.join(os.path.dirname(dataloader.__file__), '..', 'shared', 'data', 'mnist')
+    if not os.path.isdir(folder):
+        pytest.skip('../shared/data/mnist not beside the checkout')
+    images, labels = dataloader.load_split(folder, 'MNIST', train=False)
+    assert images.shape == (10000, 1, 28, 28)
+    assert labels[:5].tolist() == [7, 2, 1, 0, 4]  # the official test set's first labels
+    assert abs(images.float().mean().item() / 255 - 0.1325) < 0.002
+
+
+def test_missing_files_name_where_we_looked(tmp_path):
+    with pytest.raises(UsageError, match=r'--dataset_dir: CIFAR10 files not found: looked for .*cifar-10-batches-py.*--download'):
+        dataloader.load_split(str(tmp_path), 'CIFAR10', train=True)
+    with pytest.raises(UsageError, match=r'MNIST.raw'):
+        dataloader.load_split(str(tmp_path), 'MNIST', train=True)
+
+
+def test_truncated_idx_and_corrupt_pickle_are_clear_errors(tmp_path):
+    root = write_mnist_family(str(tmp_path), compress=False)
+    path = os.path.join(root, 'MNIST', 'raw', 'train-images-idx3-ubyte')
+    with open(path, 'r+b') as f:
+        f.truncate(1000)
+    with pytest.raises(UsageError, match='not a valid idx file.*truncated'):
+        dataloader.load_split(root, 'MNIST', train=True)
+    cifar_root = write_cifar10(str(tmp_path / 'c'))
+    with open(os.path.join(cifar_root, 'cifar-10-batches-py', 'data_batch_3'), 'wb') as f:
+        f.write(b'not a pickle')
+    with pytest.raises(UsageError, match='data_batch_3 is not a valid CIFAR10 batch file'):
+        dataloader.load_split(cifar_root, 'CIFAR10', train=True)
+
+
+@pytest.mark.parametrize('name,channels,size,classes,flip', [
+    ('CIFAR10', 3, 32, 10, True), ('CIFAR100', 3, 32, 100, True), ('MNIST', 1, 28, 10, False),
+    ('FashionMNIST', 1, 28, 10, True), ('KMNIST', 1, 28, 10, False)])
+def test_dataset_info(name, channels, size, classes, flip):
+    info = dataloader.DATASETS[name]
+    assert (info.in_channels, info.image_size, info.num_classes, info.horizontal_flip) == (channels, size, classes, flip)
+    assert len(info.mean) == len(info.std) == channels
+
+
+def test_device_loader_epoch(cifar10_dir):
+    data = dataloader.build_data('CIFAR10', cifar10_dir, 32, CPU)
+    train, test = data.train_loader, data.test_loader
+    assert len(train) == 200 // 32 and len(test) == 1
+    seen = torch.cat([labels for _, labels in train])
+    assert len(seen) == 6 * 32
+    images, labels = next(iter(test))
+    raw, raw_labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=False)
+    expected = (raw.float() / 255 - torch.tensor(dataloader.DATASETS['CIFAR10'].mean).view(1, 3, 1, 1)) \
+        / torch.tensor(dataloader.DATASETS['CIFAR10'].std).view(1, 3, 1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+    assert torch.equal(labels, raw_labels)
+
+
+def test_validation_split_is_fixed_and_disjoint(cifar10_dir):
+    images, labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=True)
+    tagged = images.clone()
+    tagged.view(len(tagged), -1)[:, 0] = torch.arange(len(tagged), dtype=torch.uint8)
+    (train_x, _), (val_x, _) = dataloader.split_validation(tagged, labels, 0.1)
+    (train_again, _), _ = dataloader.split_validation(tagged, labels, 0.1)
+    assert len(val_x) == 20 and len(train_x) == 180
+    assert torch.equal(train_x, train_again)
+    train_ids = set(train_x.view(180, -1)[:, 0].tolist())
+    val_ids = set(val_x.view(20, -1)[:, 0].tolist())
+    assert not train_ids & val_ids and len(train_ids | val_ids) == 200
+
+
+def _marker_positions(augmented):
+    flat = augmented.float().flatten(1).argmax(1)
+    return flat // 32, flat % 32
+
+
+def test_device_and_workers_pipelines_agree_on_crop_and_flip_statistics():
+    """Both pipelines place a marker pixel uniformly over the 9x9 crop offsets, mirrored half the time."""
+    torch.manual_seed(0)
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    image[0, :, 10, 5] = 255
+    n = 8000
+    info = dataloader.DATASETS['CIFAR10']
+    device_loader = dataloader.DeviceLoader(image.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), info,
+                                            n, CPU, True, random_crop_padding=4, horizontal_flip=True)
+    device_rows, device_cols = _marker_positions(device_loader.augment(device_loader.images)[:, 0])
+    transform = dataloader.build_sample_transform(info, True, random_crop_padding=4, horizontal_flip=True)
+    workers = torch.stack([transform(image[0]) for _ in range(n)])
+    worker_rows, worker_cols = _marker_positions(workers[:, 0])
+    for rows, cols in ((device_rows, device_cols), (worker_rows, worker_cols)):
+        assert set(rows.tolist()) == set(range(6, 15))  # offsets -4..4 around row 10
+        row_counts = torch.bincount(rows - 6, minlength=9).float() / n
+        assert (row_counts - 1 / 9).abs().max() < 5 * (1 / 9 * 8 / 9 / n) ** 0.5
+        flipped = (cols > 15).float().mean()  # column 5 mirrors to 26
+        assert abs(flipped - 0.5) < 5 * (0.25 / n) ** 0.5
+    assert abs(device_rows.float().mean() - worker_rows.float().mean()) < 0.1
+
+
+def test_workers_pipeline_yields_same_eval_batches(cifar10_dir):
+    device_data = dataloader.build_data('CIFAR10', cifar10_dir, 32, CPU, data_pipeline='device')
+    worker_data = dataloader.build_data('CIFAR10', cifar10_dir, 32, CPU, data_pipeline='workers', num_workers=0)
+    device_images, device_labels = next(iter(device_data.test_loader))
+    worker_images, worker_labels = next(iter(worker_data.test_loader))
+    assert torch.allclose(device_images, worker_images, atol=1e-6)
+    assert torch.equal(device_labels, worker_labels)
+    assert len(list(worker_data.train_loader)) == 200 // 32
+
+
+def test_image_folder_dataset(tmp_path):
+    root = write_image_folder(str(tmp_path))
+    data = dataloader.build_data('ImageFolder', root, 4, CPU, num_workers=0)
+    assert data.info.num_classes == 3 and data.info.in_channels == 3 and data.info.image_size == 32
+    images, labels = next(iter(data.train_loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    # normalization statistics come from the training images
+    all_test = torch.cat([x for x, _ in data.test_loader])
+    assert abs(all_test.mean().item()) < 0.5
+    with pytest.raises(UsageError, match='ImageFolder needs .*train'):
+        dataloader.build_data('ImageFolder', str(tmp_path / 'nothing'), 4, CPU)

@@ -1,0 +1,194 @@
+"""End-to-end runs of main.py on tiny generated datasets: outputs, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+import utils
+from conftest import ROOT, TINY_RUN, run_main, write_image_folder
+
+EPOCH_KEYS = {'epoch', 'lr', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
+              'best_test_accuracy', 'best_test_epoch', 'epoch_time', 'train_images_per_sec',
+              'test_images_per_sec', 'train_accuracy_kind'}
+
+
+def test_two_epoch_run_writes_the_run_directory(cifar10_dir, tmp_path):
+    outdir = str(tmp_path / 'run')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *TINY_RUN, '--tensorboard',
+                             '--dataset_dir', cifar10_dir, '--outdir', outdir],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {'config.json', 'log.json', 'checkpoint.pth', 'model_state.pth', 'summary.json',
+            'tensorboard'} <= set(os.listdir(outdir))
+    log = json.load(open(os.path.join(outdir, 'log.json')))
+    assert [record['epoch'] for record in log] == [1, 2]
+    for record in log:
+        assert EPOCH_KEYS <= set(record)
+        assert 0 <= record['test_accuracy'] <= 1 and record['epoch_time'] > 0
+    config = json.load(open(os.path.join(outdir, 'config.json')))
+    assert config['settings']['arch'] == 'resnet' and config['settings']['depth'] == 8
+    model = main.models.create_model('resnet', depth=8, base_channels=4)
+    assert config['n_params'] == utils.count_parameters(model)
+    assert config['environment']['torch'] == torch.__version__ and 'main.py' in config['command_line']
+    summary = json.load(open(os.path.join(outdir, 'summary.json')))
+    assert summary['final_test_accuracy'] == log[-1]['test_accuracy']
+    assert summary['best_test_accuracy'] == max(r['test_accuracy'] for r in log)
+    state = torch.load(os.path.join(outdir, 'model_state.pth'), weights_only=True)
+    model.load_state_dict(state)
+    assert any(name.startswith('events') for name in os.listdir(os.path.join(outdir, 'tensorboard')))
+    assert 'epoch 2/2' in result.stdout
+
+
+def test_arch_defaults_then_config_then_flags(tmp_path):
+    args = main.parse_args(['--arch', 'wrn', '--outdir', 'x'])
+    assert (args.epochs, args.weight_decay, args.milestones, args.lr_decay) == (200, 5e-4, [60, 120, 160], 0.2)
+    config = tmp_path / 'c.json'
+    config.write_text(json.dumps({'arch': 'wrn', 'epochs': 7, 'depth': 16, 'base_lr': 0.05}))
+    args = main.parse_args(['--config', str(config), '--epochs', '3', '--outdir', 'x'])
+    assert (args.arch, args.epochs, args.depth, args.base_lr, args.weight_decay) == ('wrn', 3, 16, 0.05, 5e-4)
+    args = main.parse_args(['--arch', 'resnet_preact', '--outdir', 'x', '--remove_first_relu', 'false',
+                            '--use_cutout', '--preact_stage', '[true,false,false]'])
+    assert args.remove_first_relu is False and args.use_cutout is True and args.preact_stage == [True, False, False]
+    assert main.parse_args(['--outdir', 'x', '--use_ricap']).use_random_crop is False
+    assert main.parse_args(['--outdir', 'x', '--use_ricap', '--use_random_crop']).use_random_crop is True
+    assert main.parse_args(['--outdir', 'x', '--precision', 'O1']).precision == 'fp16'
+
+
+def test_dry_run_prints_and_writes_nothing(cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'dry'
+    assert run_main([*TINY_RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--dry_run']) == 0
+    printed = capsys.readouterr().out
+    n_params = utils.count_parameters(main.models.create_model('resnet', depth=8, base_channels=4))
+    assert f'{n_params:,} parameters' in printed and '"epochs": 2' in printed
+    assert not outdir.exists()
+
+
+def _log_without_times(outdir):
+    log = json.load(open(os.path.join(outdir, 'log.json')))
+    return [{k: v for k, v in record.items() if 'time' not in k and 'per_sec' not in k} for record in log]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(cifar10_dir, tmp_path, monkeypatch):
+    run = [*TINY_RUN, '--epochs', '3', '--dataset_dir', cifar10_dir, '--use_cutout', '--scheduler', 'cosine',
+           '--warmup_epochs', '1']
+    assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
+
+    real_save = utils.save_checkpoint
+
+    def crash_after_epoch_2(state, path):
+        real_save(state, path)
+        if state['epoch'] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(utils, 'save_checkpoint', crash_after_epoch_2)
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    monkeypatch.setattr(utils, 'save_checkpoint', real_save)
+    assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 2
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
+    assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
+    whole = torch.load(tmp_path / 'whole' / 'model_state.pth', weights_only=True)
+    resumed = torch.load(tmp_path / 'crashed' / 'model_state.pth', weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_refuses_to_overwrite_and_resume_refuses_changed_settings(cifar10_dir, tmp_path, capsys):
+    outdir = str(tmp_path / 'run')
+    run = [*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', outdir]
+    assert run_main(run) == 0
+    before = open(os.path.join(outdir, 'log.json')).read()
+    assert run_main(run) == 2
+    assert 'not empty; pass --resume' in capsys.readouterr().err
+    assert run_main([*run, '--resume', '--base_lr', '0.5']) == 2
+    assert '--base_lr differ from the saved run' in capsys.readouterr().err
+    assert open(os.path.join(outdir, 'log.json')).read() == before
+    assert run_main([*run, '--resume', '--epochs', '2']) == 0  # extending a finished run
+    assert len(json.load(open(os.path.join(outdir, 'log.json')))) == 2
+
+
+def test_evaluate_saved_weights(cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]) == 0
+    logged = json.load(open(outdir / 'log.json'))[-1]['test_accuracy']
+    capsys.readouterr()
+    assert run_main(['--evaluate', str(outdir / 'model_state.pth'), '--dataset_dir', cifar10_dir,
+                     '--device', 'cpu']) == 0
+    assert f'test accuracy {logged:.4f}' in capsys.readouterr().out
+    assert run_main(['--evaluate', str(outdir / 'model_state.pth'), '--dataset_dir', cifar10_dir,
+                     '--device', 'cpu', '--tta', 'flip']) == 0
+
+
+def test_val_ratio_evaluates_on_held_out_training_images(cifar10_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(outdir),
+                     '--val_ratio', '0.2']) == 0
+    record = json.load(open(outdir / 'log.json'))[0]
+    assert 'val_accuracy' in record and 'best_val_accuracy' in record and 'test_accuracy' not in record
+
+
+@pytest.mark.parametrize('dataset', ['MNIST', 'ImageFolder'])
+def test_other_datasets_train(dataset, mnist_dir, tmp_path):
+    root = mnist_dir if dataset == 'MNIST' else write_image_folder(str(tmp_path / 'folder'))
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset', dataset, '--dataset_dir', root,
+                     '--outdir', str(tmp_path / 'run'), '--num_workers', '0']) == 0
+
+
+BAD_INPUT = [
+    (['--arch', 'resnet1000'], "--arch 'resnet1000': unknown; known: .*resnet"),
+    (['--arch', 'resnet', '--depth', '21'], '--depth 21: resnet'),
+    (['--milestones', '[80,'], 'argument --milestones: invalid JSON list value'),
+    (['--epochs', '0'], '--epochs must be a positive integer'),
+    (['--batch_size', '-5'], '--batch_size must be a positive integer'),
+    (['--base_lr', '0'], '--base_lr must be positive'),
+    (['--dataset', 'SVHN'], 'argument --dataset: invalid choice'),
+    (['--remove_first_relu', 'maybe'], 'argument --remove_first_relu: invalid boolean value'),
+    (['--subdivision', '3'], '--subdivision 3 must divide --batch_size 20'),
+    (['--use_mixup', '--use_ricap'], 'mixup.*ricap|ricap.*mixup'),
+    (['--growth_rate', '12'], '--growth_rate does not apply to --arch resnet'),
+]
+
+
+@pytest.mark.parametrize('extra,message', BAD_INPUT, ids=[' '.join(e) for e, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(extra, message, cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    import re
+    assert re.search(message, err), err
+    assert not outdir.exists() or not os.listdir(outdir)
+
+
+def test_bad_files_are_one_line_errors(cifar10_dir, tmp_path, capsys):
+    run = [*TINY_RUN, '--dataset_dir', cifar10_dir]
+    assert run_main([*run, '--dataset_dir', str(tmp_path / 'empty'), '--outdir', str(tmp_path / 'a')]) == 2
+    assert 'files not found: looked for' in capsys.readouterr().err
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    assert run_main([*run, '--outdir', str(blocker / 'sub')]) == 2
+    assert 'not writable' in capsys.readouterr().err
+    bad_config = tmp_path / 'bad.json'
+    bad_config.write_text('{"epochs": 3,')
+    assert run_main([*run, '--outdir', str(tmp_path / 'b'), '--config', str(bad_config)]) == 2
+    assert 'not valid JSON' in capsys.readouterr().err
+
+    outdir = tmp_path / 'run'
+    assert run_main([*run, '--epochs', '1', '--outdir', str(outdir)]) == 0
+    checkpoint = outdir / 'checkpoint.pth'
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    truncated = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert run_main([*run, '--epochs', '2', '--outdir', str(outdir), '--resume']) == 2
+    err = capsys.readouterr().err
+    assert 'checkpoint.pth is corrupt' in err and len(err.strip().splitlines()) == 1
+    assert checkpoint.read_bytes() == truncated
+
+
+def test_main_py_is_an_executable_with_a_clean_error():
+    result = subprocess.run([os.path.join(ROOT, 'main.py'), '--epochs', '0', '--outdir', 'never'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == 'main.py: error: --epochs must be a positive integer, got 0'
+    assert not os.path.exists('never')
