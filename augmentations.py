@@ -3,9 +3,25 @@
 Every function here takes a batch ``images`` of shape (B, C, H, W) on any device and
 draws its randomness per image from torch's global generator, so the same code runs on
 the GPU next to the model and a resumed run replays it once the RNG state is restored.
+No function loops over images in Python except :func:`autoaugment`.
+
+Papers:
+  Cutout: "Improved Regularization of Convolutional Neural Networks with Cutout", arXiv 1708.04552
+  Random Erasing: "Random Erasing Data Augmentation", arXiv 1708.04896
+  Mixup: "mixup: Beyond Empirical Risk Minimization", arXiv 1710.09412
+  Dual-Cutout: "Generalization in Machine Learning via Analytical Learning Theory", arXiv 1802.07426
+  RICAP: "Data Augmentation using Random Image Cropping and Patching for Deep CNNs", arXiv 1811.09030
+  CutMix: "CutMix: Regularization Strategy to Train Strong Classifiers with Localizable Features",
+    arXiv 1905.04899
+  Label smoothing: "Rethinking the Inception Architecture for Computer Vision", arXiv 1512.00567
+  AutoAugment: "AutoAugment: Learning Augmentation Policies from Data", arXiv 1805.09501
 """
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 
 
 def random_crop(images, padding):
@@ -40,3 +56,375 @@ def normalize(images, mean, std):
     mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - mean) / std
+
+
+# Batch-level regularizers: one vectorized RNG call per quantity, so a batch always consumes the
+# same draws, and no value is copied to the host (no GPU synchronization in a training step).
+
+
+def _sample_beta(concentration, device, shape=()):
+    """Samples of Beta(concentration, concentration) from torch's generator on ``device``."""
+    concentration = torch.tensor(float(concentration), device=device)
+    return torch.distributions.Beta(concentration, concentration).sample(shape)
+
+
+def _box_mask(top, left, box_height, box_width, height, width):
+    """Boolean (..., height, width) mask of the boxes [top, top+box_height) x [left, left+box_width).
+
+    Arguments are integer tensors of a common shape (one box each) or Python ints; boxes may reach
+    outside the image, in which case only the part inside is marked.
+    """
+    device = top.device if torch.is_tensor(top) else None
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    top, left = torch.as_tensor(top, device=device), torch.as_tensor(left, device=device)
+    row_inside = (rows >= top[..., None]) & (rows < (top + box_height)[..., None])
+    col_inside = (cols >= left[..., None]) & (cols < (left + box_width)[..., None])
+    return row_inside[..., :, None] & col_inside[..., None, :]
+
+
+def cutout(images, size=16, prob=1.0, inside=False, fill=0.0):
+    """Cutout (DeVries & Taylor, arXiv 1708.04552): fill one size x size square per image.
+
+    Each image, with probability ``prob``, gets its own square whose centre is uniform over the
+    image (the square is clipped at the borders), or, with ``inside=True``, placed so that the
+    whole square lies inside the image. ``fill=0`` on normalized images is the dataset mean.
+    Integer centres follow hysts: an even ``size`` has one more centre position, so the clipped
+    square is equally likely to hang over the left and the right border.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    if inside:
+        top = torch.randint(0, max(height - size, 0) + 1, (batch,), device=device)
+        left = torch.randint(0, max(width - size, 0) + 1, (batch,), device=device)
+    else:
+        half = size // 2
+        top = torch.randint(-half, height - size + half + 1, (batch,), device=device)
+        left = torch.randint(-half, width - size + half + 1, (batch,), device=device)
+    apply = torch.rand(batch, device=device) < prob
+    mask = _box_mask(top, left, size, size, height, width) & apply[:, None, None]
+    return images.masked_fill(mask[:, None], fill)
+
+
+def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ratio=0.3,
+                   max_attempt=20):
+    """Random Erasing (Zhong et al., arXiv 1708.04896): replace one random rectangle by noise.
+
+    With probability ``prob`` per image, ``max_attempt`` rectangles are drawn at once (area
+    uniform in ``area_ratio_range`` times the image area, aspect ratio log-uniform in
+    [min_aspect_ratio, 1/min_aspect_ratio]); the first one with 1 <= side < image side is
+    placed uniformly inside the image and filled with standard-normal values, i.e. random
+    pixels in normalized space. An image where no attempt fits is left unchanged.
+    """
+    batch, _, height, width = images.shape
+    device = images.device
+    min_area, max_area = area_ratio_range
+    area = (min_area + (max_area - min_area) * torch.rand(batch, max_attempt, device=device)) * (height * width)
+    log_max_aspect = math.log(1.0 / min_aspect_ratio)
+    aspect = torch.exp((2 * torch.rand(batch, max_attempt, device=device) - 1) * log_max_aspect)
+    box_height = torch.sqrt(area * aspect).floor().long()
+    box_width = torch.sqrt(area / aspect).floor().long()
+    fits = (box_height >= 1) & (box_width >= 1) & (box_height < height) & (box_width < width)
+    attempt = torch.arange(max_attempt, device=device)
+    first_fit = torch.where(fits, attempt, max_attempt).amin(dim=1)
+    erase = (torch.rand(batch, device=device) < prob) & (first_fit < max_attempt)
+    chosen = first_fit.clamp(max=max_attempt - 1)[:, None]
+    box_height = box_height.gather(1, chosen).squeeze(1)
+    box_width = box_width.gather(1, chosen).squeeze(1)
+    top = (torch.rand(batch, device=device) * (height - box_height + 1)).long()
+    left = (torch.rand(batch, device=device) * (width - box_width + 1)).long()
+    mask = _box_mask(top, left, box_height, box_width, height, width) & erase[:, None, None]
+    return torch.where(mask[:, None], torch.randn_like(images), images)
+
+
+def one_hot(labels, num_classes):
+    """int64 labels (B,) -> float32 one-hot targets (B, num_classes)."""
+    return F.one_hot(labels, num_classes).float()
+
+
+def mixup(images, targets, alpha=1.0):
+    """Mixup (Zhang et al., arXiv 1710.09412) with one lambda ~ Beta(alpha, alpha) per batch.
+
+    Returns ``lam * x + (1 - lam) * x[perm]`` and the same mixture of the soft targets (B, K)
+    for a random permutation ``perm`` of the batch.
+    """
+    device = images.device
+    permutation = torch.randperm(images.shape[0], device=device)
+    lam = _sample_beta(alpha, device)
+    lam_images = lam.to(images.dtype)
+    mixed_images = lam_images * images + (1 - lam_images) * images[permutation]
+    lam_targets = lam.to(targets.dtype)
+    mixed_targets = lam_targets * targets + (1 - lam_targets) * targets[permutation]
+    return mixed_images, mixed_targets
+
+
+def cutmix(images, targets, alpha=1.0):
+    """CutMix (Yun et al., arXiv 1905.04899): paste one box from a shuffled batch.
+
+    The box has area ratio 1 - lambda with lambda ~ Beta(alpha, alpha), a centre uniform over the
+    image and is clipped at the borders (one box per batch, as in the paper). The targets use
+    the corrected lambda, the fraction of pixels actually left unpasted.
+    """
+    _, _, height, width = images.shape
+    device = images.device
+    permutation = torch.randperm(images.shape[0], device=device)
+    lam = _sample_beta(alpha, device)
+    cut_ratio = torch.sqrt(1 - lam)
+    centre_y = torch.rand((), device=device) * height
+    centre_x = torch.rand((), device=device) * width
+    top = torch.round((centre_y - cut_ratio * height / 2).clamp(0, height)).long()
+    bottom = torch.round((centre_y + cut_ratio * height / 2).clamp(0, height)).long()
+    left = torch.round((centre_x - cut_ratio * width / 2).clamp(0, width)).long()
+    right = torch.round((centre_x + cut_ratio * width / 2).clamp(0, width)).long()
+    mask = _box_mask(top, left, bottom - top, right - left, height, width)
+    mixed_images = torch.where(mask, images[permutation], images)
+    unpasted = 1 - ((bottom - top) * (right - left)).to(targets.dtype) / (height * width)
+    mixed_targets = unpasted * targets + (1 - unpasted) * targets[permutation]
+    return mixed_images, mixed_targets
+
+
+def ricap(images, targets, beta=0.3):
+    """RICAP (Takahashi et al., arXiv 1811.09030): patch crops of four images into quadrants.
+
+    The boundary (w, h) = round((W, H) * Beta(beta, beta)) is shared by the batch; quadrant k
+    (top-left, top-right, bottom-left, bottom-right) of image i is a crop of image perm_k[i]
+    of the quadrant's size, at a random position drawn per image and quadrant (the paper and
+    hysts draw one position per batch). Targets are the area-weighted sum of the four labels.
+    """
+    batch, channels, height, width = images.shape
+    device = images.device
+    boundary = _sample_beta(beta, device, (2,))
+    boundary_x = torch.round(boundary[0] * width).long()
+    boundary_y = torch.round(boundary[1] * height).long()
+    is_right = torch.tensor([0, 1, 0, 1], device=device)
+    is_bottom = torch.tensor([0, 0, 1, 1], device=device)
+    patch_width = torch.where(is_right.bool(), width - boundary_x, boundary_x)
+    patch_height = torch.where(is_bottom.bool(), height - boundary_y, boundary_y)
+    origin_x, origin_y = is_right * boundary_x, is_bottom * boundary_y
+
+    # Four independent permutations in one call: argsort of uniform noise.
+    permutations = torch.rand(4, batch, device=device).argsort(dim=1)
+    crop_left = (torch.rand(4, batch, device=device) * (width - patch_width + 1)[:, None]).long()
+    crop_top = (torch.rand(4, batch, device=device) * (height - patch_height + 1)[:, None]).long()
+
+    rows = torch.arange(height, device=device)[:, None]
+    cols = torch.arange(width, device=device)[None, :]
+    quadrant = (rows >= boundary_y).long() * 2 + (cols >= boundary_x).long()
+    source_image = permutations.t()[:, quadrant]
+    source_row = rows - origin_y[quadrant] + crop_top.t()[:, quadrant]
+    source_col = cols - origin_x[quadrant] + crop_left.t()[:, quadrant]
+    # One flat gather over (image, row, col) shared by the channels: much faster than indexing
+    # with four broadcast index tensors.
+    source_pixel = ((source_image * height + source_row) * width + source_col).flatten()
+    by_channel = images.transpose(0, 1).reshape(channels, batch * height * width)
+    patched = by_channel.index_select(1, source_pixel).view(channels, batch, height, width)
+    patched = patched.transpose(0, 1).contiguous()
+
+    area_fraction = (patch_width * patch_height).to(targets.dtype) / (height * width)
+    mixed_targets = torch.einsum('k,kbn->bn', area_fraction, targets[permutations])
+    return patched, mixed_targets
+
+
+def dual_cutout(images, size=16, prob=1.0, inside=False):
+    """Dual-Cutout (Kawaguchi et al., arXiv 1802.07426): two independent Cutout views.
+
+    Returns (2B, C, H, W): the first B images are one view, the last B the other.
+    """
+    return torch.cat([cutout(images, size, prob, inside), cutout(images, size, prob, inside)])
+
+
+def smooth_targets(targets, epsilon):
+    """Label smoothing (Szegedy et al., arXiv 1512.00567): (1 - eps) * t + eps / K."""
+    return (1 - epsilon) * targets + epsilon / targets.shape[1]
+
+
+def soft_target_cross_entropy(logits, targets, label_smoothing=0.0):
+    """Batch mean of -(t' * log_softmax(logits)).sum(1), t' the label-smoothed soft targets.
+
+    Smoothing the (possibly mixed) targets here lets label smoothing compose with every mixing
+    method; for one-hot targets this equals ``F.cross_entropy(..., label_smoothing=eps)``.
+    """
+    if label_smoothing > 0:
+        targets = smooth_targets(targets, label_smoothing)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _split_views(logits, targets):
+    batch = targets.shape[0]
+    if logits.shape[0] != 2 * batch:
+        raise ValueError(f'dual-cutout logits must hold two views, 2 x {batch} rows; got {logits.shape[0]}')
+    return logits[:batch], logits[batch:]
+
+
+def dual_cutout_loss(logits, targets, alpha=0.1, label_smoothing=0.0):
+    """Dual-Cutout loss: mean cross-entropy of the two views + alpha * consistency.
+
+    ``logits`` is (2B, K), the two views stacked as :func:`dual_cutout` returns them, ``targets``
+    (B, K). The consistency term is ``F.mse_loss`` between the two views' logits, i.e. the
+    squared L2 distance averaged over the batch *and the K classes*: that is what both the
+    paper's code (Learning-and-Intelligent-Systems/Analytical-Learning-Theory) and hysts use,
+    and what hysts' published Dual-Cutout numbers were trained with (alpha = 0.1).
+    """
+    first_view, second_view = _split_views(logits, targets)
+    cross_entropy = 0.5 * (soft_target_cross_entropy(first_view, targets, label_smoothing)
+                           + soft_target_cross_entropy(second_view, targets, label_smoothing))
+    return cross_entropy + alpha * F.mse_loss(first_view, second_view)
+
+
+def weighted_accuracy(logits, targets):
+    """Batch mean of targets[i, argmax logits_i], a 0-dim tensor.
+
+    Plain accuracy for one-hot targets, the lambda-weighted accuracy for mixed targets. Logits
+    with twice the rows of the targets (Dual-Cutout) are scored on their first view.
+    """
+    if logits.shape[0] != targets.shape[0]:
+        logits, _ = _split_views(logits, targets)
+    predicted = logits.argmax(dim=1, keepdim=True)
+    return targets.gather(1, predicted).squeeze(1).mean()
+
+
+def autoaugment(images_uint8):
+    """AutoAugment, CIFAR-10 policy (Cubuk et al., arXiv 1805.09501), on a uint8 batch.
+
+    Every image draws its own sub-policy (torchvision's AutoAugment samples one per call), so
+    this loops over the images; it runs before normalization and returns uint8.
+    """
+    if images_uint8.dtype != torch.uint8:
+        raise TypeError(f'autoaugment expects uint8 images, got {images_uint8.dtype}')
+    if len(images_uint8) == 0:
+        return images_uint8.clone()
+    policy = transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)
+    return torch.stack([policy(image) for image in images_uint8])
+
+
+class BatchRegularizer:
+    """The training-time regularizers chosen by the command-line flags, applied to whole batches.
+
+    ``__call__`` maps normalized images and int64 labels to (images, soft targets): Cutout and
+    Random Erasing on each image first, then the Dual-Cutout views or one batch-mixing method.
+    ``loss`` and ``accuracy`` take the model's logits and those soft targets.
+    """
+
+    def __init__(self, num_classes, use_cutout=False, cutout_size=16, cutout_prob=1.0,
+                 cutout_inside=False, use_random_erasing=False, random_erasing_prob=0.5,
+                 random_erasing_area_ratio_range=(0.02, 0.4), random_erasing_min_aspect_ratio=0.3,
+                 random_erasing_max_attempt=20, use_mixup=False, mixup_alpha=1.0, use_ricap=False,
+                 ricap_beta=0.3, use_cutmix=False, cutmix_alpha=1.0, use_dual_cutout=False,
+                 dual_cutout_alpha=0.1, use_label_smoothing=False, label_smoothing_epsilon=0.1):
+        self.num_classes = num_classes
+        self.use_cutout, self.cutout_size = use_cutout, cutout_size
+        self.cutout_prob, self.cutout_inside = cutout_prob, cutout_inside
+        self.use_random_erasing, self.random_erasing_prob = use_random_erasing, random_erasing_prob
+        self.random_erasing_area_ratio_range = tuple(random_erasing_area_ratio_range)
+        self.random_erasing_min_aspect_ratio = random_erasing_min_aspect_ratio
+        self.random_erasing_max_attempt = random_erasing_max_attempt
+        self.use_mixup, self.mixup_alpha = use_mixup, mixup_alpha
+        self.use_ricap, self.ricap_beta = use_ricap, ricap_beta
+        self.use_cutmix, self.cutmix_alpha = use_cutmix, cutmix_alpha
+        self.use_dual_cutout, self.dual_cutout_alpha = use_dual_cutout, dual_cutout_alpha
+        self.use_label_smoothing, self.label_smoothing_epsilon = use_label_smoothing, label_smoothing_epsilon
+        self._validate()
+
+    @classmethod
+    def from_args(cls, args, num_classes):
+        """Build from an argparse namespace; flags missing from it take the defaults above."""
+        names = [name for name in inspect.signature(cls.__init__).parameters
+                 if name not in ('self', 'num_classes')]
+        defaults = inspect.signature(cls.__init__).parameters
+        return cls(num_classes, **{name: getattr(args, name, defaults[name].default) for name in names})
+
+    def _validate(self):
+        mixing = [flag for flag, used in [('--use_mixup', self.use_mixup), ('--use_ricap', self.use_ricap),
+                                          ('--use_cutmix', self.use_cutmix),
+                                          ('--use_dual_cutout', self.use_dual_cutout)] if used]
+        if len(mixing) > 1:
+            raise ValueError(f'{" and ".join(mixing)} cannot be combined: '
+                             'mixup, ricap, cutmix and dual_cutout are mutually exclusive')
+        if self.use_dual_cutout and self.use_cutout:
+            raise ValueError('--use_dual_cutout already applies Cutout to both views; drop --use_cutout '
+                             '(--cutout_size, --cutout_prob and --cutout_inside still apply)')
+        checks = [
+            (self.use_cutout or self.use_dual_cutout, self.cutout_size >= 1, '--cutout_size must be >= 1'),
+            (self.use_cutout or self.use_dual_cutout, 0 <= self.cutout_prob <= 1,
+             '--cutout_prob must be in [0, 1]'),
+            (self.use_random_erasing, 0 <= self.random_erasing_prob <= 1,
+             '--random_erasing_prob must be in [0, 1]'),
+            (self.use_random_erasing, len(self.random_erasing_area_ratio_range) == 2
+             and 0 < self.random_erasing_area_ratio_range[0] <= self.random_erasing_area_ratio_range[-1] <= 1,
+             '--random_erasing_area_ratio_range must be [low, high] with 0 < low <= high <= 1'),
+            (self.use_random_erasing, 0 < self.random_erasing_min_aspect_ratio <= 1,
+             '--random_erasing_min_aspect_ratio must be in (0, 1]'),
+            (self.use_random_erasing, self.random_erasing_max_attempt >= 1,
+             '--random_erasing_max_attempt must be >= 1'),
+            (self.use_mixup, self.mixup_alpha > 0, '--mixup_alpha must be > 0'),
+            (self.use_ricap, self.ricap_beta > 0, '--ricap_beta must be > 0'),
+            (self.use_cutmix, self.cutmix_alpha > 0, '--cutmix_alpha must be > 0'),
+            (self.use_dual_cutout, self.dual_cutout_alpha >= 0, '--dual_cutout_alpha must be >= 0'),
+            (self.use_label_smoothing, 0 <= self.label_smoothing_epsilon < 1,
+             '--label_smoothing_epsilon must be in [0, 1)'),
+        ]
+        for enabled, valid, message in checks:
+            if enabled and not valid:
+                raise ValueError(message)
+
+    @property
+    def mixes_labels(self):
+        """True when targets are mixtures, so the train accuracy is lambda-weighted."""
+        return self.use_mixup or self.use_ricap or self.use_cutmix
+
+    @property
+    def label_smoothing(self):
+        """The smoothing epsilon the loss applies (0 when label smoothing is off)."""
+        return self.label_smoothing_epsilon if self.use_label_smoothing else 0.0
+
+    def __call__(self, images, labels):
+        """Normalized float images (B, C, H, W) and int64 labels (B,) -> (images, soft targets (B, K)).
+
+        With Dual-Cutout the images come back as (2B, C, H, W), the two views stacked.
+        """
+        if self.use_cutout:
+            images = cutout(images, self.cutout_size, self.cutout_prob, self.cutout_inside)
+        if self.use_random_erasing:
+            images = random_erasing(images, self.random_erasing_prob, self.random_erasing_area_ratio_range,
+                                    self.random_erasing_min_aspect_ratio, self.random_erasing_max_attempt)
+        targets = one_hot(labels, self.num_classes)
+        if self.use_dual_cutout:
+            images = dual_cutout(images, self.cutout_size, self.cutout_prob, self.cutout_inside)
+        elif self.use_mixup:
+            images, targets = mixup(images, targets, self.mixup_alpha)
+        elif self.use_ricap:
+            images, targets = ricap(images, targets, self.ricap_beta)
+        elif self.use_cutmix:
+            images, targets = cutmix(images, targets, self.cutmix_alpha)
+        return images, targets
+
+    def loss(self, logits, targets):
+        """Training loss: soft-target cross-entropy (label-smoothed if enabled) or the Dual-Cutout loss."""
+        if self.use_dual_cutout:
+            return dual_cutout_loss(logits, targets, self.dual_cutout_alpha, self.label_smoothing)
+        return soft_target_cross_entropy(logits, targets, self.label_smoothing)
+
+    def accuracy(self, logits, targets):
+        """Training accuracy, lambda-weighted for mixed targets (see :func:`weighted_accuracy`)."""
+        return weighted_accuracy(logits, targets)
+
+    def __repr__(self):
+        parts = []
+        if self.use_cutout:
+            parts.append(f'cutout(size={self.cutout_size}, prob={self.cutout_prob}, inside={self.cutout_inside})')
+        if self.use_random_erasing:
+            parts.append(f'random_erasing(prob={self.random_erasing_prob}, '
+                         f'area_ratio_range={self.random_erasing_area_ratio_range}, '
+                         f'min_aspect_ratio={self.random_erasing_min_aspect_ratio})')
+        if self.use_dual_cutout:
+            parts.append(f'dual_cutout(size={self.cutout_size}, prob={self.cutout_prob}, '
+                         f'inside={self.cutout_inside}, alpha={self.dual_cutout_alpha})')
+        if self.use_mixup:
+            parts.append(f'mixup(alpha={self.mixup_alpha})')
+        if self.use_ricap:
+            parts.append(f'ricap(beta={self.ricap_beta})')
+        if self.use_cutmix:
+            parts.append(f'cutmix(alpha={self.cutmix_alpha})')
+        if self.use_label_smoothing:
+            parts.append(f'label_smoothing(epsilon={self.label_smoothing_epsilon})')
+        return f'BatchRegularizer({", ".join(parts) or "none"})'

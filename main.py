@@ -76,6 +76,9 @@ def get_args_parser():
     group.add_argument('--base_lr', type=float, default=0.1)
     group.add_argument('--weight_decay', type=float, default=1e-4)
     _switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
+    _switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
+    group.add_argument('--bn_bias_lr_factor', type=float, default=1.0,
+                       help='BN biases train with lr x this and weight decay / this (fast recipe)')
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--nesterov', type=str2bool, nargs='?', const=True, default=True)
     group.add_argument('--betas', type=json_list, default=[0.9, 0.999], help='adam/adamw/adabound betas')
@@ -261,8 +264,8 @@ def model_kwargs(args):
 
 def list_archs():
     for name in models.list_models():
-        flags = ', '.join(f'--{k} {v}' for k, v in models.model_params(name).items())
-        defaults = ', '.join(f'{k}={v}' for k, v in models.train_defaults(name).items())
+        flags = ', '.join(f'--{k} {json.dumps(v)}' for k, v in models.model_params(name).items())
+        defaults = ', '.join(f'{k}={json.dumps(v)}' for k, v in models.train_defaults(name).items())
         print(f'{name}\n    model flags: {flags}\n    training defaults: {defaults}')
 
 
@@ -431,6 +434,8 @@ def build_model(args, info, device):
     except models.ModelConfigError as error:
         raise UsageError(str(error)) from None
     model = model.to(device)
+    if args.bn_weight_freeze:
+        optim.freeze_norm_weights(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -579,7 +584,8 @@ def build_optimizer(model, args):
             model, optimizer=args.optimizer, base_lr=args.base_lr, momentum=args.momentum,
             nesterov=args.nesterov, weight_decay=args.weight_decay, no_weight_decay_on_bn=args.no_weight_decay_on_bn,
             betas=tuple(args.betas), adabound_final_lr=args.adabound_final_lr, adabound_gamma=args.adabound_gamma,
-            use_sam=args.use_sam, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive)
+            use_sam=args.use_sam, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
+            bn_bias_lr_factor=args.bn_bias_lr_factor)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -71,3 +71,27 @@ class ClassifierHead(nn.Module):
     def forward(self, x):
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
+
+
+def check_positive_int(flag, value, arch):
+    """Raise ModelConfigError, message starting with ``flag``, unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelConfigError(f'{flag} {value}: {arch} needs a positive integer')
+
+
+def check_choice(flag, value, choices, arch):
+    """Raise ModelConfigError, message starting with ``flag``, unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ModelConfigError(f'{flag} {value}: {arch} accepts {" or ".join(map(str, choices))}')
+
+
+def residual_blocks_per_stage(depth, block_type, arch):
+    """Blocks per stage of a 3-stage CIFAR ResNet (arXiv 1512.03385, 1603.05027).
+
+    Basic blocks have 2 weighted layers, bottlenecks 3; with the stem conv and the
+    classifier: depth = 6n+2 (basic) or 9n+2 (bottleneck).
+    """
+    check_choice('--block_type', block_type, ('basic', 'bottleneck'), arch)
+    check_positive_int('--depth', depth, arch)
+    layers_per_block = 2 if block_type == 'basic' else 3
+    return blocks_per_stage(depth, layers_per_block, arch=f'{arch} with {block_type} blocks')

@@ -1,5 +1,6 @@
 """End-to-end runs of main.py on tiny generated datasets: outputs, resume, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -192,3 +193,40 @@ def test_main_py_is_an_executable_with_a_clean_error():
     assert result.returncode == 2
     assert result.stderr.strip() == 'main.py: error: --epochs must be a positive integer, got 0'
     assert not os.path.exists('never')
+
+
+SMALL_FAMILIES = {
+    'vgg': ['--n_channels', '[4,8]', '--n_layers', '[1,1]'],
+    'resnet': ['--depth', '8', '--base_channels', '4'],
+    'resnet_preact': ['--depth', '8', '--base_channels', '4', '--remove_first_relu', 'true', '--add_last_bn'],
+    'se_resnet_preact': ['--depth', '8', '--base_channels', '8', '--se_reduction', '4'],
+    'wrn': ['--depth', '10', '--widening_factor', '1', '--drop_rate', '0.3'],
+    'densenet': ['--depth', '10', '--growth_rate', '4'],
+    'pyramidnet': ['--depth', '8', '--block_type', 'basic', '--pyramid_alpha', '8'],
+    'resnext': ['--depth', '11', '--cardinality', '2', '--base_channels', '4'],
+    'shake_shake': ['--depth', '8', '--base_channels', '4'],
+    'resnet9': ['--base_channels', '4'],
+}
+DATASET_FOR_FAMILY = ['CIFAR10', 'MNIST', 'CIFAR100', 'FashionMNIST', 'KMNIST']
+
+
+def test_every_registered_family_has_a_small_end_to_end_config():
+    assert set(SMALL_FAMILIES) == set(main.models.list_models())
+
+
+@pytest.mark.parametrize('index,arch', list(enumerate(sorted(SMALL_FAMILIES))))
+def test_every_family_trains_one_epoch(index, arch, tmp_path_factory, tmp_path):
+    from conftest import write_cifar10, write_cifar100, write_mnist_family
+    dataset = DATASET_FOR_FAMILY[index % len(DATASET_FOR_FAMILY)]
+    root = str(tmp_path / 'data')
+    if dataset == 'CIFAR10':
+        write_cifar10(root)
+    elif dataset == 'CIFAR100':
+        write_cifar100(root)
+    else:
+        write_mnist_family(root, name=dataset)
+    argv = ['--arch', arch, *SMALL_FAMILIES[arch], '--epochs', '1', '--batch_size', '20', '--device', 'cpu',
+            '--no-tensorboard', '--dataset', dataset, '--dataset_dir', root, '--outdir', str(tmp_path / 'run')]
+    assert run_main(argv) == 0
+    record = json.load(open(tmp_path / 'run' / 'log.json'))[0]
+    assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1

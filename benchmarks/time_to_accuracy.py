@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Train one recipe N times and report test accuracy (mean, min, max) and wall time.
+
+Wall time runs from the first training batch to the end of the final evaluation (the sum of
+each epoch's train and test time in log.json); data loading to the device and model
+construction are not in it.  With --compile the first epoch also compiles: the compile time
+is estimated as the first epoch's time minus the median of the others and reported apart.
+
+    python benchmarks/time_to_accuracy.py --runs 5 -- --arch resnet9 --dataset_dir .data
+    python benchmarks/time_to_accuracy.py --runs 5 --recipe fast_resnet9 -- --dataset_dir .data
+
+Everything after ``--`` goes to main.py unchanged (seed and outdir are set per run).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import main as trainer  # noqa: E402
+
+# SPEC section 5: ResNet-9, batch 512, label smoothing, flip TTA, warmup then linear decay,
+# no weight decay on BN, EMA of weights.  Same line as run_experiments.sh's fast_resnet9.
+RECIPES = {
+    'fast_resnet9': ['--arch', 'resnet9', '--epochs', '10', '--batch_size', '512', '--scheduler', 'linear',
+                     '--warmup_epochs', '2', '--warmup_start_factor', '0.05', '--use_label_smoothing',
+                     '--label_smoothing_epsilon', '0.2', '--tta', 'flip', '--no_weight_decay_on_bn',
+                     '--precision', 'bf16', '--channels_last', '--no-tensorboard'],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--runs', type=int, default=5)
+    parser.add_argument('--first_seed', type=int, default=0)
+    parser.add_argument('--recipe', choices=sorted(RECIPES), help='start from a named recipe')
+    parser.add_argument('--target', type=float, default=0.94, help='accuracy the recipe aims at')
+    parser.add_argument('--keep', help='keep the run directories under this folder')
+    parser.add_argument('--json', help='write the figures to this file')
+    args, main_argv = parser.parse_known_args()
+    main_argv = [a for a in main_argv if a != '--']
+    if args.recipe:
+        main_argv = RECIPES[args.recipe] + main_argv
+    root = args.keep or tempfile.mkdtemp(prefix='time_to_accuracy-')
+    runs = []
+    for seed in range(args.first_seed, args.first_seed + args.runs):
+        outdir = os.path.join(root, f'seed{seed}')
+        trainer.cli(main_argv + ['--seed', str(seed), '--outdir', outdir])
+        log = [r for r in json.load(open(os.path.join(outdir, 'log.json'))) if r['epoch'] > 0]
+        epoch_times = [r['train_time'] + r['test_time'] for r in log]
+        compile_time = 0.0
+        if '--compile' in main_argv and len(epoch_times) > 2:
+            compile_time = max(0.0, epoch_times[0] - statistics.median(epoch_times[1:]))
+        runs.append({'seed': seed, 'accuracy': log[-1]['test_accuracy'], 'compile_time': compile_time,
+                     'wall_time': sum(epoch_times) - compile_time})
+        print(f'seed {seed}: accuracy {runs[-1]["accuracy"]:.4f}, wall {runs[-1]["wall_time"]:.1f}s'
+              + (f' (+ compile {compile_time:.1f}s)' if compile_time else ''), flush=True)
+    accuracies = [r['accuracy'] for r in runs]
+    times = [r['wall_time'] for r in runs]
+    summary = {
+        'command': main_argv, 'runs': runs,
+        'accuracy_mean': statistics.mean(accuracies), 'accuracy_min': min(accuracies),
+        'accuracy_max': max(accuracies),
+        'accuracy_std': statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+        'wall_time_mean': statistics.mean(times), 'wall_time_min': min(times), 'wall_time_max': max(times),
+        'runs_reaching_target': sum(a >= args.target for a in accuracies),
+    }
+    print(f'\n{len(runs)} runs: test accuracy mean {summary["accuracy_mean"]:.4f} '
+          f'(min {summary["accuracy_min"]:.4f}, max {summary["accuracy_max"]:.4f}, '
+          f'std {summary["accuracy_std"]:.4f}); {summary["runs_reaching_target"]}/{len(runs)} reach '
+          f'{args.target}; wall time mean {summary["wall_time_mean"]:.1f}s '
+          f'(min {summary["wall_time_min"]:.1f}, max {summary["wall_time_max"]:.1f})')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

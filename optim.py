@@ -1,0 +1,566 @@
+"""Optimizers, learning-rate schedules, weight averaging and the learning-rate range test.
+
+Papers:
+- LARS: "Large Batch Training of Convolutional Networks", You et al., arXiv 1708.03888
+- AdaBound: "Adaptive Gradient Methods with Dynamic Bound of Learning Rate", Luo et al., arXiv 1902.09843
+- SAM: "Sharpness-Aware Minimization for Efficiently Improving Generalization", Foret et al., arXiv 2010.01412
+- ASAM: "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
+  Networks", Kwon et al., arXiv 2102.11600
+- SGDR: "SGDR: Stochastic Gradient Descent with Warm Restarts", Loshchilov & Hutter, arXiv 1608.03983
+- Warmup: "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", Goyal et al., arXiv 1706.02677
+- LR range test: "Cyclical Learning Rates for Training Neural Networks", Smith, arXiv 1506.01186
+
+Every schedule is a ``LambdaLR`` stepped once per iteration. Its multiplier is the pure function
+``lr_factor``: warmup runs over the first ``warmup_epochs`` epochs, then the decaying schedules
+(cosine, sgdr, linear, polynomial) run over the remaining steps, as in hysts'
+pytorch_image_classification. Multistep milestones are epochs counted from the start of training
+(as torch's MultiStepLR and Goyal et al.), not from the end of warmup.
+"""
+import copy
+import math
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound')
+SCHEDULER_CHOICES = ('none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial')
+WARMUP_METHODS = ('linear', 'exponential')
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (arXiv 1708.03888) in the form of hysts' LARSOptimizer.
+
+    Per parameter tensor: ``local_lr = ||w|| / (||g|| + weight_decay * ||w||)`` (1 when either norm
+    is 0), ``d = local_lr * lr * (g + weight_decay * w)``, ``buf = momentum * buf + d`` and
+    ``w -= buf`` (or ``w -= d + momentum * buf`` with nesterov). There is no LARS coefficient: the
+    trust ratio multiplies the global lr directly. Parameters in a group with weight_decay 0 are
+    still scaled by ``||w|| / ||g||``, as in hysts.
+    """
+
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False):
+        if lr < 0:
+            raise ValueError(f'LARS: invalid learning rate {lr}')
+        if momentum < 0:
+            raise ValueError(f'LARS: invalid momentum {momentum}')
+        if weight_decay < 0:
+            raise ValueError(f'LARS: invalid weight_decay {weight_decay}')
+        if nesterov and momentum <= 0:
+            raise ValueError('LARS: nesterov momentum requires momentum > 0')
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            weight_decay, momentum = group['weight_decay'], group['momentum']
+            for param in group['params']:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                weight_norm = torch.linalg.vector_norm(param)
+                grad_norm = torch.linalg.vector_norm(grad)
+                # torch.where keeps the ratio on the device: no host sync per tensor
+                local_lr = torch.where((weight_norm > 0) & (grad_norm > 0),
+                                       weight_norm / (grad_norm + weight_decay * weight_norm),
+                                       torch.ones_like(weight_norm))
+                update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+                update.mul_(local_lr * group['lr'])
+                if momentum != 0:
+                    state = self.state[param]
+                    if 'momentum_buffer' not in state:
+                        state['momentum_buffer'] = update.clone()
+                    else:
+                        state['momentum_buffer'].mul_(momentum).add_(update)
+                    buffer = state['momentum_buffer']
+                    update = update.add(buffer, alpha=momentum) if group['nesterov'] else buffer
+                param.sub_(update)
+        return loss
+
+
+class AdaBound(torch.optim.Optimizer):
+    """Adam whose per-element step size is clipped to bounds converging to ``final_lr`` (arXiv 1902.09843).
+
+    Bounds after t steps, as in the authors' code (Luolc/AdaBound):
+    ``lower = final_lr * (1 - 1 / (gamma * t + 1))`` and ``upper = final_lr * (1 + 1 / (gamma * t))``,
+    with ``final_lr`` scaled by ``lr / base_lr`` so that an LR schedule also moves the bounds.
+    ``base_lr`` is the group's lr at construction and is kept in the param group (and so in the
+    optimizer's state_dict). weight_decay is an L2 term added to the gradient, as in the paper.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0):
+        if lr < 0:
+            raise ValueError(f'AdaBound: invalid learning rate {lr}')
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f'AdaBound: invalid betas {tuple(betas)}')
+        if final_lr < 0:
+            raise ValueError(f'AdaBound: invalid final_lr {final_lr}')
+        if not 0 <= gamma < 1:
+            raise ValueError(f'AdaBound: invalid gamma {gamma}')
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f'AdaBound: invalid eps {eps} or weight_decay {weight_decay}')
+        defaults = dict(lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        """Add a group, remembering its starting lr as ``base_lr`` for the bound scaling."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault('base_lr', group['lr'])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            final_lr = group['final_lr'] * group['lr'] / group['base_lr'] if group['base_lr'] > 0 else 0.0
+            for param in group['params']:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError('AdaBound does not support sparse gradients')
+                grad = param.grad
+                if group['weight_decay'] != 0:
+                    grad = grad.add(param, alpha=group['weight_decay'])
+                state = self.state[param]
+                if not state:
+                    state['step'] = 0
+                    state['exp_avg'] = torch.zeros_like(param)
+                    state['exp_avg_sq'] = torch.zeros_like(param)
+                state['step'] += 1
+                step = state['step']
+                exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = group['lr'] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+                lower_bound = final_lr * (1 - 1 / (group['gamma'] * step + 1))
+                upper_bound = final_lr * (1 + 1 / (group['gamma'] * step)) if group['gamma'] > 0 else math.inf
+                elementwise_lr = (step_size / exp_avg_sq.sqrt().add_(group['eps'])).clamp_(lower_bound, upper_bound)
+                param.sub_(elementwise_lr.mul_(exp_avg))
+        return loss
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization (arXiv 2010.01412) around an existing optimizer; ASAM with adaptive=True.
+
+    ``first_step`` moves the weights to ``w + e(w)`` with ``e = rho * g / ||g||`` (ASAM, arXiv
+    2102.11600: ``e = rho * T^2 g / ||T g||``, ``T = |w|``), the norm taken over all parameters.
+    After a backward pass there, ``second_step`` restores ``w`` and lets the base optimizer step
+    with the gradient of the perturbed point. ``param_groups``, ``state_dict`` and
+    ``load_state_dict`` are the base optimizer's, so LR schedulers and checkpoints see through SAM.
+    """
+
+    def __init__(self, base_optimizer, rho=0.05, adaptive=False):
+        if rho < 0:
+            raise ValueError(f'SAM: invalid rho {rho}')
+        self.base_optimizer = base_optimizer
+        self.rho, self.adaptive = rho, adaptive
+        super().__init__(base_optimizer.param_groups, {})
+        # share the very same group dicts, so a scheduler's lr change reaches the base optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+
+    def _parameters_with_grad(self):
+        return [param for group in self.param_groups for param in group['params'] if param.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=True):
+        """Move to the adversarial point ``w + e(w)`` using the gradients currently stored."""
+        params = self._parameters_with_grad()
+        if not params:
+            return
+        norm_device = params[0].device
+        scaled_grads = [param.grad * param.abs() if self.adaptive else param.grad for param in params]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(grad).to(norm_device) for grad in scaled_grads]))
+        scale = self.rho / (grad_norm + 1e-12)
+        for param, scaled_grad in zip(params, scaled_grads):
+            # ASAM: T^2 g / ||T g|| = T * (T g) / ||T g||
+            perturbation = scaled_grad * param.abs() if self.adaptive else scaled_grad
+            perturbation = perturbation * scale.to(param.device)
+            self.state[param]['perturbation'] = perturbation
+            param.add_(perturbation)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=True):
+        """Return to ``w`` and step the base optimizer with the gradients of the perturbed point."""
+        for group in self.param_groups:
+            for param in group['params']:
+                perturbation = self.state[param].pop('perturbation', None)
+                if perturbation is not None:
+                    param.sub_(perturbation)
+        self.base_optimizer.step()
+        # LR schedulers watch this flag (set by a wrapped step()) to warn about a wrong call order
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure=None):
+        """Full SAM update: ``closure`` zeroes nothing itself, computes the loss and calls backward.
+
+        It is called twice (at ``w`` and at ``w + e``), with gradients zeroed before each call;
+        returns the loss at ``w``.
+        """
+        if closure is None:
+            raise RuntimeError('SAM.step needs a closure; or call first_step() and second_step()')
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step(zero_grad=False)
+        return loss
+
+    def add_param_group(self, param_group):
+        """Add a group to the base optimizer (the group list is shared)."""
+        if hasattr(self, 'base_optimizer') and self.param_groups is self.base_optimizer.param_groups:
+            self.base_optimizer.add_param_group(param_group)
+        else:
+            super().add_param_group(param_group)
+
+    def state_dict(self):
+        """The base optimizer's state_dict (SAM itself keeps nothing between steps)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        """Load into the base optimizer and share its (newly built) param groups again."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+
+
+def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=None, bn_bias_lr_factor=1.0):
+    """Param groups: with ``no_weight_decay_on_bn``, norm-layer parameters and biases get weight decay 0.
+
+    A parameter goes to the no-decay group when it belongs to a BatchNorm/GroupNorm/LayerNorm/
+    InstanceNorm layer or has ndim <= 1 (every bias). Frozen parameters are left out.
+    ``bn_bias_lr_factor`` != 1 puts norm-layer biases in their own group with lr x factor and
+    weight decay / factor, the fast-training recipe's higher BN-bias learning rate (Page,
+    "How to train your ResNet"; airbench), which leaves their lr * wd product unchanged.
+    """
+    decay, no_decay, norm_bias, seen = [], [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_norm = isinstance(module, NORM_LAYERS)
+            if bn_bias_lr_factor != 1.0 and is_norm and name == 'bias':
+                norm_bias.append(param)
+            elif no_weight_decay_on_bn and (is_norm or param.ndim <= 1):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    if norm_bias:
+        bias_decay = 0.0 if no_weight_decay_on_bn else weight_decay / bn_bias_lr_factor
+        groups.append({'params': norm_bias, 'weight_decay': bias_decay, 'lr': base_lr * bn_bias_lr_factor})
+    return [group for group in groups if group['params']]
+
+
+def freeze_norm_weights(model):
+    """Fix every norm layer's scale at its initial value (the fast recipe's frozen BN weights)."""
+    for module in model.modules():
+        if isinstance(module, NORM_LAYERS) and getattr(module, 'weight', None) is not None:
+            module.weight.requires_grad_(False)
+
+
+def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                    no_weight_decay_on_bn=False, betas=(0.9, 0.999), adabound_final_lr=0.1, adabound_gamma=1e-3,
+                    use_sam=False, sam_rho=0.05, sam_adaptive=False, bn_bias_lr_factor=1.0):
+    """The optimizer named by ``--optimizer`` over ``model``'s parameters, optionally wrapped in SAM.
+
+    Weight decay lives in the param groups (L2 in the gradient for sgd/adam/lars/adabound, decoupled
+    for adamw). Nesterov applies to sgd and lars and only when momentum > 0.
+    """
+    if optimizer not in OPTIMIZER_CHOICES:
+        raise ValueError(f'--optimizer {optimizer!r} is not supported; choose from {", ".join(OPTIMIZER_CHOICES)}')
+    if sam_rho < 0:
+        raise ValueError(f'--sam_rho must be >= 0, got {sam_rho}')
+    if bn_bias_lr_factor <= 0:
+        raise ValueError(f'--bn_bias_lr_factor must be positive, got {bn_bias_lr_factor}')
+    groups = parameter_groups(model, weight_decay, no_weight_decay_on_bn, base_lr, bn_bias_lr_factor)
+    nesterov = bool(nesterov) and momentum > 0
+    if optimizer == 'sgd':
+        base = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    elif optimizer == 'adam':
+        base = torch.optim.Adam(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay)
+    elif optimizer == 'adamw':
+        base = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay)
+    elif optimizer == 'lars':
+        base = LARS(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    else:
+        base = AdaBound(groups, lr=base_lr, betas=tuple(betas), final_lr=adabound_final_lr, gamma=adabound_gamma,
+                        weight_decay=weight_decay)
+    return SAM(base, rho=sam_rho, adaptive=sam_adaptive) if use_sam else base
+
+
+def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor):
+    if step >= warmup_steps:
+        return 1.0
+    progress = step / warmup_steps
+    if warmup_method == 'linear':
+        return warmup_start_factor + (1.0 - warmup_start_factor) * progress
+    if warmup_method == 'exponential':
+        # geometric interpolation: the lr grows by the same ratio every step
+        return warmup_start_factor ** (1.0 - progress)
+    raise ValueError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
+
+
+def _sgdr_position(step, first_period, period_multiplier):
+    """(steps into the current cycle, cycle length) for warm restarts with growing periods."""
+    if period_multiplier == 1:
+        return step % first_period, first_period
+    period = first_period
+    while step >= period:
+        step -= period
+        period *= period_multiplier
+    return step, period
+
+
+def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120), lr_decay=0.1,
+              lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0, warmup_method='linear',
+              warmup_start_factor=1e-3, base_lr=1.0):
+    """Multiplier of ``base_lr`` at iteration ``step`` (0-based); the closed form behind ``build_scheduler``.
+
+    ``lr_min`` is an absolute lr, hence ``base_lr`` to turn it into a factor. Warmup covers the first
+    ``round(warmup_epochs * steps_per_epoch)`` steps; cosine/sgdr/linear/polynomial run over the
+    steps after it; multistep milestones are epochs from the start of training.
+    """
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    main_steps = epochs * steps_per_epoch - warmup_steps
+    steps_after_warmup = max(step - warmup_steps, 0)
+    progress = min(steps_after_warmup / main_steps, 1.0) if main_steps > 0 else 1.0
+    min_factor = lr_min / base_lr if base_lr > 0 else 0.0
+    if scheduler == 'none':
+        factor = 1.0
+    elif scheduler == 'multistep':
+        factor = lr_decay ** sum(step >= milestone * steps_per_epoch for milestone in milestones)
+    elif scheduler == 'cosine':
+        factor = min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif scheduler == 'sgdr':
+        position, period = _sgdr_position(steps_after_warmup, T0 * steps_per_epoch, T_mul)
+        factor = min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * position / period))
+    elif scheduler == 'linear':
+        factor = 1.0 - (1.0 - min_factor) * progress
+    elif scheduler == 'polynomial':
+        factor = min_factor + (1.0 - min_factor) * (1.0 - progress) ** poly_power
+    else:
+        raise ValueError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
+    return factor * _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor)
+
+
+def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120),
+                    lr_decay=0.1, lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0,
+                    warmup_method='linear', warmup_start_factor=1e-3):
+    """A ``LambdaLR`` following ``lr_factor``, to be stepped once per iteration (not per epoch).
+
+    The lambdas are closures, so the scheduler's state_dict holds only counters: a scheduler
+    rebuilt from the same arguments and loaded resumes the same curve.
+    """
+    if scheduler not in SCHEDULER_CHOICES:
+        raise ValueError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
+    if warmup_method not in WARMUP_METHODS:
+        raise ValueError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
+    if steps_per_epoch < 1 or epochs < 0:
+        raise ValueError(f'--epochs must be >= 0 and steps_per_epoch >= 1, got {epochs} and {steps_per_epoch}')
+    if warmup_epochs < 0:
+        raise ValueError(f'--warmup_epochs must be >= 0, got {warmup_epochs}')
+    if warmup_epochs > 0 and not 0 <= warmup_start_factor <= 1:
+        raise ValueError(f'--warmup_start_factor must be in [0, 1], got {warmup_start_factor}')
+    if warmup_epochs > 0 and warmup_method == 'exponential' and warmup_start_factor <= 0:
+        raise ValueError('--warmup_method exponential needs --warmup_start_factor > 0')
+    if scheduler == 'sgdr' and (T0 < 1 or T_mul < 1):
+        raise ValueError(f'--T0 and --T_mul must be >= 1, got {T0} and {T_mul}')
+    if scheduler == 'multistep' and list(milestones) != sorted(milestones):
+        raise ValueError(f'--milestones must be increasing, got {list(milestones)}')
+    if lr_min < 0:
+        raise ValueError(f'--lr_min must be >= 0, got {lr_min}')
+    schedule = dict(scheduler=scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    milestones=tuple(milestones), lr_decay=lr_decay, lr_min=lr_min, T0=T0, T_mul=T_mul,
+                    poly_power=poly_power, warmup_epochs=warmup_epochs, warmup_method=warmup_method,
+                    warmup_start_factor=warmup_start_factor)
+
+    def make_lambda(group_base_lr):
+        def factor(step):
+            return lr_factor(step, base_lr=group_base_lr, **schedule)
+        return factor
+
+    # lr_min is absolute, so each group's factor depends on that group's own starting lr
+    lambdas = [make_lambda(group.get('initial_lr', group['lr'])) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def create_ema(model, ema_decay):
+    """Exponential moving average of weights and buffers: ``ema = decay * ema + (1 - decay) * w``.
+
+    The average starts as a copy of ``model`` and every ``update_parameters(model)`` call blends
+    (n_averaged starts at 1, so PyTorch does not overwrite the average with the first update),
+    hence after k updates ``ema = decay^k w0 + (1 - decay) * sum_i decay^(k-i) w_i``.
+    """
+    if not 0 <= ema_decay <= 1:
+        raise ValueError(f'--ema_decay must be in [0, 1], got {ema_decay}')
+    try:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
+                                                  use_buffers=True)
+    except ImportError:  # torch < 2.2 has no get_ema_multi_avg_fn
+        def blend(averaged, current, num_averaged):
+            return ema_decay * averaged + (1 - ema_decay) * current
+        ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=blend, use_buffers=True)
+    ema.n_averaged.fill_(1)
+    return ema
+
+
+def _steepest_descent_lr(lrs, losses):
+    """lr where the smoothed loss falls fastest against log(lr), between the first tenth and the minimum.
+
+    The first tenth of the points is skipped (as fastai's skip_start) because the bias-corrected
+    average of a few noisy losses swings more than the trend; past the minimum the loss diverges.
+    """
+    skip = len(lrs) // 10
+    lowest = int(np.argmin(losses)) if lrs else 0
+    if lowest - skip < 1:
+        return lrs[lowest] if lrs else None
+    log_lrs = np.log(np.asarray(lrs[skip:lowest + 1]))
+    slopes = np.gradient(np.asarray(losses[skip:lowest + 1]), log_lrs)
+    return float(lrs[skip + int(np.argmin(slopes))])
+
+
+def lr_range_test(model, optimizer, batches, loss_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, smoothing=0.98,
+                  divergence_factor=4.0):
+    """Learning-rate range test (Smith, arXiv 1506.01186; fastai's LR finder).
+
+    Trains on ``batches`` (an iterable of (inputs, targets)) while raising the lr geometrically from
+    ``start_lr`` to ``end_lr`` over ``num_steps`` steps, records the bias-corrected exponential
+    moving average of the loss, and stops early when it exceeds ``divergence_factor`` times the best
+    one (or is not finite). The model's and optimizer's states are restored afterwards. Returns
+    ``dict(lrs, losses, suggested_lr, diverged)``; suggested_lr is the lr of steepest descent of the
+    smoothed loss (``start_lr`` when no step ran).
+    """
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f'lr range test: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
+    if num_steps < 1 or not 0 <= smoothing < 1 or divergence_factor <= 1:
+        raise ValueError('lr range test: need num_steps >= 1, 0 <= smoothing < 1 and divergence_factor > 1')
+    # state_dict() returns references to live tensors: copy them before training changes them
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    was_training = model.training
+    lrs, losses, diverged = [], [], False
+    running_loss, best_loss = 0.0, math.inf
+    try:
+        model.train()
+        for index, (inputs, targets) in enumerate(batches):
+            if index >= num_steps:
+                break
+            lr = start_lr * (end_lr / start_lr) ** (index / max(num_steps - 1, 1))
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs), targets)
+                loss.backward()
+                return loss.detach()
+
+            loss = float(optimizer.step(closure))
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            running_loss = smoothing * running_loss + (1 - smoothing) * loss
+            smoothed_loss = running_loss / (1 - smoothing ** (index + 1))
+            lrs.append(lr)
+            losses.append(smoothed_loss)
+            best_loss = min(best_loss, smoothed_loss)
+            if smoothed_loss > divergence_factor * best_loss:
+                diverged = True
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    suggested_lr = _steepest_descent_lr(lrs, losses)
+    return dict(lrs=lrs, losses=losses, suggested_lr=start_lr if suggested_lr is None else suggested_lr,
+                diverged=diverged)
+
+
+def _nice_ticks(low, high, count=5):
+    """Round tick values covering [low, high] for a linear axis."""
+    if high <= low:
+        return [low]
+    raw_step = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw_step))
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw_step), default=10 * magnitude)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _draw_lr_plot(lrs, losses, suggested_lr, width=720, height=450):
+    from PIL import Image, ImageDraw
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 80, width - 30, 40, height - 60
+    draw.text((left, 12), 'learning-rate range test, smoothed training loss', fill='black')
+    draw.rectangle([left, top, right, bottom], outline='black')
+    draw.text(((left + right) // 2 - 70, height - 25), 'learning rate (log scale)', fill='black')
+    draw.text((8, top - 20), 'loss', fill='black')
+    if not lrs:
+        draw.text((left + 20, (top + bottom) // 2), 'no steps recorded', fill='black')
+        return image
+    log_lo, log_hi = math.log10(min(lrs)), math.log10(max(lrs))
+    if log_hi - log_lo < 1e-12:
+        log_lo, log_hi = log_lo - 0.5, log_hi + 0.5
+    loss_lo = min(losses)
+    # the last points after divergence can be huge: cap the axis so the descent stays readable
+    loss_hi = min(max(losses), max(1.5 * losses[0], loss_lo) + 1e-12)
+    if loss_hi - loss_lo < 1e-12:
+        loss_lo, loss_hi = loss_lo - 0.5, loss_hi + 0.5
+
+    def to_xy(lr, loss):
+        x = left + (math.log10(lr) - log_lo) / (log_hi - log_lo) * (right - left)
+        y = bottom - (min(loss, loss_hi) - loss_lo) / (loss_hi - loss_lo) * (bottom - top)
+        return x, y
+
+    for exponent in range(math.ceil(log_lo - 1e-9), math.floor(log_hi + 1e-9) + 1):
+        x, _ = to_xy(10.0 ** exponent, loss_lo)
+        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
+        draw.line([(x, bottom), (x, bottom + 5)], fill='black')
+        draw.text((x - 12, bottom + 8), f'1e{exponent}', fill='black')
+    for tick in _nice_ticks(loss_lo, loss_hi):
+        _, y = to_xy(10.0 ** log_lo, tick)
+        draw.line([(left - 5, y), (left, y)], fill='black')
+        draw.text((8, y - 6), f'{tick:.3g}', fill='black')
+    if suggested_lr is not None and min(lrs) <= suggested_lr <= max(lrs):
+        x, _ = to_xy(suggested_lr, loss_lo)
+        draw.line([(x, top), (x, bottom)], fill=(220, 60, 60))
+        draw.text((x + 4, top + 4), f'suggested {suggested_lr:.2g}', fill=(220, 60, 60))
+    points = [to_xy(lr, loss) for lr, loss in zip(lrs, losses)]
+    if len(points) > 1:
+        draw.line(points, fill=(31, 119, 180), width=2)
+    else:
+        x, y = points[0]
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    return image
+
+
+def save_lr_range_test(result, outdir):
+    """Write ``outdir/lr_finder.json`` (the result) and ``outdir/lr_finder.png`` (loss against log lr)."""
+    import utils
+    os.makedirs(outdir, exist_ok=True)
+    utils.save_json({key: result[key] for key in ('lrs', 'losses', 'suggested_lr', 'diverged') if key in result},
+                    os.path.join(outdir, 'lr_finder.json'))
+    image = _draw_lr_plot(result['lrs'], result['losses'], result.get('suggested_lr'))
+    image.save(os.path.join(outdir, 'lr_finder.png'))

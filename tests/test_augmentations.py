@@ -1,0 +1,490 @@
+"""Tests for augmentations.py: statistics of the random augmentations measured over many samples
+(tolerances of 5 standard errors, fixed seeds), exact pixel counts, closed forms of the losses,
+and the BatchRegularizer pipeline on CIFAR- and MNIST-shaped batches."""
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import augmentations
+from augmentations import (BatchRegularizer, cutmix, cutout, dual_cutout, dual_cutout_loss, mixup, one_hot,
+                           random_erasing, ricap, smooth_targets, soft_target_cross_entropy, weighted_accuracy)
+
+
+def assert_within_sigma(measured, expected, standard_error, sigmas=5.0):
+    assert abs(measured - expected) <= sigmas * standard_error, (
+        f'measured {measured:.5f}, expected {expected:.5f} +- {sigmas} x {standard_error:.5f}')
+
+
+def assert_count_uniform(values, num_values):
+    """Every value 0..num_values-1 occurs within 5 binomial standard errors of n / num_values."""
+    counts = torch.bincount(values.flatten(), minlength=num_values).double()
+    assert len(counts) == num_values, f'values outside 0..{num_values - 1}'
+    n, p = values.numel(), 1.0 / num_values
+    sigma = math.sqrt(n * p * (1 - p))
+    assert ((counts - n * p).abs() <= 5 * sigma).all(), f'counts {counts.tolist()} vs {n * p:.1f} +- {5 * sigma:.1f}'
+
+
+def erased_boxes(mask):
+    """(B, H, W) boolean masks -> per-image (any, top, left, height, width) of their bounding boxes."""
+    rows, cols = mask.any(dim=2), mask.any(dim=1)
+    any_erased = rows.any(dim=1)
+    top = rows.float().argmax(dim=1)
+    left = cols.float().argmax(dim=1)
+    return any_erased, top, left, rows.sum(dim=1), cols.sum(dim=1)
+
+
+def clipped_length_mean(size, extent, low, high):
+    """Mean over integer starts low..high of the length of [start, start+size) inside [0, extent)."""
+    lengths = [min(start + size, extent) - max(start, 0) for start in range(low, high + 1)]
+    return sum(lengths) / len(lengths)
+
+
+def beta_moment(alpha, power):
+    """E[u^power] for u ~ Beta(alpha, alpha)."""
+    return math.exp(math.lgamma(alpha + power) + math.lgamma(2 * alpha)
+                    - math.lgamma(alpha) - math.lgamma(2 * alpha + power))
+
+
+# ----------------------------------------------------------------------------- crop and flip
+
+def test_random_crop_offsets_uniform_over_0_to_2p():
+    torch.manual_seed(0)
+    batch, size, padding = 4000, 32, 4
+    # Every pixel holds its own flat index + 1, so a crop reveals where it came from.
+    base = (torch.arange(size * size, dtype=torch.float32) + 1).view(1, 1, size, size)
+    cropped = augmentations.random_crop(base.expand(batch, 1, size, size), padding)
+    centre_value = cropped[:, 0, size // 2, size // 2].long() - 1
+    offset_y = centre_value // size - size // 2 + padding
+    offset_x = centre_value % size - size // 2 + padding
+    assert_count_uniform(offset_y, 2 * padding + 1)
+    assert_count_uniform(offset_x, 2 * padding + 1)
+    padded = F.pad(base, (padding,) * 4)[0, 0]
+    for index in range(20):
+        y, x = offset_y[index].item(), offset_x[index].item()
+        assert torch.equal(cropped[index, 0], padded[y:y + size, x:x + size])
+
+
+def test_random_horizontal_flip_rate_is_one_half():
+    torch.manual_seed(1)
+    batch = 4000
+    image = torch.arange(28 * 28, dtype=torch.float32).view(1, 1, 28, 28)
+    flipped = augmentations.random_horizontal_flip(image.expand(batch, 1, 28, 28))
+    is_mirror = (flipped == image.flip(3)).flatten(1).all(dim=1)
+    is_same = (flipped == image).flatten(1).all(dim=1)
+    assert (is_mirror ^ is_same).all()
+    assert_within_sigma(is_mirror.double().mean().item(), 0.5, math.sqrt(0.25 / batch))
+
+
+# ----------------------------------------------------------------------------- Cutout
+
+@pytest.mark.parametrize('size, extent', [(16, 32), (7, 28)])
+def test_cutout_inside_erases_exactly_size_squared_at_uniform_positions(size, extent):
+    torch.manual_seed(2)
+    batch = 3000
+    images = torch.ones(batch, 2, extent, extent)
+    output = cutout(images, size=size, inside=True, fill=0.0)
+    mask = output[:, 0] == 0
+    assert torch.equal(mask, output[:, 1] == 0), 'all channels share the square'
+    assert (mask.flatten(1).sum(dim=1) == size * size).all()
+    any_erased, top, left, height, width = erased_boxes(mask)
+    assert any_erased.all() and (height == size).all() and (width == size).all()
+    assert_count_uniform(top, extent - size + 1)
+    assert_count_uniform(left, extent - size + 1)
+    # Each image draws its own square: positions vary inside one batch.
+    assert len(set(zip(top.tolist(), left.tolist()))) > 0.5 * (extent - size + 1) ** 2
+
+
+@pytest.mark.parametrize('size', [16, 15])
+def test_cutout_clipped_area_matches_border_expectation(size):
+    torch.manual_seed(3)
+    batch, extent = 4000, 32
+    output = cutout(torch.ones(batch, 1, extent, extent), size=size)
+    mask = output[:, 0] == 0
+    area = mask.flatten(1).sum(dim=1).double()
+    any_erased, top, left, height, width = erased_boxes(mask)
+    assert (area == height * width).all(), 'the erased region is one rectangle'
+    # Centres uniform over the image: the top-left corner ranges over -size//2 .. extent-size+size//2.
+    half = size // 2
+    expected_side = clipped_length_mean(size, extent, -half, extent - size + half)
+    assert_within_sigma(area.mean().item(), expected_side ** 2, area.std().item() / math.sqrt(batch))
+    assert_within_sigma(width.double().mean().item(), expected_side,
+                        width.double().std().item() / math.sqrt(batch))
+    # Overhanging the left border is as likely as overhanging the right one.
+    touches_left = ((left == 0) & (width < size)).double()
+    touches_right = ((left + width == extent) & (width < size)).double()
+    difference = touches_left - touches_right
+    assert_within_sigma(difference.mean().item(), 0.0, difference.std().item() / math.sqrt(batch))
+
+
+def test_cutout_prob_fill_and_input_untouched():
+    torch.manual_seed(4)
+    batch, prob = 4000, 0.3
+    images = torch.full((batch, 3, 16, 16), 2.0)
+    output = cutout(images, size=8, prob=prob, fill=-1.5)
+    assert (images == 2.0).all(), 'cutout returns a new tensor'
+    assert ((output == 2.0) | (output == -1.5)).all()
+    erased = (output == -1.5).flatten(1).any(dim=1).double()
+    assert_within_sigma(erased.mean().item(), prob, math.sqrt(prob * (1 - prob) / batch))
+    assert (cutout(images, size=8, prob=0.0) == images).all()
+
+
+# ----------------------------------------------------------------------------- Random Erasing
+
+def test_random_erasing_frequency_area_and_aspect_bounds():
+    torch.manual_seed(5)
+    batch, extent, prob = 4000, 32, 0.5
+    min_area, max_area, min_aspect = 0.02, 0.4, 0.3
+    images = torch.full((batch, 1, extent, extent), 7.0)
+    output = random_erasing(images, prob=prob, area_ratio_range=(min_area, max_area), min_aspect_ratio=min_aspect)
+    mask = output[:, 0] != 7.0
+    any_erased, top, left, height, width = erased_boxes(mask)
+    assert_within_sigma(any_erased.double().mean().item(), prob, math.sqrt(prob * (1 - prob) / batch))
+
+    height, width = height[any_erased].double(), width[any_erased].double()
+    # Erased pixels are standard-normal noise almost surely != 7, so the mask is the full box.
+    assert (mask[any_erased].flatten(1).sum(dim=1) == height * width).all()
+    assert ((height < extent) & (width < extent)).all()
+    # Sides are floors of sqrt(area * aspect) and sqrt(area / aspect), hence these exact bounds.
+    image_area = extent * extent
+    assert (height * width <= max_area * image_area).all()
+    assert ((height + 1) * (width + 1) >= min_area * image_area).all()
+    assert (height / (width + 1) <= 1 / min_aspect).all()
+    assert ((height + 1) / width >= min_aspect).all()
+    # Tall and wide boxes are equally likely (log-uniform aspect, symmetric fit condition).
+    orientation = (height > width).double() - (width > height).double()
+    assert_within_sigma(orientation.mean().item(), 0.0, orientation.std().item() / math.sqrt(len(orientation)))
+
+    noise = output[:, 0][mask]
+    assert_within_sigma(noise.mean().item(), 0.0, 1 / math.sqrt(noise.numel()))
+    assert_within_sigma(noise.var().item(), 1.0, math.sqrt(2 / noise.numel()))
+
+
+def test_random_erasing_leaves_image_when_no_attempt_fits():
+    torch.manual_seed(6)
+    images = torch.randn(64, 3, 32, 32)
+    # Area = the whole image with aspect 1 gives a 32x32 box, which never fits strictly inside.
+    output = random_erasing(images, prob=1.0, area_ratio_range=(1.0, 1.0), min_aspect_ratio=1.0)
+    assert torch.equal(output, images)
+
+
+# ----------------------------------------------------------------------------- Mixup
+
+def one_hot_batch(batch):
+    """Labels 0..batch-1 as one-hot targets, so every row of a mixed target names its sources."""
+    return one_hot(torch.arange(batch), batch)
+
+
+def partner_index(mixed_targets):
+    """For distinct one-hot labels: the row each mixed row was combined with (itself if none)."""
+    without_self = mixed_targets - torch.diag(torch.diagonal(mixed_targets))
+    has_partner = without_self.sum(dim=1) > 0
+    return torch.where(has_partner, without_self.argmax(dim=1), torch.arange(len(mixed_targets)))
+
+
+def test_one_hot():
+    targets = one_hot(torch.tensor([2, 0, 1]), 4)
+    assert targets.dtype == torch.float32
+    assert torch.equal(targets, torch.eye(4)[[2, 0, 1]])
+
+
+@pytest.mark.parametrize('alpha', [1.0, 0.3])
+def test_mixup_lambda_follows_beta(alpha):
+    torch.manual_seed(7)
+    batch, samples = 4, 3000
+    images, targets = torch.randn(batch, 1, 4, 4), one_hot_batch(batch)
+    lambdas = []
+    for _ in range(samples):
+        _, mixed = mixup(images, targets, alpha=alpha)
+        partner = partner_index(mixed)
+        moved = (partner != torch.arange(batch)).nonzero()
+        if len(moved):
+            lambdas.append(mixed[moved[0, 0], moved[0, 0]].item())
+    lambdas = torch.tensor(lambdas, dtype=torch.float64)
+    variance = 1 / (4 * (2 * alpha + 1))
+    n = len(lambdas)
+    assert n > 0.9 * samples
+    assert_within_sigma(lambdas.mean().item(), 0.5, math.sqrt(variance / n))
+    # (lam - 1/2)^2 <= 1/4, so its variance is at most variance / 4.
+    assert_within_sigma(((lambdas - 0.5) ** 2).mean().item(), variance, math.sqrt(variance / 4 / n))
+
+
+def test_mixup_images_and_targets_are_the_same_convex_combination():
+    torch.manual_seed(8)
+    batch = 16
+    images, targets = torch.randn(batch, 3, 8, 8), one_hot_batch(batch)
+    for _ in range(10):
+        mixed_images, mixed_targets = mixup(images, targets, alpha=1.0)
+        assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(batch))
+        partner = partner_index(mixed_targets)
+        lam = torch.diagonal(mixed_targets)
+        moved = partner != torch.arange(batch)
+        assert torch.allclose(lam[moved], lam[moved][0].expand(int(moved.sum()))), 'one lambda per batch'
+        lam = lam[moved][0]
+        expected = lam * images + (1 - lam) * images[partner]
+        assert torch.allclose(mixed_images, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CutMix
+
+def test_cutmix_lambda_is_the_exact_unpasted_fraction():
+    torch.manual_seed(9)
+    batch, extent = 8, 32
+    images = torch.arange(1, batch + 1, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 2, extent, extent)
+    targets = one_hot_batch(batch)
+    for _ in range(200):
+        mixed_images, mixed_targets = cutmix(images, targets, alpha=1.0)
+        assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(batch))
+        partner = partner_index(mixed_targets)
+        pasted = mixed_images[:, 0] != images[:, 0]
+        moved = partner != torch.arange(batch)
+        for index in moved.nonzero().flatten().tolist():
+            assert torch.equal(pasted[index], pasted[moved.nonzero()[0, 0]]), 'one box per batch'
+            pasted_count = pasted[index].sum().item()
+            assert mixed_targets[index, index].item() == pytest.approx(1 - pasted_count / extent ** 2, abs=1e-6)
+            assert (mixed_images[index, :, pasted[index]] == partner[index] + 1).all()
+            _, _, _, height, width = erased_boxes(pasted[index][None])
+            assert pasted_count == height.item() * width.item()
+
+
+@pytest.mark.parametrize('alpha', [1.0, 0.5])
+def test_cutmix_pasted_fraction_distribution(alpha):
+    torch.manual_seed(10)
+    batch, extent, samples = 8, 32, 3000
+    images, targets = torch.zeros(batch, 1, extent, extent), one_hot_batch(batch)
+    pasted = []
+    for _ in range(samples):
+        _, mixed_targets = cutmix(images, targets, alpha=alpha)
+        # With distinct one-hot labels, the smallest diagonal entry is the corrected lambda.
+        pasted.append(1 - torch.diagonal(mixed_targets).min().item())
+    pasted = torch.tensor(pasted, dtype=torch.float64)
+    # u = 1 - lam ~ Beta(alpha, alpha); a box of side s = sqrt(u) times the image side with a
+    # uniform centre keeps s - s^2/4 of it per axis after clipping, so E = E[(s - s^2/4)^2].
+    expected = beta_moment(alpha, 1) - beta_moment(alpha, 1.5) / 2 + beta_moment(alpha, 2) / 16
+    assert_within_sigma(pasted.mean().item(), expected, pasted.std().item() / math.sqrt(samples))
+
+
+# ----------------------------------------------------------------------------- RICAP
+
+def position_encoded_batch(batch, height, width):
+    """Channels (image index, row, column): every output pixel of ricap names its source."""
+    image_index = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1).expand(batch, height, width)
+    rows = torch.arange(height, dtype=torch.float32).view(1, height, 1).expand(batch, height, width)
+    cols = torch.arange(width, dtype=torch.float32).view(1, 1, width).expand(batch, height, width)
+    return torch.stack([image_index, rows, cols], dim=1)
+
+
+def ricap_boundaries(patched):
+    """The columns and rows where the (source image, row shift, column shift) changes."""
+    _, _, height, width = patched.shape
+    rows = torch.arange(height).view(1, height, 1)
+    cols = torch.arange(width).view(1, 1, width)
+    key = torch.stack([patched[:, 0].long(), patched[:, 1].long() - rows, patched[:, 2].long() - cols], dim=1)
+    column_changes = (key[..., 1:] != key[..., :-1]).flatten(0, 2).any(dim=0).nonzero().flatten() + 1
+    row_changes = (key[:, :, 1:] != key[:, :, :-1]).transpose(1, 2).flatten(2).any(dim=2).any(dim=0)
+    return column_changes.tolist(), (row_changes.nonzero().flatten() + 1).tolist()
+
+
+@pytest.mark.parametrize('height, width', [(32, 32), (28, 20)])
+def test_ricap_quadrants_tile_the_image_and_targets_weight_areas(height, width):
+    torch.manual_seed(11)
+    batch = 16
+    images, targets = position_encoded_batch(batch, height, width), one_hot_batch(batch)
+    for _ in range(100):
+        patched, mixed_targets = ricap(images, targets, beta=0.3)
+        # One shared vertical and one shared horizontal cut, and a constant source shift within
+        # each of the four blocks: four crops whose areas add up to the image.
+        column_cuts, row_cuts = ricap_boundaries(patched)
+        assert len(column_cuts) <= 1 and len(row_cuts) <= 1
+        pixels_from = F.one_hot(patched[:, 0].long().flatten(1), batch).sum(dim=1).float()
+        assert torch.allclose(mixed_targets, pixels_from / (height * width), atol=1e-6)
+        assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(batch))
+
+
+@pytest.mark.parametrize('beta', [0.3, 1.0])
+def test_ricap_boundary_follows_beta(beta):
+    torch.manual_seed(12)
+    batch, extent, samples = 16, 32, 1000
+    images, targets = position_encoded_batch(batch, extent, extent), one_hot_batch(batch)
+    squared_deviations = []
+    for _ in range(samples):
+        patched, _ = ricap(images, targets, beta=beta)
+        for cuts in ricap_boundaries(patched):
+            # No cut inside the image means the boundary sits at 0 or at the far side.
+            boundary = cuts[0] / extent if cuts else 0.0
+            squared_deviations.append((boundary - 0.5) ** 2)
+    squared_deviations = torch.tensor(squared_deviations, dtype=torch.float64)
+    # Var Beta(b, b) = 1 / (4 (2b + 1)); rounding to whole pixels adds 1 / (12 extent^2).
+    expected = 1 / (4 * (2 * beta + 1)) + 1 / (12 * extent ** 2)
+    assert_within_sigma(squared_deviations.mean().item(), expected,
+                        squared_deviations.std().item() / math.sqrt(len(squared_deviations)))
+
+
+# ----------------------------------------------------------------------------- losses and accuracy
+
+def test_label_smoothed_targets_and_loss():
+    num_classes, epsilon = 10, 0.1
+    labels = torch.tensor([3, 0, 9, 3])
+    smoothed = smooth_targets(one_hot(labels, num_classes), epsilon)
+    assert torch.allclose(smoothed[torch.arange(4), labels], torch.full((4,), 1 - epsilon + epsilon / num_classes))
+    assert torch.allclose(smoothed.sum(dim=1), torch.ones(4))
+    assert torch.allclose(smoothed.sort(dim=1).values[:, :-1], torch.full((4, 9), epsilon / num_classes))
+
+    torch.manual_seed(13)
+    logits = torch.randn(4, num_classes)
+    assert torch.allclose(soft_target_cross_entropy(logits, one_hot(labels, num_classes), epsilon),
+                          F.cross_entropy(logits, labels, label_smoothing=epsilon))
+    # Smoothing a mixed target = mixing the smoothed losses (the loss is linear in the target).
+    other = torch.tensor([1, 1, 2, 5])
+    lam = 0.3
+    mixed = lam * one_hot(labels, num_classes) + (1 - lam) * one_hot(other, num_classes)
+    expected = (lam * F.cross_entropy(logits, labels, label_smoothing=epsilon)
+                + (1 - lam) * F.cross_entropy(logits, other, label_smoothing=epsilon))
+    assert torch.allclose(soft_target_cross_entropy(logits, mixed, epsilon), expected)
+
+
+def test_dual_cutout_views_are_independent_cutouts():
+    torch.manual_seed(14)
+    images = torch.ones(256, 1, 32, 32)
+    views = dual_cutout(images, size=16, inside=True)
+    assert views.shape == (512, 1, 32, 32)
+    masks = views[:, 0] == 0
+    assert (masks.flatten(1).sum(dim=1) == 256).all()
+    same_square = (masks[:256] == masks[256:]).flatten(1).all(dim=1)
+    assert same_square.double().mean() < 0.05
+
+
+def test_dual_cutout_loss_reduces_to_cross_entropy_for_equal_views():
+    torch.manual_seed(15)
+    logits, labels = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    targets = one_hot(labels, 10)
+    equal_views = torch.cat([logits, logits])
+    assert torch.allclose(dual_cutout_loss(equal_views, targets, alpha=0.1), F.cross_entropy(logits, labels))
+    assert torch.allclose(dual_cutout_loss(equal_views, targets, alpha=0.1, label_smoothing=0.2),
+                          F.cross_entropy(logits, labels, label_smoothing=0.2))
+    # Different views: mean of the two CEs + alpha * squared distance averaged over batch and classes.
+    second = torch.randn(6, 10)
+    expected = (0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(second, labels))
+                + 0.1 * ((logits - second) ** 2).sum() / (6 * 10))
+    assert torch.allclose(dual_cutout_loss(torch.cat([logits, second]), targets, alpha=0.1), expected)
+    with pytest.raises(ValueError):
+        dual_cutout_loss(logits, targets)
+
+
+def test_weighted_accuracy_plain_mixed_and_dual_views():
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    labels = torch.tensor([0, 1, 0, 2])
+    assert weighted_accuracy(logits, one_hot(labels, 3)).item() == pytest.approx(0.5)
+    # Mixed targets: 0.7 * label_a + 0.3 * label_b, scored by the weight of the predicted class.
+    other = torch.tensor([1, 0, 2, 0])
+    mixed = 0.7 * one_hot(labels, 3) + 0.3 * one_hot(other, 3)
+    assert weighted_accuracy(logits, mixed).item() == pytest.approx((0.7 + 0.7 + 0.3 + 0.3) / 4)
+    # Dual-Cutout logits (2B, K): the first view is scored, whatever the second predicts.
+    wrong_view = torch.tensor([[0, 5.0, 0]] * 4)
+    assert weighted_accuracy(torch.cat([logits, wrong_view]), one_hot(labels, 3)).item() == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- AutoAugment
+
+@pytest.mark.parametrize('shape', [(32, 3, 32, 32), (32, 1, 28, 28)])
+def test_autoaugment_keeps_dtype_shape_and_changes_images(shape):
+    torch.manual_seed(16)
+    image = torch.randint(0, 256, shape[1:], dtype=torch.uint8)
+    images = image.expand(shape).contiguous()
+    output = augmentations.autoaugment(images)
+    assert output.dtype == torch.uint8 and output.shape == images.shape
+    changed = (output != images).flatten(1).any(dim=1)
+    assert changed.double().mean() > 0.5
+    # Identical inputs, per-image sub-policies: many different outputs in one batch.
+    assert len({bytes(image.numpy()) for image in output}) > 8
+    with pytest.raises(TypeError):
+        augmentations.autoaugment(images.float())
+
+
+# ----------------------------------------------------------------------------- BatchRegularizer
+
+@pytest.mark.parametrize('flags, named', [
+    (dict(use_mixup=True, use_ricap=True), ['--use_mixup', '--use_ricap']),
+    (dict(use_mixup=True, use_cutmix=True), ['--use_mixup', '--use_cutmix']),
+    (dict(use_ricap=True, use_cutmix=True), ['--use_ricap', '--use_cutmix']),
+    (dict(use_cutmix=True, use_dual_cutout=True), ['--use_cutmix', '--use_dual_cutout']),
+    (dict(use_mixup=True, use_dual_cutout=True), ['--use_mixup', '--use_dual_cutout']),
+    (dict(use_dual_cutout=True, use_cutout=True), ['--use_dual_cutout', '--use_cutout']),
+    (dict(use_mixup=True, mixup_alpha=0.0), ['--mixup_alpha']),
+    (dict(use_cutout=True, cutout_prob=1.5), ['--cutout_prob']),
+    (dict(use_random_erasing=True, random_erasing_area_ratio_range=(0.5, 0.1)),
+     ['--random_erasing_area_ratio_range']),
+    (dict(use_label_smoothing=True, label_smoothing_epsilon=1.0), ['--label_smoothing_epsilon']),
+])
+def test_batch_regularizer_rejects_bad_combinations(flags, named):
+    with pytest.raises(ValueError) as error:
+        BatchRegularizer(10, **flags)
+    for flag in named:
+        assert flag in str(error.value)
+
+
+PIPELINES = [
+    dict(),
+    dict(use_cutout=True, cutout_inside=True),
+    dict(use_random_erasing=True, random_erasing_prob=1.0),
+    dict(use_mixup=True, use_cutout=True),
+    dict(use_ricap=True, use_label_smoothing=True),
+    dict(use_cutmix=True, use_random_erasing=True),
+    dict(use_dual_cutout=True, use_random_erasing=True, use_label_smoothing=True),
+]
+
+
+@pytest.mark.parametrize('shape', [(8, 3, 32, 32), (8, 1, 28, 28)])
+@pytest.mark.parametrize('flags', PIPELINES)
+def test_batch_regularizer_pipeline_trains_a_tiny_model(flags, shape):
+    num_classes = 10
+    torch.manual_seed(17)
+    images, labels = torch.randn(shape), torch.randint(0, num_classes, (shape[0],))
+    regularizer = BatchRegularizer(num_classes, **flags)
+    model = nn.Sequential(nn.Conv2d(shape[1], 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    augmented, targets = regularizer(images, labels)
+    views = 2 if flags.get('use_dual_cutout') else 1
+    assert augmented.shape == (views * shape[0],) + shape[1:]
+    assert targets.shape == (shape[0], num_classes)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(shape[0]))
+    assert regularizer.mixes_labels == any(flags.get(name) for name in ('use_mixup', 'use_ricap', 'use_cutmix'))
+    logits = model(augmented)
+    loss = regularizer.loss(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(parameter.grad).all() for parameter in model.parameters())
+    assert 0 <= regularizer.accuracy(logits, targets).item() <= 1
+
+    # The same seed replays the same batch: what resuming from a saved RNG state relies on.
+    torch.manual_seed(18)
+    first = regularizer(images, labels)
+    torch.manual_seed(18)
+    second = regularizer(images, labels)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_batch_regularizer_without_options_is_plain_cross_entropy():
+    torch.manual_seed(19)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    augmented, targets = BatchRegularizer(10)(images, labels)
+    assert torch.equal(augmented, images) and torch.equal(targets, one_hot(labels, 10))
+    logits = torch.randn(8, 10)
+    smoothing = BatchRegularizer(10, use_label_smoothing=True, label_smoothing_epsilon=0.2)
+    assert torch.allclose(smoothing.loss(logits, targets), F.cross_entropy(logits, labels, label_smoothing=0.2))
+    assert torch.allclose(BatchRegularizer(10).loss(logits, targets), F.cross_entropy(logits, labels))
+
+
+def test_batch_regularizer_from_args_reads_flags_and_defaults():
+    args = argparse.Namespace(use_cutmix=True, cutmix_alpha=0.5, use_random_erasing=True,
+                              random_erasing_area_ratio_range=[0.1, 0.2], arch='resnet')
+    regularizer = BatchRegularizer.from_args(args, num_classes=100)
+    assert regularizer.num_classes == 100
+    assert regularizer.use_cutmix and regularizer.cutmix_alpha == 0.5 and regularizer.mixes_labels
+    assert regularizer.random_erasing_area_ratio_range == (0.1, 0.2)
+    assert regularizer.random_erasing_prob == 0.5 and not regularizer.use_mixup and regularizer.cutout_size == 16
+    with pytest.raises(ValueError, match='--use_mixup'):
+        BatchRegularizer.from_args(argparse.Namespace(use_mixup=True, use_ricap=True), num_classes=10)

@@ -1,0 +1,511 @@
+"""Tests for optim.py: optimizer updates against hand computations, schedule curves against their
+closed forms, EMA, scheduler resume and the learning-rate range test."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import optim
+
+
+class VectorModel(nn.Module):
+    """A single weight vector, so losses with known gradients can be written by hand."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(values, dtype=torch.float64))
+
+
+def record_lrs(optimizer, scheduler, num_steps):
+    """lr used at each iteration 0..num_steps-1, stepping the scheduler once per iteration."""
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # optimizer.step() is not called: no parameters are trained here
+        for _ in range(num_steps):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            scheduler.step()
+    return lrs
+
+
+def schedule_lrs(num_steps, base_lr=0.1, **schedule):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    return record_lrs(optimizer, optim.build_scheduler(optimizer, **schedule), num_steps)
+
+
+# ---------------------------------------------------------------- LARS
+
+def test_lars_first_and_second_step_match_closed_form():
+    weight = torch.tensor([[3.0, -4.0], [1.0, 2.0]], dtype=torch.float64)
+    grads = [torch.tensor([[0.5, 0.1], [-0.2, 0.3]], dtype=torch.float64),
+             torch.tensor([[-1.0, 0.4], [0.2, 0.0]], dtype=torch.float64)]
+    lr, momentum, weight_decay = 0.2, 0.9, 0.01
+    param = nn.Parameter(weight.clone())
+    optimizer = optim.LARS([param], lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    expected, buffer = weight.clone(), None
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+        trust_ratio = expected.norm() / (grad.norm() + weight_decay * expected.norm())
+        update = lr * trust_ratio * (grad + weight_decay * expected)
+        buffer = update if buffer is None else momentum * buffer + update
+        expected = expected - buffer
+        torch.testing.assert_close(param.detach(), expected)
+
+
+def test_lars_nesterov_step():
+    weight = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    grads = [torch.tensor([0.3, 0.0, -0.4], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.2], dtype=torch.float64)]
+    param = nn.Parameter(weight.clone())
+    optimizer = optim.LARS([param], lr=0.5, momentum=0.8, weight_decay=0.0, nesterov=True)
+    expected, buffer = weight.clone(), None
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+        update = 0.5 * expected.norm() / grad.norm() * grad
+        buffer = update if buffer is None else 0.8 * buffer + update
+        expected = expected - (update + 0.8 * buffer)
+    torch.testing.assert_close(param.detach(), expected)
+
+
+def test_lars_trust_ratio_is_one_when_a_norm_is_zero():
+    # zero weights (a fresh bias): plain SGD step
+    zero_weight = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    zero_weight.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    optim.LARS([zero_weight], lr=0.1, momentum=0.0, weight_decay=0.1).step()
+    torch.testing.assert_close(zero_weight.detach(), -0.1 * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    # zero gradient: only weight decay acts, at the global lr
+    weight = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    param = nn.Parameter(weight.clone())
+    param.grad = torch.zeros(2, dtype=torch.float64)
+    optim.LARS([param], lr=0.1, momentum=0.0, weight_decay=0.5).step()
+    torch.testing.assert_close(param.detach(), weight - 0.1 * 0.5 * weight)
+
+
+# ---------------------------------------------------------------- AdaBound
+
+def test_adabound_clamps_elementwise_lr_to_bounds():
+    grad = torch.tensor([1e-3, 0.5, 100.0, -2.0], dtype=torch.float64)
+    start = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    lr, final_lr, gamma, betas, eps = 0.01, 0.1, 0.1, (0.9, 0.999), 1e-8
+    param = nn.Parameter(start.clone())
+    optimizer = optim.AdaBound([param], lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps)
+    expected = start.clone()
+    clamped_low = clamped_high = False
+    for t in range(1, 4):
+        param.grad = grad.clone()
+        optimizer.step()
+        # constant gradient: both moments have closed forms
+        exp_avg = (1 - betas[0] ** t) * grad
+        exp_avg_sq = (1 - betas[1] ** t) * grad ** 2
+        unclipped = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t) / (exp_avg_sq.sqrt() + eps)
+        lower, upper = final_lr * (1 - 1 / (gamma * t + 1)), final_lr * (1 + 1 / (gamma * t))
+        clamped_low |= bool((unclipped < lower).any())
+        clamped_high |= bool((unclipped > upper).any())
+        expected = expected - unclipped.clamp(lower, upper) * exp_avg
+        torch.testing.assert_close(param.detach(), expected)
+    assert clamped_low and clamped_high  # the chosen gradients exercise both bounds
+
+
+def test_adabound_bounds_follow_the_scheduled_lr():
+    grad = torch.tensor([1e-4, 1e4], dtype=torch.float64)
+    param = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    optimizer = optim.AdaBound([param], lr=1.0, final_lr=0.1, gamma=0.5)
+    optimizer.param_groups[0]['lr'] = 0.5  # as a scheduler would set it
+    param.grad = grad.clone()
+    optimizer.step()
+    final_lr = 0.1 * 0.5 / 1.0
+    lower, upper = final_lr * (1 - 1 / 1.5), final_lr * (1 + 1 / 0.5)
+    exp_avg = 0.1 * grad
+    torch.testing.assert_close(param.detach(), -torch.stack([upper * exp_avg[0], lower * exp_avg[1]]))
+
+
+# ---------------------------------------------------------------- SAM / ASAM
+
+QUADRATIC_SCALE = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+QUADRATIC_SHIFT = torch.tensor([0.2, -1.0, 0.4], dtype=torch.float64)
+
+
+def quadratic_loss(weight):
+    """0.5 * sum(a w^2) + b.w, gradient a * w + b."""
+    return 0.5 * (QUADRATIC_SCALE * weight ** 2).sum() + (QUADRATIC_SHIFT * weight).sum()
+
+
+def quadratic_grad(weight):
+    return QUADRATIC_SCALE * weight + QUADRATIC_SHIFT
+
+
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_sam_two_step_update_matches_hand_computation(adaptive):
+    start = [1.0, -0.5, 2.0]
+    rho, lr = 0.3, 0.1
+    model = VectorModel(start)
+    optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=lr, momentum=0.0, weight_decay=0.0,
+                                      use_sam=True, sam_rho=rho, sam_adaptive=adaptive)
+    assert isinstance(optimizer, optim.SAM) and isinstance(optimizer.base_optimizer, torch.optim.SGD)
+    quadratic_loss(model.weight).backward()
+    optimizer.first_step(zero_grad=True)
+
+    weight = torch.tensor(start, dtype=torch.float64)
+    grad = quadratic_grad(weight)
+    if adaptive:
+        perturbation = rho * weight.abs() ** 2 * grad / (weight.abs() * grad).norm()
+    else:
+        perturbation = rho * grad / grad.norm()
+    torch.testing.assert_close(model.weight.detach(), weight + perturbation)
+    assert model.weight.grad is None
+
+    quadratic_loss(model.weight).backward()
+    optimizer.second_step(zero_grad=True)
+    torch.testing.assert_close(model.weight.detach(), weight - lr * quadratic_grad(weight + perturbation))
+
+
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_sam_step_with_closure_equals_two_steps(adaptive):
+    def run(use_closure):
+        model = VectorModel([0.7, -1.2, 0.3])
+        optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                          use_sam=True, sam_rho=0.1, sam_adaptive=adaptive)
+        for _ in range(3):
+            if use_closure:
+                def closure():
+                    loss = quadratic_loss(model.weight)
+                    loss.backward()
+                    return loss
+                optimizer.step(closure)
+            else:
+                optimizer.zero_grad()
+                quadratic_loss(model.weight).backward()
+                optimizer.first_step(zero_grad=True)
+                quadratic_loss(model.weight).backward()
+                optimizer.second_step(zero_grad=True)
+        return model.weight.detach()
+    torch.testing.assert_close(run(True), run(False))
+
+
+def test_sam_delegates_param_groups_and_state_dict():
+    model = VectorModel([1.0, 2.0, 3.0])
+    optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, use_sam=True)
+    scheduler = optim.build_scheduler(optimizer, scheduler='multistep', epochs=4, milestones=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no "lr_scheduler.step() before optimizer.step()" warning
+        for _ in range(2):
+            quadratic_loss(model.weight).backward()
+            optimizer.first_step()
+            quadratic_loss(model.weight).backward()
+            optimizer.second_step()
+            scheduler.step()
+    assert optimizer.param_groups is optimizer.base_optimizer.param_groups
+    assert optimizer.base_optimizer.param_groups[0]['lr'] == pytest.approx(0.01)
+    state = optimizer.state_dict()
+    assert state.keys() == optimizer.base_optimizer.state_dict().keys()
+    buffer = state['state'][0]['momentum_buffer'].clone()
+
+    fresh = optim.build_optimizer(VectorModel([0.0, 0.0, 0.0]), optimizer='sgd', base_lr=0.1, use_sam=True)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.base_optimizer.state_dict()['state'][0]['momentum_buffer'], buffer)
+    assert fresh.param_groups is fresh.base_optimizer.param_groups
+    assert fresh.param_groups[0]['lr'] == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------- build_optimizer
+
+def norm_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False),
+                         nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_no_weight_decay_on_bn_groups():
+    model = norm_model()
+    optimizer = optim.build_optimizer(model, weight_decay=5e-4, no_weight_decay_on_bn=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {group['weight_decay']: {names[id(p)] for p in group['params']} for group in optimizer.param_groups}
+    assert groups == {5e-4: {'0.weight', '3.weight', '6.weight'},
+                      0.0: {'0.bias', '1.weight', '1.bias', '4.weight', '4.bias', '6.bias'}}
+
+    plain = optim.build_optimizer(model, weight_decay=5e-4)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]['weight_decay'] == 5e-4
+    assert len(plain.param_groups[0]['params']) == len(list(model.parameters()))
+
+
+def test_no_weight_decay_parameters_get_no_decay():
+    model = norm_model()
+    optimizer = optim.build_optimizer(model, base_lr=0.1, momentum=0.0, weight_decay=0.5, no_weight_decay_on_bn=True)
+    bn_weight, conv_weight = model[1].weight.detach().clone(), model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(model[1].weight.detach(), bn_weight)
+    torch.testing.assert_close(model[0].weight.detach(), conv_weight * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize('name, cls', [('sgd', torch.optim.SGD), ('adam', torch.optim.Adam),
+                                       ('adamw', torch.optim.AdamW), ('lars', optim.LARS),
+                                       ('adabound', optim.AdaBound)])
+def test_build_optimizer_types_and_hyperparameters(name, cls):
+    optimizer = optim.build_optimizer(norm_model(), optimizer=name, base_lr=0.03, momentum=0.8,
+                                      betas=(0.8, 0.99), adabound_final_lr=0.05, adabound_gamma=2e-3)
+    assert type(optimizer) is cls
+    group = optimizer.param_groups[0]
+    assert group['lr'] == 0.03
+    if name in ('sgd', 'lars'):
+        assert group['momentum'] == 0.8 and group['nesterov'] is True
+    else:
+        assert tuple(group['betas']) == (0.8, 0.99)
+    if name == 'adabound':
+        assert group['final_lr'] == 0.05 and group['gamma'] == 2e-3
+
+
+def test_bad_names_raise_value_error_naming_the_flag():
+    with pytest.raises(ValueError, match='--optimizer.*rmsprop.*sgd'):
+        optim.build_optimizer(norm_model(), optimizer='rmsprop')
+    optimizer = optim.build_optimizer(norm_model())
+    with pytest.raises(ValueError, match='--scheduler.*step'):
+        optim.build_scheduler(optimizer, scheduler='step')
+    with pytest.raises(ValueError, match='--warmup_method'):
+        optim.build_scheduler(optimizer, scheduler='cosine', warmup_epochs=1, warmup_method='quadratic')
+    with pytest.raises(ValueError, match='--scheduler'):
+        optim.lr_factor(0, scheduler='onecycle')
+
+
+# ---------------------------------------------------------------- schedules
+
+def test_multistep_milestones_in_epochs():
+    lrs = schedule_lrs(40, scheduler='multistep', epochs=10, steps_per_epoch=4, milestones=[3, 6], lr_decay=0.2)
+    for step, expected in [(0, 0.1), (11, 0.1), (12, 0.02), (23, 0.02), (24, 0.004), (39, 0.004)]:
+        assert lrs[step] == pytest.approx(expected), step
+
+
+@pytest.mark.parametrize('warmup_method', ['linear', 'exponential'])
+def test_cosine_with_warmup(warmup_method):
+    base_lr, lr_min, start_factor = 0.4, 0.01, 0.01
+    schedule = dict(scheduler='cosine', epochs=10, steps_per_epoch=4, lr_min=lr_min, warmup_epochs=2,
+                    warmup_method=warmup_method, warmup_start_factor=start_factor)
+    lrs = schedule_lrs(41, base_lr=base_lr, **schedule)
+    # warmup: 8 steps; cosine over the remaining 32
+    if warmup_method == 'linear':
+        warmup_mid = base_lr * (start_factor + (1 - start_factor) * 0.5)
+        warmup_step2 = base_lr * (start_factor + (1 - start_factor) * 2 / 8)
+    else:
+        warmup_mid = base_lr * math.sqrt(start_factor)
+        warmup_step2 = base_lr * start_factor ** (6 / 8)
+    cosine = lambda t: lr_min + (base_lr - lr_min) * 0.5 * (1 + math.cos(math.pi * t / 32))  # noqa: E731
+    expected = {0: base_lr * start_factor, 2: warmup_step2, 4: warmup_mid, 8: base_lr,
+                9: cosine(1), 24: (base_lr + lr_min) / 2, 39: cosine(31), 40: lr_min}
+    for step, value in expected.items():
+        assert lrs[step] == pytest.approx(value), step
+        assert base_lr * optim.lr_factor(step, base_lr=base_lr, **schedule) == pytest.approx(value)
+    # stepped per iteration: the lr changes within an epoch, during warmup and during the decay
+    assert len(set(lrs[0:4])) == 4 and len(set(lrs[12:16])) == 4
+    assert all(a < b for a, b in zip(lrs[:8], lrs[1:9])) and all(a > b for a, b in zip(lrs[8:40], lrs[9:41]))
+
+
+@pytest.mark.parametrize('T_mul, restarts', [(1, [8, 16, 24, 32]), (2, [8, 24])])
+def test_sgdr_restarts(T_mul, restarts):
+    base_lr, lr_min = 0.1, 0.001
+    lrs = schedule_lrs(40, base_lr=base_lr, scheduler='sgdr', epochs=10, steps_per_epoch=4, T0=2, T_mul=T_mul,
+                       lr_min=lr_min)
+    cosine = lambda t, period: lr_min + (base_lr - lr_min) * 0.5 * (1 + math.cos(math.pi * t / period))  # noqa: E731
+    assert lrs[0] == pytest.approx(base_lr)
+    assert lrs[4] == pytest.approx((base_lr + lr_min) / 2)
+    assert lrs[7] == pytest.approx(cosine(7, 8))
+    for restart in restarts:
+        assert lrs[restart] == pytest.approx(base_lr), restart
+        assert lrs[restart - 1] < lrs[restart]
+    if T_mul == 2:  # second cycle lasts 16 steps
+        assert lrs[16] == pytest.approx((base_lr + lr_min) / 2)
+        assert lrs[23] == pytest.approx(cosine(15, 16))
+    peaks = [step for step in range(1, 40) if lrs[step] > lrs[step - 1]]
+    assert peaks == restarts
+
+
+def test_sgdr_after_warmup():
+    lrs = schedule_lrs(20, scheduler='sgdr', epochs=5, steps_per_epoch=4, T0=1, T_mul=1, warmup_epochs=1,
+                       warmup_start_factor=0.1)
+    assert lrs[0] == pytest.approx(0.01)
+    for restart in (4, 8, 12, 16):
+        assert lrs[restart] == pytest.approx(0.1)
+    assert lrs[6] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize('scheduler, power', [('linear', 1.0), ('polynomial', 2.0), ('polynomial', 0.5)])
+def test_linear_and_polynomial_decay(scheduler, power):
+    base_lr, lr_min = 0.2, 0.02
+    lrs = schedule_lrs(21, base_lr=base_lr, scheduler=scheduler, epochs=5, steps_per_epoch=4, lr_min=lr_min,
+                       poly_power=power, warmup_epochs=1, warmup_start_factor=0.0)
+    assert lrs[0] == 0.0
+    assert lrs[2] == pytest.approx(base_lr / 2)
+    for step in (4, 6, 12, 19, 20):
+        progress = (step - 4) / 16
+        assert lrs[step] == pytest.approx(lr_min + (base_lr - lr_min) * (1 - progress) ** power), step
+    assert lrs[20] == pytest.approx(lr_min)
+
+
+def test_none_scheduler_is_constant_after_warmup():
+    lrs = schedule_lrs(12, scheduler='none', epochs=3, steps_per_epoch=4, warmup_epochs=0.5, warmup_start_factor=0.5)
+    assert lrs[:2] == pytest.approx([0.05, 0.075]) and lrs[2:] == pytest.approx([0.1] * 10)
+
+
+def test_lr_min_is_absolute_for_every_param_group():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{'params': [params[0]], 'lr': 0.1}, {'params': [params[1]], 'lr': 0.4}], lr=0.1)
+    scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=2, steps_per_epoch=2, lr_min=0.05)
+    record_lrs(optimizer, scheduler, 4)
+    assert [group['lr'] for group in optimizer.param_groups] == pytest.approx([0.05, 0.05])
+
+
+@pytest.mark.parametrize('scheduler', ['multistep', 'cosine', 'sgdr'])
+def test_scheduler_state_dict_round_trip_resumes_the_same_curve(scheduler):
+    schedule = dict(scheduler=scheduler, epochs=6, steps_per_epoch=5, milestones=[2, 4], T0=2, T_mul=2,
+                    lr_min=1e-3, warmup_epochs=1)
+
+    def build():
+        model = VectorModel([1.0, 2.0, 3.0])
+        optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=0.1)
+        return optimizer, optim.build_scheduler(optimizer, **schedule)
+
+    uninterrupted = record_lrs(*build(), 30)
+    optimizer, scheduler_ = build()
+    first_part = record_lrs(optimizer, scheduler_, 13)
+    saved = {'optimizer': optimizer.state_dict(), 'scheduler': scheduler_.state_dict()}
+    resumed_optimizer, resumed_scheduler = build()
+    resumed_optimizer.load_state_dict(saved['optimizer'])
+    resumed_scheduler.load_state_dict(saved['scheduler'])
+    assert first_part + record_lrs(resumed_optimizer, resumed_scheduler, 17) == uninterrupted
+    assert len(set(uninterrupted)) > 5
+
+
+# ---------------------------------------------------------------- EMA
+
+def test_ema_matches_closed_form_after_k_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    decay = 0.8
+    ema = optim.create_ema(model, decay)
+    history_weight = [model[0].weight.detach().clone()]
+    history_mean = [model[1].running_mean.clone()]
+    for _ in range(4):
+        with torch.no_grad():
+            model[0].weight.add_(torch.randn_like(model[0].weight))
+        model(torch.randn(8, 3))  # training mode: BN running statistics move
+        ema.update_parameters(model)
+        history_weight.append(model[0].weight.detach().clone())
+        history_mean.append(model[1].running_mean.clone())
+    k = len(history_weight) - 1
+
+    def closed_form(history):
+        return decay ** k * history[0] + sum((1 - decay) * decay ** (k - i) * history[i] for i in range(1, k + 1))
+
+    torch.testing.assert_close(ema.module[0].weight.detach(), closed_form(history_weight))
+    torch.testing.assert_close(ema.module[1].running_mean, closed_form(history_mean))
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)
+
+
+# ---------------------------------------------------------------- LR range test
+
+def regression_batches(num_batches, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    true_weight = torch.tensor([[1.5, -2.0, 0.5, 1.0]])
+    batches = []
+    for _ in range(num_batches):
+        inputs = torch.randn(32, 4, generator=generator)
+        batches.append((inputs, inputs @ true_weight.T + 0.01 * torch.randn(32, 1, generator=generator)))
+    return batches
+
+
+def test_lr_range_test_increases_lr_stops_on_divergence_and_restores_state():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # one real step so the optimizer has momentum state to restore
+    nn.functional.mse_loss(model(torch.randn(8, 4)), torch.zeros(8, 1)).backward()
+    optimizer.step()
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffer_before = optimizer.state_dict()['state'][0]['momentum_buffer'].clone()
+    model.eval()
+
+    lrs_seen = []
+
+    def loss_fn(outputs, targets):
+        lrs_seen.append(optimizer.param_groups[0]['lr'])
+        return nn.functional.mse_loss(outputs, targets)
+
+    start_lr, end_lr, num_steps = 1e-4, 1e3, 80
+    result = optim.lr_range_test(model, optimizer, regression_batches(num_steps), loss_fn, start_lr=start_lr,
+                                 end_lr=end_lr, num_steps=num_steps)
+    lrs, losses = result['lrs'], result['losses']
+    assert lrs == pytest.approx(lrs_seen[:len(lrs)])
+    assert lrs == pytest.approx([start_lr * (end_lr / start_lr) ** (i / (num_steps - 1)) for i in range(len(lrs))])
+    assert all(a < b for a, b in zip(lrs, lrs[1:]))
+    # SGD on this problem diverges beyond lr ~ 1: the test must stop well before end_lr
+    assert result['diverged'] and len(lrs) < num_steps and lrs[-1] < 100
+    assert losses[-1] > 4.0 * min(losses)
+    assert start_lr < result['suggested_lr'] < lrs[losses.index(min(losses))] + 1e-12
+    assert 1e-3 < result['suggested_lr'] < 2.0
+    # everything restored: weights, momentum buffer, lr, eval mode
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, model_before[key])
+    torch.testing.assert_close(optimizer.state_dict()['state'][0]['momentum_buffer'], buffer_before)
+    assert optimizer.param_groups[0]['lr'] == 0.1 and not model.training
+
+
+def test_lr_range_test_runs_with_sam_and_smooths_with_bias_correction():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = optim.build_optimizer(model, optimizer='sgd', momentum=0.0, weight_decay=0.0, use_sam=True)
+    raw_losses = []
+
+    def loss_fn(outputs, targets):
+        loss = nn.functional.mse_loss(outputs, targets)
+        raw_losses.append(loss.item())
+        return loss
+
+    result = optim.lr_range_test(model, optimizer, regression_batches(5), loss_fn, start_lr=1e-6, end_lr=1e-5,
+                                 num_steps=5, smoothing=0.5)
+    first_pass = raw_losses[::2]  # SAM evaluates each batch twice; the loss at w comes first
+    assert len(result['lrs']) == 5 and not result['diverged']
+    average = 0.0
+    for index, loss in enumerate(first_pass):
+        average = 0.5 * average + 0.5 * loss
+        assert result['losses'][index] == pytest.approx(average / (1 - 0.5 ** (index + 1)))
+
+
+def test_save_lr_range_test_writes_json_and_png(tmp_path):
+    from PIL import Image
+    lrs = [1e-5 * 10 ** (i / 10) for i in range(50)]
+    losses = [2.0 - 1.5 / (1 + math.exp(-(i - 20) / 3)) + (0.3 * (i - 40) ** 2 if i > 40 else 0) for i in range(50)]
+    result = dict(lrs=lrs, losses=losses, suggested_lr=optim._steepest_descent_lr(lrs, losses), diverged=True)
+    assert result['suggested_lr'] == pytest.approx(lrs[20])
+    optim.save_lr_range_test(result, str(tmp_path))
+    with open(tmp_path / 'lr_finder.json') as f:
+        saved = json.load(f)
+    assert saved['lrs'] == pytest.approx(lrs) and saved['suggested_lr'] == pytest.approx(lrs[20])
+    with Image.open(tmp_path / 'lr_finder.png') as image:
+        assert image.format == 'PNG'
+        colours = {colour for _, colour in image.convert('RGB').getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in colours and (0, 0, 0) in colours  # the curve and the axes were drawn
+
+    optim.save_lr_range_test(dict(lrs=[], losses=[], suggested_lr=1e-7), str(tmp_path / 'empty'))
+    with Image.open(tmp_path / 'empty' / 'lr_finder.png') as image:
+        image.verify()
+
+
+def test_bn_bias_lr_factor_and_frozen_bn_weights():
+    """The fast recipe: BN biases train with lr x factor and wd / factor; BN scales stay fixed."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4, 2))
+    optim.freeze_norm_weights(model)
+    optimizer = optim.build_optimizer(model, base_lr=0.1, weight_decay=5e-4, bn_bias_lr_factor=64.0)
+    groups = {tuple(id(p) for p in g['params']): g for g in optimizer.param_groups}
+    bias_group = groups[(id(model[1].bias),)]
+    assert bias_group['lr'] == pytest.approx(6.4) and bias_group['weight_decay'] == pytest.approx(5e-4 / 64)
+    trained = {id(p) for g in optimizer.param_groups for p in g['params']}
+    assert id(model[1].weight) not in trained and model[1].weight.requires_grad is False
+    assert {id(model[0].weight), id(model[3].weight), id(model[3].bias)} <= trained
+    scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=2, steps_per_epoch=2)
+    scheduler.step()
+    assert bias_group['lr'] == pytest.approx(64 * optimizer.param_groups[0]['lr'])
+    with pytest.raises(ValueError, match='--bn_bias_lr_factor'):
+        optim.build_optimizer(model, bn_bias_lr_factor=0)
