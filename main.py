@@ -146,6 +146,9 @@ def get_args_parser():
     group.add_argument('--cutmix_alpha', type=float, default=1.0)
     _switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
     group.add_argument('--dual_cutout_alpha', type=float, default=0.1)
+    group.add_argument('--dual_cutout_distance', default='softmax', choices=['softmax', 'logits'],
+                       help='consistency term: squared distance of the softmax outputs, or MSE of the '
+                            'logits as in the paper authors\' code (and hysts)')
     _switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
     group.add_argument('--label_smoothing_epsilon', type=float, default=0.1)
     _switch(group, '--use_autoaugment', 'AutoAugment, CIFAR-10 policy (arXiv 1805.09501)')
@@ -370,15 +373,29 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
             'time': elapsed, 'images_per_sec': count / elapsed}
 
 
+class _LinePerUpdate:
+    """A stream that turns tqdm's carriage returns into newlines, for logs redirected to a file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write(text.replace('\r', '\n'))
+
+    def flush(self):
+        self.stream.flush()
+
+
 def make_progress(enabled=True):
-    """tqdm bars that also behave when stderr is a file or a pipe (no terminal control codes)."""
+    """tqdm bars; when stderr is not a terminal, one plain line every 30 s instead of redraws."""
     from tqdm import tqdm
     is_terminal = sys.stderr.isatty()
 
     def progress(iterable, description):
         return tqdm(iterable, desc=description, total=len(iterable), leave=False, disable=not enabled,
-                    dynamic_ncols=is_terminal, ncols=None if is_terminal else 100,
-                    mininterval=0.5 if is_terminal else 30.0, file=sys.stderr)
+                    dynamic_ncols=is_terminal, ncols=None if is_terminal else 100, ascii=not is_terminal,
+                    mininterval=0.5 if is_terminal else 30.0,
+                    file=sys.stderr if is_terminal else _LinePerUpdate(sys.stderr))
     return progress
 
 

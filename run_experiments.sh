@@ -53,7 +53,7 @@ regularization_wrn28_10() {
     run reg_wrn/cutout "${REG_WRN[@]}" --use_cutout --cutout_size 16
     run reg_wrn/mixup "${REG_WRN[@]}" --use_mixup --mixup_alpha 1
     run reg_wrn/ricap "${REG_WRN[@]}" --use_ricap --ricap_beta 0.3
-    run reg_wrn/dual_cutout "${REG_WRN[@]}" --use_dual_cutout --dual_cutout_alpha 0.1
+    run reg_wrn/dual_cutout "${REG_WRN[@]}" --use_dual_cutout --dual_cutout_alpha 0.1 --dual_cutout_distance logits
 }
 REG_SS=(--arch shake_shake --depth 26 --base_channels 96 --epochs 1800 --scheduler cosine --base_lr 0.2)
 regularization_shake_shake() {
@@ -67,7 +67,7 @@ regularization_resnet_preact20() {
     run reg_rp20/label_smoothing "${RP20[@]}" --use_label_smoothing --label_smoothing_epsilon 0.01
     run reg_rp20/mixup "${RP20[@]}" --use_mixup
     run reg_rp20/ricap "${RP20[@]}" --use_ricap
-    run reg_rp20/dual_cutout "${RP20[@]}" --use_dual_cutout
+    run reg_rp20/dual_cutout "${RP20[@]}" --use_dual_cutout --dual_cutout_distance logits
 }
 RP56=(--arch resnet_preact --depth 56 --base_lr 0.2)
 resnet_preact56_ablation() {  # median of 5 in the original: SEEDS="0 1 2 3 4"
@@ -85,7 +85,7 @@ batch_size_lr() {
     run bs/128_lr0.1 "${BS[@]}" --batch_size 128 --base_lr 0.1
     run bs/1024_lr0.8 "${BS[@]}" --batch_size 1024 --base_lr 0.8
     run bs/4096_lr3.2 "${BS[@]}" --batch_size 4096 --base_lr 3.2
-    run bs/4096_lars_lr0.02 "${BS[@]}" --batch_size 4096 --optimizer lars --base_lr 0.02
+    run bs/4096_lars_lr0.02 "${BS[@]}" --batch_size 4096 --optimizer lars --base_lr 0.02 --nesterov false
     run bs/4096_no_wd_on_bn "${BS[@]}" --batch_size 4096 --base_lr 3.2 --no_weight_decay_on_bn
     run bs/4096_ghost128 "${BS[@]}" --batch_size 4096 --base_lr 3.2 --subdivision 32
     run bs/4096_fp16 "${BS[@]}" --batch_size 4096 --base_lr 3.2 --precision fp16
@@ -102,11 +102,34 @@ datasets() {
     run kmnist/cutout14 "${RP20_DATA[@]}" --dataset KMNIST --epochs 100 --use_cutout --cutout_size 14
 }
 
+# --- Short CPU checks on a CIFAR-10 subset (what results/ reports from this project's machine) ---
+# unpack_cifar10.py DIR --limit 10000 gives 10,000 train / 2,000 test images; pass it with EXTRA.
+CPU_REG=(--arch resnet_preact --depth 8 --base_channels 16 --epochs 4 --batch_size 128 --scheduler cosine
+         --base_lr 0.1 --device cpu --no-tensorboard)
+cpu_regularization_check() {
+    run cpu_reg/plain "${CPU_REG[@]}"
+    run cpu_reg/cutout "${CPU_REG[@]}" --use_cutout --cutout_size 16
+    run cpu_reg/random_erasing "${CPU_REG[@]}" --use_random_erasing
+    run cpu_reg/mixup "${CPU_REG[@]}" --use_mixup
+    run cpu_reg/ricap "${CPU_REG[@]}" --use_ricap
+    run cpu_reg/cutmix "${CPU_REG[@]}" --use_cutmix
+    run cpu_reg/dual_cutout "${CPU_REG[@]}" --use_dual_cutout
+    run cpu_reg/label_smoothing "${CPU_REG[@]}" --use_label_smoothing
+    run cpu_reg/autoaugment "${CPU_REG[@]}" --use_autoaugment
+}
+CPU_LB=(--arch resnet_preact --depth 8 --base_channels 8 --epochs 8 --batch_size 1024 --scheduler cosine
+        --warmup_epochs 1 --device cpu --no-tensorboard)
+cpu_large_batch_check() {
+    run cpu_large_batch/sgd_lr0.8 "${CPU_LB[@]}" --optimizer sgd --base_lr 0.8
+    run cpu_large_batch/lars_lr0.02 "${CPU_LB[@]}" --optimizer lars --base_lr 0.02 --nesterov false
+}
+
 ALL=(vgg15 resnet110 resnet_preact110 resnet_preact164 wrn28_10 densenet100_k12 densenet_bc100
      pyramidnet110_84 pyramidnet110_270 pyramidnet164_270 resnext29_4x64d resnext29_8x64d
      shake_shake26_2x32d shake_shake26_2x64d shake_shake26_2x96d
      regularization_resnet_preact20_w4 regularization_wrn28_10 regularization_shake_shake
-     regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr datasets)
+     regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr datasets
+     cpu_regularization_check cpu_large_batch_check)
 
 if [[ $# -eq 0 || "$1" == "list" || "$1" == "-h" || "$1" == "--help" ]]; then
     printf '%s\n' "${ALL[@]}"

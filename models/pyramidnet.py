@@ -13,6 +13,7 @@ from models.registry import ModelConfigError, register_model
 
 def _zero_padded_shortcut(x, out_channels, stride):
     """Parameter-free shortcut: 2x2 average pooling when downsampling, zero channels appended."""
+    # the paper's choice over projection shortcuts, which it found to overfit (section 3)
     if stride > 1:
         x = F.avg_pool2d(x, kernel_size=2, stride=stride)
     extra_channels = out_channels - x.size(1)
@@ -91,6 +92,7 @@ class PyramidNet(nn.Module):
         n_blocks = blocks_per_stage(depth, layers_per_block, arch=f'pyramidnet with {block_type} blocks')
         widths = pyramid_widths(base_channels, pyramid_alpha, 3 * n_blocks)
 
+        # conv-BN stem without ReLU, as in the authors' code: every block starts with BN
         self.conv = conv3x3(in_channels, base_channels)
         self.bn1 = nn.BatchNorm2d(base_channels)
         channels = base_channels

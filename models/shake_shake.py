@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import blocks_per_stage, conv1x1, conv3x3, initialize_weights
+from models.common import ClassifierHead, blocks_per_stage, conv1x1, conv3x3, initialize_weights
 from models.registry import ModelConfigError, register_model
 
 # Width of the first convolution in the author's code, whatever the network width.
@@ -137,7 +137,7 @@ class ShakeShakeNet(nn.Module):
                     channels, out_channels, stride, shake_forward, shake_backward, shake_image))
                 channels = out_channels
             self.add_module(f'stage{stage_index + 1}', stage)
-        self.fc = nn.Linear(channels, num_classes)
+        self.head = ClassifierHead(channels, num_classes)
         self.num_features = channels
         initialize_weights(self)
 
@@ -149,8 +149,7 @@ class ShakeShakeNet(nn.Module):
         return F.relu(x)
 
     def forward(self, x):
-        x = F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1)
-        return self.fc(x)
+        return self.head(self.forward_features(x))
 
 
 @register_model('shake_shake', epochs=1800, batch_size=128, base_lr=0.2, weight_decay=1e-4,

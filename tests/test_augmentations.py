@@ -14,6 +14,15 @@ from augmentations import (BatchRegularizer, cutmix, cutout, dual_cutout, dual_c
                            random_erasing, ricap, smooth_targets, soft_target_cross_entropy, weighted_accuracy)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """These tests run thousands of tiny ops; one thread keeps them fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_within_sigma(measured, expected, standard_error, sigmas=5.0):
     assert abs(measured - expected) <= sigmas * standard_error, (
         f'measured {measured:.5f}, expected {expected:.5f} +- {sigmas} x {standard_error:.5f}')
@@ -113,6 +122,10 @@ def test_cutout_clipped_area_matches_border_expectation(size):
     assert_within_sigma(area.mean().item(), expected_side ** 2, area.std().item() / math.sqrt(batch))
     assert_within_sigma(width.double().mean().item(), expected_side,
                         width.double().std().item() / math.sqrt(batch))
+    # The unclipped square starts uniformly at -size//2 .. extent-size+size//2 (centre uniform).
+    for start, side in [(left, width), (top, height)]:
+        unclipped_start = torch.where((start == 0) & (side < size), side - size, start)
+        assert_count_uniform(unclipped_start + half, extent - size + 2 * half + 1)
     # Overhanging the left border is as likely as overhanging the right one.
     touches_left = ((left == 0) & (width < size)).double()
     touches_right = ((left + width == extent) & (width < size)).double()
@@ -194,7 +207,7 @@ def test_one_hot():
 @pytest.mark.parametrize('alpha', [1.0, 0.3])
 def test_mixup_lambda_follows_beta(alpha):
     torch.manual_seed(7)
-    batch, samples = 4, 3000
+    batch, samples = 4, 4000
     images, targets = torch.randn(batch, 1, 4, 4), one_hot_batch(batch)
     lambdas = []
     for _ in range(samples):
@@ -235,7 +248,7 @@ def test_cutmix_lambda_is_the_exact_unpasted_fraction():
     batch, extent = 8, 32
     images = torch.arange(1, batch + 1, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 2, extent, extent)
     targets = one_hot_batch(batch)
-    for _ in range(200):
+    for _ in range(100):
         mixed_images, mixed_targets = cutmix(images, targets, alpha=1.0)
         assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(batch))
         partner = partner_index(mixed_targets)
@@ -293,7 +306,7 @@ def test_ricap_quadrants_tile_the_image_and_targets_weight_areas(height, width):
     torch.manual_seed(11)
     batch = 16
     images, targets = position_encoded_batch(batch, height, width), one_hot_batch(batch)
-    for _ in range(100):
+    for _ in range(50):
         patched, mixed_targets = ricap(images, targets, beta=0.3)
         # One shared vertical and one shared horizontal cut, and a constant source shift within
         # each of the four blocks: four crops whose areas add up to the image.
@@ -307,7 +320,7 @@ def test_ricap_quadrants_tile_the_image_and_targets_weight_areas(height, width):
 @pytest.mark.parametrize('beta', [0.3, 1.0])
 def test_ricap_boundary_follows_beta(beta):
     torch.manual_seed(12)
-    batch, extent, samples = 16, 32, 1000
+    batch, extent, samples = 4, 32, 1500
     images, targets = position_encoded_batch(batch, extent, extent), one_hot_batch(batch)
     squared_deviations = []
     for _ in range(samples):
@@ -365,13 +378,19 @@ def test_dual_cutout_loss_reduces_to_cross_entropy_for_equal_views():
     assert torch.allclose(dual_cutout_loss(equal_views, targets, alpha=0.1), F.cross_entropy(logits, labels))
     assert torch.allclose(dual_cutout_loss(equal_views, targets, alpha=0.1, label_smoothing=0.2),
                           F.cross_entropy(logits, labels, label_smoothing=0.2))
-    # Different views: mean of the two CEs + alpha * squared distance averaged over batch and classes.
     second = torch.randn(6, 10)
-    expected = (0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(second, labels))
-                + 0.1 * ((logits - second) ** 2).sum() / (6 * 10))
-    assert torch.allclose(dual_cutout_loss(torch.cat([logits, second]), targets, alpha=0.1), expected)
+    both = torch.cat([logits, second])
+    cross_entropy = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(second, labels))
+    # default: squared L2 distance of the two softmax outputs, averaged over the batch
+    probability_gap = sum(((logits[i].softmax(0) - second[i].softmax(0)) ** 2).sum() for i in range(6)) / 6
+    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1), cross_entropy + 0.1 * probability_gap)
+    # the paper code's form: MSE of the logits, averaged over batch and classes
+    expected = cross_entropy + 0.1 * ((logits - second) ** 2).sum() / (6 * 10)
+    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1, distance='logits'), expected)
     with pytest.raises(ValueError):
         dual_cutout_loss(logits, targets)
+    with pytest.raises(ValueError, match='--dual_cutout_distance'):
+        dual_cutout_loss(both, targets, distance='cosine')
 
 
 def test_weighted_accuracy_plain_mixed_and_dual_views():
@@ -389,17 +408,19 @@ def test_weighted_accuracy_plain_mixed_and_dual_views():
 
 # ----------------------------------------------------------------------------- AutoAugment
 
-@pytest.mark.parametrize('shape', [(32, 3, 32, 32), (32, 1, 28, 28)])
+@pytest.mark.parametrize('shape', [(200, 3, 32, 32), (200, 1, 28, 28)])
 def test_autoaugment_keeps_dtype_shape_and_changes_images(shape):
     torch.manual_seed(16)
     image = torch.randint(0, 256, shape[1:], dtype=torch.uint8)
     images = image.expand(shape).contiguous()
     output = augmentations.autoaugment(images)
     assert output.dtype == torch.uint8 and output.shape == images.shape
+    # Sub-policies fire with probabilities 0.1..1 and some ops can be no-ops on a given image,
+    # so not every image changes; a third is a loose floor that a policy doing nothing fails.
     changed = (output != images).flatten(1).any(dim=1)
-    assert changed.double().mean() > 0.5
+    assert changed.double().mean() > 1 / 3
     # Identical inputs, per-image sub-policies: many different outputs in one batch.
-    assert len({bytes(image.numpy()) for image in output}) > 8
+    assert len({bytes(image.numpy()) for image in output}) > 20
     with pytest.raises(TypeError):
         augmentations.autoaugment(images.float())
 

@@ -505,6 +505,7 @@ def test_bn_bias_lr_factor_and_frozen_bn_weights():
     assert id(model[1].weight) not in trained and model[1].weight.requires_grad is False
     assert {id(model[0].weight), id(model[3].weight), id(model[3].bias)} <= trained
     scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=2, steps_per_epoch=2)
+    optimizer.step()
     scheduler.step()
     assert bias_group['lr'] == pytest.approx(64 * optimizer.param_groups[0]['lr'])
     with pytest.raises(ValueError, match='--bn_bias_lr_factor'):
