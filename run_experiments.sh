@@ -102,6 +102,15 @@ datasets() {
     run kmnist/cutout14 "${RP20_DATA[@]}" --dataset KMNIST --epochs 100 --use_cutout --cutout_size 14
 }
 
+# --- Fast training (SPEC section 5): ResNet-9, batch 512, label smoothing, flip TTA, warmup then
+# linear decay, no weight decay on BN, frozen BN scales, 64x BN-bias lr, EMA, bf16, channels_last.
+# benchmarks/time_to_accuracy.py --recipe fast_resnet9 runs the same line N times and times it.
+FAST_RESNET9=(--arch resnet9 --epochs 10 --batch_size 512 --base_lr 0.4 --weight_decay 5e-4 --scheduler linear
+              --warmup_epochs 2 --warmup_start_factor 0 --use_cutout --cutout_size 8 --use_label_smoothing
+              --label_smoothing_epsilon 0.2 --tta flip --no_weight_decay_on_bn --bn_weight_freeze
+              --bn_bias_lr_factor 64 --ema_decay 0.99 --precision bf16 --channels_last --no-tensorboard)
+fast_resnet9() { run fast_resnet9 "${FAST_RESNET9[@]}"; }
+
 # --- Short CPU checks on a CIFAR-10 subset (what results/ reports from this project's machine) ---
 # unpack_cifar10.py DIR --limit 10000 gives 10,000 train / 2,000 test images; pass it with EXTRA.
 CPU_REG=(--arch resnet_preact --depth 8 --base_channels 16 --epochs 4 --batch_size 128 --scheduler cosine
@@ -129,7 +138,7 @@ ALL=(vgg15 resnet110 resnet_preact110 resnet_preact164 wrn28_10 densenet100_k12 
      shake_shake26_2x32d shake_shake26_2x64d shake_shake26_2x96d
      regularization_resnet_preact20_w4 regularization_wrn28_10 regularization_shake_shake
      regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr datasets
-     cpu_regularization_check cpu_large_batch_check)
+     fast_resnet9 cpu_regularization_check cpu_large_batch_check)
 
 if [[ $# -eq 0 || "$1" == "list" || "$1" == "-h" || "$1" == "--help" ]]; then
     printf '%s\n' "${ALL[@]}"

@@ -21,28 +21,30 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main as trainer  # noqa: E402
 
-# SPEC section 5: ResNet-9, batch 512, label smoothing, flip TTA, warmup then linear decay,
-# no weight decay on BN, EMA of weights.  Same line as run_experiments.sh's fast_resnet9.
-RECIPES = {
-    'fast_resnet9': ['--arch', 'resnet9', '--epochs', '10', '--batch_size', '512', '--scheduler', 'linear',
-                     '--warmup_epochs', '2', '--warmup_start_factor', '0.05', '--use_label_smoothing',
-                     '--label_smoothing_epsilon', '0.2', '--tta', 'flip', '--no_weight_decay_on_bn',
-                     '--precision', 'bf16', '--channels_last', '--no-tensorboard'],
-}
+def _recipe_from_experiments(name):
+    """The flags of a named recipe, read from run_experiments.sh so the two never drift apart."""
+    import re
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'run_experiments.sh')
+    text = open(path).read()
+    match = re.search(rf'^{name.upper()}=\((.*?)\)', text, re.S | re.M)
+    return match.group(1).split()
+
+
+RECIPES = ('fast_resnet9',)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--first_seed', type=int, default=0)
-    parser.add_argument('--recipe', choices=sorted(RECIPES), help='start from a named recipe')
+    parser.add_argument('--recipe', choices=RECIPES, help='start from a recipe of run_experiments.sh')
     parser.add_argument('--target', type=float, default=0.94, help='accuracy the recipe aims at')
     parser.add_argument('--keep', help='keep the run directories under this folder')
     parser.add_argument('--json', help='write the figures to this file')
     args, main_argv = parser.parse_known_args()
     main_argv = [a for a in main_argv if a != '--']
     if args.recipe:
-        main_argv = RECIPES[args.recipe] + main_argv
+        main_argv = _recipe_from_experiments(args.recipe) + main_argv
     root = args.keep or tempfile.mkdtemp(prefix='time_to_accuracy-')
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.runs):

@@ -26,9 +26,9 @@ def test_throughput_script_runs_all_pipelines(cifar10_dir, tmp_path):
 def test_time_to_accuracy_script_reports_runs(cifar10_dir, tmp_path):
     out = tmp_path / 'tta.json'
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'time_to_accuracy.py'),
-                             '--runs', '2', '--json', str(out), '--keep', str(tmp_path / 'runs'), '--',
-                             '--arch', 'resnet9', '--base_channels', '4', '--epochs', '2', '--batch_size', '20',
-                             '--dataset_dir', cifar10_dir, '--device', 'cpu', '--no-tensorboard', '--tta', 'flip'],
+                             '--runs', '2', '--recipe', 'fast_resnet9', '--json', str(out),
+                             '--keep', str(tmp_path / 'runs'), '--', '--base_channels', '4', '--epochs', '3',
+                             '--batch_size', '20', '--dataset_dir', cifar10_dir, '--device', 'cpu'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.load(open(out))
@@ -36,3 +36,6 @@ def test_time_to_accuracy_script_reports_runs(cifar10_dir, tmp_path):
     assert summary['accuracy_min'] <= summary['accuracy_mean'] <= summary['accuracy_max']
     assert summary['wall_time_mean'] > 0
     assert '2 runs: test accuracy mean' in result.stdout
+    config = json.load(open(tmp_path / 'runs' / 'seed0' / 'config.json'))['settings']
+    assert config['arch'] == 'resnet9' and config['tta'] == 'flip' and config['bn_bias_lr_factor'] == 64
+    assert config['epochs'] == 3 and config['precision'] == 'bf16'

@@ -158,3 +158,14 @@ def test_image_folder_dataset(tmp_path):
     assert abs(all_test.mean().item()) < 0.5
     with pytest.raises(UsageError, match='ImageFolder needs .*train'):
         dataloader.build_data('ImageFolder', str(tmp_path / 'nothing'), 4, CPU)
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('no route to host')
+    monkeypatch.setattr(datasets, 'CIFAR10', offline)
+    with pytest.raises(UsageError, match=r'--download: could not fetch CIFAR10 into .*no route to host'):
+        dataloader.load_split(str(tmp_path), 'CIFAR10', train=True, download=True)

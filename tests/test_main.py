@@ -230,3 +230,34 @@ def test_every_family_trains_one_epoch(index, arch, tmp_path_factory, tmp_path):
     assert run_main(argv) == 0
     record = json.load(open(tmp_path / 'run' / 'log.json'))[0]
     assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1
+
+
+@pytest.mark.parametrize('flags', [
+    ['--optimizer', 'lars', '--base_lr', '0.02', '--use_sam', '--ema_decay', '0.9', '--no_weight_decay_on_bn'],
+    ['--optimizer', 'adabound', '--scheduler', 'sgdr', '--T0', '1', '--T_mul', '2'],
+    ['--precision', 'bf16', '--subdivision', '2', '--gradient_clip', '1', '--scheduler', 'polynomial'],
+    ['--use_cutout', '--use_mixup', '--use_label_smoothing', '--tta', 'flip', '--channels_last'],
+    ['--use_random_erasing', '--use_ricap'],
+    ['--use_cutmix', '--use_autoaugment', '--data_pipeline', 'workers', '--num_workers', '0'],
+    ['--use_dual_cutout', '--dual_cutout_distance', 'logits', '--warmup_epochs', '1',
+     '--warmup_method', 'exponential'],
+], ids=['lars-sam-ema', 'adabound-sgdr', 'bf16-ghost-clip', 'cutout-mixup-ls', 'erasing-ricap',
+        'cutmix-autoaugment-workers', 'dual-cutout'])
+def test_optimization_and_regularization_flags_train(flags, cifar10_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), *flags]) == 0
+    log = json.load(open(outdir / 'log.json'))
+    assert len(log) == 2 and all(math.isfinite(r['train_loss']) for r in log)
+    if '--ema_decay' in flags:
+        assert 'ema_test_accuracy' in log[-1] and (outdir / 'model_state_ema.pth').exists()
+    if '--use_mixup' in flags:
+        assert log[-1]['train_accuracy_kind'] == 'lambda-weighted'
+
+
+def test_lr_finder_writes_curve(cifar10_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--lr_finder']) == 0
+    curve = json.load(open(outdir / 'lr_finder.json'))
+    assert len(curve['lrs']) == len(curve['losses']) > 1 and curve['lrs'] == sorted(curve['lrs'])
+    from PIL import Image
+    assert Image.open(outdir / 'lr_finder.png').size[0] > 100
