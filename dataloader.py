@@ -200,11 +200,7 @@ class DeviceLoader:
     def augment(self, images):
         if self.use_autoaugment:
             images = augmentations.autoaugment(images)
-        if self.random_crop_padding > 0:
-            images = augmentations.random_crop(images, self.random_crop_padding)
-        if self.horizontal_flip:
-            images = augmentations.random_horizontal_flip(images)
-        return images
+        return augmentations.random_crop(images, self.random_crop_padding, self.horizontal_flip)
 
 
 class _TensorDataset(torch.utils.data.Dataset):

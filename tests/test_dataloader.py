@@ -134,6 +134,12 @@ def test_device_and_workers_pipelines_agree_on_crop_and_flip_statistics():
         assert (row_counts - 1 / 9).abs().max() < 5 * (1 / 9 * 8 / 9 / n) ** 0.5
         flipped = (cols > 15).float().mean()  # column 5 mirrors to 26
         assert abs(flipped - 0.5) < 5 * (0.25 / n) ** 0.5
+        for columns, lowest in ((cols[cols <= 15], 1), (cols[cols > 15], 22)):
+            col_counts = torch.bincount(columns - lowest, minlength=9).float() / len(columns)
+            assert len(col_counts) == 9 and (col_counts - 1 / 9).abs().max() < 5 * (1 / 9 * 8 / 9 / len(columns)) ** 0.5
+        # row and column offsets independent: the joint cell of (row 6, col 1) holds about 1/81 of unflipped
+        corner = ((rows == 6) & (cols == 1)).float().sum() / (cols <= 15).float().sum()
+        assert abs(corner - 1 / 81) < 5 * (1 / 81 / (n / 2)) ** 0.5
     assert abs(device_rows.float().mean() - worker_rows.float().mean()) < 0.1
 
 
