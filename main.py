@@ -473,7 +473,7 @@ def run_evaluation(args, device):
     """--evaluate: rebuild the model from the config.json beside the weights and test it."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), 'config.json')
     if os.path.isfile(config_path):
-        saved = utils.load_json(config_path, what='config')['settings']
+        saved = utils.load_json(config_path, what='config').get('settings', {})
         for name in ['arch', 'dataset', *MODEL_FLAGS]:
             if name not in args.explicit and name in saved:
                 setattr(args, name, saved[name])
@@ -691,6 +691,10 @@ def cli(argv=None):
     except KeyboardInterrupt:
         print('interrupted; resume with the same command plus --resume', file=sys.stderr)
         sys.exit(130)
+    except FloatingPointError as error:
+        print(f'{os.path.basename(sys.argv[0]) or "main.py"}: diverged: {error}; the last good epoch is in '
+              f'checkpoint.pth (try a lower --base_lr, warmup or --gradient_clip)', file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -35,6 +35,7 @@ def test_time_to_accuracy_script_reports_runs(cifar10_dir, tmp_path):
     assert [run['seed'] for run in summary['runs']] == [0, 1]
     assert summary['accuracy_min'] <= summary['accuracy_mean'] <= summary['accuracy_max']
     assert summary['wall_time_mean'] > 0
+    assert all(run['accuracy_of'] == 'ema_test_accuracy' for run in summary['runs'])  # the recipe keeps an EMA
     assert '2 runs: test accuracy mean' in result.stdout
     config = json.load(open(tmp_path / 'runs' / 'seed0' / 'config.json'))['settings']
     assert config['arch'] == 'resnet9' and config['tta'] == 'flip' and config['bn_bias_lr_factor'] == 64

@@ -261,3 +261,12 @@ def test_lr_finder_writes_curve(cifar10_dir, tmp_path):
     assert len(curve['lrs']) == len(curve['losses']) > 1 and curve['lrs'] == sorted(curve['lrs'])
     from PIL import Image
     assert Image.open(outdir / 'lr_finder.png').size[0] > 100
+
+
+def test_divergence_stops_with_one_clear_line(cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'run'
+    code = run_main([*TINY_RUN, '--epochs', '3', '--dataset_dir', cifar10_dir, '--outdir', str(outdir),
+                     '--base_lr', '1e30', '--scheduler', 'none'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and 'diverged: training loss became nan in epoch 1' in err[-1]
+    assert 'Traceback' not in '\n'.join(err)
