@@ -203,7 +203,7 @@ class DeviceLoader:
         return augmentations.random_crop(images, self.random_crop_padding, self.horizontal_flip)
 
 
-class _TensorDataset(torch.utils.data.Dataset):
+class TensorImageDataset(torch.utils.data.Dataset):
     """uint8 tensors served one image at a time through torchvision transforms."""
 
     def __init__(self, images, labels, transform):
@@ -318,8 +318,8 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
         train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment)
         test_loader = DeviceLoader(test_images, test_labels, info, test_batch_size, device, False)
     elif data_pipeline == 'workers':
-        train_set = _TensorDataset(train_images, train_labels, build_sample_transform(info, True, **augment))
-        test_set = _TensorDataset(test_images, test_labels, build_sample_transform(info, False))
+        train_set = TensorImageDataset(train_images, train_labels, build_sample_transform(info, True, **augment))
+        test_set = TensorImageDataset(test_images, test_labels, build_sample_transform(info, False))
         train_loader = WorkersLoader(train_set, batch_size, device, True, num_workers)
         test_loader = WorkersLoader(test_set, test_batch_size, device, False, num_workers)
     else:

@@ -89,7 +89,7 @@ def make_pipelines(args, device):
     info = dataloader.DATASETS['CIFAR10']
     augment = dict(random_crop_padding=4, horizontal_flip=True)
     device_loader = dataloader.DeviceLoader(images, labels, info, args.batch_size, device, True, **augment)
-    worker_set = dataloader._TensorDataset(images, labels, dataloader.build_sample_transform(info, True, **augment))
+    worker_set = dataloader.TensorImageDataset(images, labels, dataloader.build_sample_transform(info, True, **augment))
     workers_loader = dataloader.WorkersLoader(worker_set, args.batch_size, device, True, args.num_workers)
     reference = torchvision_loader(images, labels, info, args.batch_size, args.num_workers, args.cutout_size)
 
