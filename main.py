@@ -409,9 +409,13 @@ class RunDirectory:
         self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
+        self.has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
-            if not os.path.isfile(self.checkpoint_path):
-                raise UsageError(f'--resume: no checkpoint.pth in {outdir} to resume from')
+            if not self.has_checkpoint and os.path.exists(os.path.join(outdir, 'log.json')):
+                raise UsageError(f'--resume: {outdir} has a log.json but no checkpoint.pth to resume from')
+            if not self.has_checkpoint:
+                # the run stopped inside its first epoch: nothing to restore, start it again
+                print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
         elif os.path.isdir(outdir) and os.listdir(outdir):
             raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
                              f'or choose another directory')
@@ -505,6 +509,7 @@ def main(argv=None):
     run = None
     if not args.dry_run:
         run = RunDirectory(args.outdir, args.resume)
+        args.resume = args.resume and run.has_checkpoint
         if args.resume:
             checkpoint = utils.load_checkpoint(run.checkpoint_path)
             args = restore_args(args, checkpoint)

@@ -270,3 +270,19 @@ def test_divergence_stops_with_one_clear_line(cifar10_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and 'diverged: training loss became nan in epoch 1' in err[-1]
     assert 'Traceback' not in '\n'.join(err)
+
+
+def test_resume_of_a_run_that_died_in_its_first_epoch_starts_over(cifar10_dir, tmp_path, monkeypatch, capsys):
+    outdir = tmp_path / 'run'
+    run = [*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash)
+    assert run_main(run) == 130
+    assert (outdir / 'config.json').exists() and not (outdir / 'checkpoint.pth').exists()
+    monkeypatch.undo()
+    assert run_main(run) == 2  # a plain rerun still refuses the non-empty directory
+    assert run_main([*run, '--resume']) == 0
+    assert 'no checkpoint' in capsys.readouterr().err
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1]
