@@ -57,13 +57,11 @@ def random_horizontal_flip(images, prob=0.5):
 
 def normalize(images, mean, std):
     """uint8 or [0, 1] float images -> float32 standardized per channel."""
-    scale = 1 / (255 * torch.as_tensor(std, dtype=torch.float32, device=images.device))
-    if images.dtype != torch.uint8:
-        scale = scale * 255
-    shift = -torch.as_tensor(mean, dtype=torch.float32, device=images.device) / torch.as_tensor(
-        std, dtype=torch.float32, device=images.device)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    pixel_range = 255 if images.dtype == torch.uint8 else 1
     # one multiply and one add, in place on the fresh float copy
-    return images.float().mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+    return images.float().mul_(1 / (pixel_range * std)).add_(-mean / std)
 
 
 def _sample_beta(concentration, device, shape=()):
@@ -72,8 +70,8 @@ def _sample_beta(concentration, device, shape=()):
     return torch.distributions.Beta(concentration, concentration).sample(shape)
 
 
-def _box_mask(top, left, box_height, box_width, height, width):
-    """Boolean (..., height, width) mask of the boxes [top, top+box_height) x [left, left+box_width).
+def _box_rows_cols(top, left, box_height, box_width, height, width):
+    """Boolean (..., height) rows and (..., width) columns inside [top, top+box_height) x [left, left+box_width).
 
     ``top`` and ``left`` are integer tensors of a common shape (one box each); boxes may reach
     outside the image, in which case only the part inside is marked.
@@ -82,6 +80,12 @@ def _box_mask(top, left, box_height, box_width, height, width):
     cols = torch.arange(width, device=top.device)
     row_inside = (rows >= top[..., None]) & (rows < (top + box_height)[..., None])
     col_inside = (cols >= left[..., None]) & (cols < (left + box_width)[..., None])
+    return row_inside, col_inside
+
+
+def _box_mask(top, left, box_height, box_width, height, width):
+    """Boolean (..., height, width) mask of the boxes of :func:`_box_rows_cols`."""
+    row_inside, col_inside = _box_rows_cols(top, left, box_height, box_width, height, width)
     return row_inside[..., :, None] & col_inside[..., None, :]
 
 
@@ -104,12 +108,10 @@ def cutout(images, size=16, prob=1.0, inside=False, fill=0.0):
         top = torch.randint(-half, height - size + half + 1, (batch,), device=device)
         left = torch.randint(-half, width - size + half + 1, (batch,), device=device)
     apply = (torch.rand(batch, device=device) < prob).to(images.dtype)
-    # separable row x column indicator: a multiply is ~2.5x cheaper than masked_fill on CPU
-    rows = torch.arange(height, device=device)
-    cols = torch.arange(width, device=device)
-    in_rows = ((rows >= top[:, None]) & (rows < top[:, None] + size)).to(images.dtype) * apply[:, None]
-    in_cols = ((cols >= left[:, None]) & (cols < left[:, None] + size)).to(images.dtype)
-    erased = (in_rows[:, :, None] * in_cols[:, None, :])[:, None]
+    in_rows, in_cols = _box_rows_cols(top, left, size, size, height, width)
+    # the outer product of float row/column indicators and a multiply cost about half of a
+    # boolean mask with masked_fill on CPU
+    erased = ((in_rows.to(images.dtype) * apply[:, None])[:, :, None] * in_cols.to(images.dtype)[:, None, :])[:, None]
     if fill == 0:
         return images * (1 - erased)
     return images * (1 - erased) + fill * erased

@@ -411,9 +411,9 @@ class RunDirectory:
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
         self.has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
-            if not self.has_checkpoint and os.path.exists(os.path.join(outdir, 'log.json')):
-                raise UsageError(f'--resume: {outdir} has a log.json but no checkpoint.pth to resume from')
             if not self.has_checkpoint:
+                if os.path.exists(os.path.join(outdir, 'log.json')):
+                    raise UsageError(f'--resume: {outdir} has a log.json but no checkpoint.pth to resume from')
                 # the run stopped inside its first epoch: nothing to restore, start it again
                 print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
         elif os.path.isdir(outdir) and os.listdir(outdir):
@@ -688,17 +688,18 @@ def run_lr_finder(model, optimizer, data, regularizer, run):
 
 
 def cli(argv=None):
+    program = os.path.basename(sys.argv[0]) or 'main.py'
     try:
         main(argv)
     except UsageError as error:
-        print(f'{os.path.basename(sys.argv[0]) or "main.py"}: error: {error}', file=sys.stderr)
+        print(f'{program}: error: {error}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print('interrupted; resume with the same command plus --resume', file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as error:
-        print(f'{os.path.basename(sys.argv[0]) or "main.py"}: diverged: {error}; the last good epoch is in '
-              f'checkpoint.pth (try a lower --base_lr, warmup or --gradient_clip)', file=sys.stderr)
+        print(f'{program}: diverged: {error}; checkpoint.pth keeps the last completed epoch, if any '
+              f'(try a lower --base_lr, warmup or --gradient_clip)', file=sys.stderr)
         sys.exit(1)
 
 
