@@ -670,9 +670,22 @@ def write_config(run, args, n_params, device):
 
 
 def make_tensorboard_writer(run, enabled):
+    """A TensorBoard writer: tensorboardX (the SPEC's dependency), else PyTorch's own writer.
+
+    torch.utils.tensorboard needs the tensorboard package; with neither installed the run goes
+    on without scalars and says so once (log.json holds the same figures).
+    """
     if not enabled:
         return None
-    from tensorboardX import SummaryWriter
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print('--tensorboard: neither tensorboardX nor tensorboard is installed; writing no scalars '
+                  '(log.json has them)', file=sys.stderr)
+            return None
     return SummaryWriter(run.path('tensorboard'))
 
 

@@ -39,6 +39,8 @@ ARCHS = {
     'wrn28_10': dict(arch='wrn', depth=28, widening_factor=10),
     'resnet9': dict(arch='resnet9'),
     'resnet20': dict(arch='resnet', depth=20),
+    'densenet_bc100': dict(arch='densenet', depth=100, block_type='bottleneck', growth_rate=12),
+    'shake_shake26_2x32d': dict(arch='shake_shake', depth=26, base_channels=32),
 }
 
 
