@@ -24,29 +24,51 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 
-def random_crop(images, padding, horizontal_flip=False):
-    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image;
-    with ``horizontal_flip``, also mirror each image with probability 1/2.
+def _reflect(index, size):
+    """Map indices in [-size + 1, 2 * size - 2] into [0, size) by mirroring at the borders
+    (numpy's and F.pad's 'reflect': the edge pixel is not repeated)."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()
 
-    The standard CIFAR augmentation (He et al., arXiv 1512.03385, section 4.2). Two gathers with
-    broadcast row/column indices do the crop, and the flip is folded into the column index, so
-    the whole augmentation reads each pixel twice and allocates no per-pixel index tensor.
+
+def random_crop(images, padding, horizontal_flip=False, padding_mode='zeros', flip=None):
+    """Pad by ``padding`` and crop back to the original size at a random offset per image;
+    with ``horizontal_flip``, also mirror each image with probability 1/2 (or where the boolean
+    (B,) tensor ``flip`` says, e.g. :func:`alternating_flip`'s).
+
+    The standard CIFAR augmentation (He et al., arXiv 1512.03385, section 4.2) with zero padding;
+    ``padding_mode='reflect'`` is airbench's random translation (arXiv 2404.00498). Two gathers
+    with broadcast row/column indices do the crop, the flip is folded into the column index and
+    reflection into both, so the whole augmentation reads each pixel twice and allocates no
+    per-pixel index tensor.
     """
-    if padding <= 0:
-        return random_horizontal_flip(images) if horizontal_flip else images
+    if padding_mode not in ('zeros', 'reflect'):
+        raise ValueError(f'padding_mode {padding_mode!r}: choose zeros or reflect')
     batch, channels, height, width = images.shape
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding))
+    if flip is None and horizontal_flip:
+        flip = torch.rand(batch, device=device) < 0.5
+    if padding <= 0:
+        return images if flip is None else torch.where(flip[:, None, None, None], images.flip(3), images)
     offset_y = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
     offset_x = torch.randint(0, 2 * padding + 1, (batch, 1), device=device)
     columns = torch.arange(width, device=device).expand(batch, width)
-    if horizontal_flip:
-        mirrored = torch.rand(batch, 1, device=device) < 0.5
-        columns = torch.where(mirrored, width - 1 - columns, columns)
-    rows = (offset_y + torch.arange(height, device=device))[:, None, :, None]
-    columns = (offset_x + columns)[:, None, None, :]
-    cropped_rows = padded.gather(2, rows.expand(batch, channels, height, width + 2 * padding))
-    return cropped_rows.gather(3, columns.expand(batch, channels, height, width))
+    if flip is not None:
+        columns = torch.where(flip[:, None], width - 1 - columns, columns)
+    rows = offset_y + torch.arange(height, device=device)
+    columns = offset_x + columns
+    if padding_mode == 'reflect':
+        source, rows, columns = images, _reflect(rows - padding, height), _reflect(columns - padding, width)
+    else:
+        source = F.pad(images, (padding, padding, padding, padding))
+    cropped_rows = source.gather(2, rows[:, None, :, None].expand(batch, channels, height, source.shape[3]))
+    return cropped_rows.gather(3, columns[:, None, None, :].expand(batch, channels, height, width))
+
+
+def alternating_flip(phase, epoch):
+    """Which images to mirror in ``epoch`` (1-based) under alternating flip (Jordan, arXiv
+    2404.00498, section 3.6): each image is mirrored on every other epoch, starting from a random
+    ``phase`` (a boolean (N,) tensor drawn once per run), instead of by a fresh coin each epoch."""
+    return phase ^ bool((epoch - 1) % 2)
 
 
 def random_horizontal_flip(images, prob=0.5):
@@ -55,13 +77,34 @@ def random_horizontal_flip(images, prob=0.5):
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+class Normalize:
+    """uint8 or [0, 1] float images -> float32 standardized per channel.
+
+    The per-channel scale and shift live on the images' device, built once per device: copying
+    them from the host every batch would make each step wait for the copy.
+    """
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._constants = {}
+
+    def _scale_shift(self, device, pixel_range):
+        key = (device, pixel_range)
+        if key not in self._constants:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+            self._constants[key] = ((1 / (pixel_range * std)).to(device), (-mean / std).to(device))
+        return self._constants[key]
+
+    def __call__(self, images):
+        scale, shift = self._scale_shift(images.device, 255 if images.dtype == torch.uint8 else 1)
+        # one multiply and one add, in place on the fresh float copy
+        return images.float().mul_(scale).add_(shift)
+
+
 def normalize(images, mean, std):
-    """uint8 or [0, 1] float images -> float32 standardized per channel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    pixel_range = 255 if images.dtype == torch.uint8 else 1
-    # one multiply and one add, in place on the fresh float copy
-    return images.float().mul_(1 / (pixel_range * std)).add_(-mean / std)
+    """uint8 or [0, 1] float images -> float32 standardized per channel (see :class:`Normalize`)."""
+    return Normalize(mean, std)(images)
 
 
 def _sample_beta(concentration, device, shape=()):

@@ -158,12 +158,17 @@ def split_validation(images, labels, val_ratio, split_seed=0):
 class DeviceLoader:
     """Batches from a uint8 tensor dataset held on ``device``, augmented as whole batches.
 
-    Training batches: shuffled, padded random crop, horizontal flip, optional AutoAugment,
-    then normalized to float32. Evaluation batches are only normalized.
+    Training batches: shuffled, padded random crop (zero or reflect padding), horizontal flip
+    (random, or alternating per image across epochs), optional AutoAugment, then normalized to
+    float32. Evaluation batches are only normalized. ``set_epoch`` tells the loader which epoch
+    comes next (alternating flip depends on it, so a resumed run flips as an uninterrupted one).
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, random_crop_padding=0,
-                 horizontal_flip=False, use_autoaugment=False, drop_last=None):
+                 horizontal_flip=False, use_autoaugment=False, drop_last=None, padding_mode='zeros',
+                 flip_mode='random'):
+        if flip_mode not in ('random', 'alternating'):
+            raise ValueError(f'flip_mode {flip_mode!r}: choose random or alternating')
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.info = info
@@ -171,8 +176,13 @@ class DeviceLoader:
         self.device = device
         self.train = train
         self.random_crop_padding = random_crop_padding
+        self.padding_mode = padding_mode
         self.horizontal_flip = horizontal_flip
         self.use_autoaugment = use_autoaugment
+        self.normalize = augmentations.Normalize(info.mean, info.std)
+        # drawn from the CPU generator so that a given --seed fixes it on every device
+        self.flip_phase = (torch.rand(len(labels)) < 0.5).to(device) if flip_mode == 'alternating' else None
+        self.epoch = 1
         # A last batch of one image breaks BatchNorm in training, so full batches only there.
         self.drop_last = train and len(labels) > batch_size if drop_last is None else drop_last
 
@@ -185,22 +195,30 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     def __iter__(self):
         if self.train:
             order = torch.randperm(self.num_samples, device=self.device)
         else:
             order = torch.arange(self.num_samples, device=self.device)
+        epoch_flip = None
+        if self.train and self.horizontal_flip and self.flip_phase is not None:
+            epoch_flip = augmentations.alternating_flip(self.flip_phase, self.epoch)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images[index]
             if self.train:
-                images = self.augment(images)
-            yield augmentations.normalize(images, self.info.mean, self.info.std), self.labels[index]
+                images = self.augment(images, None if epoch_flip is None else epoch_flip[index])
+            yield self.normalize(images), self.labels[index]
+        self.epoch += 1
 
-    def augment(self, images):
+    def augment(self, images, flip=None):
         if self.use_autoaugment:
             images = augmentations.autoaugment(images)
-        return augmentations.random_crop(images, self.random_crop_padding, self.horizontal_flip)
+        return augmentations.random_crop(images, self.random_crop_padding, self.horizontal_flip,
+                                         padding_mode=self.padding_mode, flip=flip)
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -249,6 +267,9 @@ class WorkersLoader(torch.utils.data.DataLoader):
     def num_samples(self):
         return len(self.dataset)
 
+    def set_epoch(self, epoch):
+        """Nothing depends on the epoch here (DeviceLoader's alternating flip does)."""
+
     def __iter__(self):
         for images, labels in super().__iter__():
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
@@ -294,7 +315,7 @@ class Data:
 def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,
                use_random_crop=True, random_crop_padding=4, use_horizontal_flip=True,
                use_autoaugment=False, val_ratio=0.0, download=False, image_size=None,
-               test_batch_size=None):
+               test_batch_size=None, padding_mode='zeros', flip_mode='random'):
     """Training and evaluation loaders for ``dataset`` (evaluation on the held-out
     validation split when ``val_ratio`` > 0, else on the test set)."""
     test_batch_size = test_batch_size or max(batch_size, 256)
@@ -315,9 +336,12 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
                    horizontal_flip=use_horizontal_flip and info.horizontal_flip,
                    use_autoaugment=use_autoaugment)
     if data_pipeline == 'device':
-        train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment)
+        train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment,
+                                    padding_mode=padding_mode, flip_mode=flip_mode)
         test_loader = DeviceLoader(test_images, test_labels, info, test_batch_size, device, False)
     elif data_pipeline == 'workers':
+        if padding_mode != 'zeros' or flip_mode != 'random':
+            raise UsageError('--padding_mode reflect and --alternating_flip need --data_pipeline device')
         train_set = TensorImageDataset(train_images, train_labels, build_sample_transform(info, True, **augment))
         test_set = TensorImageDataset(test_images, test_labels, build_sample_transform(info, False))
         train_loader = WorkersLoader(train_set, batch_size, device, True, num_workers)

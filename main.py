@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import augmentations
 import dataloader
@@ -30,6 +31,7 @@ import utils
 from utils import UsageError, json_list, str2bool
 
 PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
+_IMAGE_FOLDER = dataloader.DatasetInfo('ImageFolder', 3, 0, 0, (), (), True)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -72,13 +74,25 @@ def get_args_parser():
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=int, default=160)
     group.add_argument('--batch_size', type=int, default=128)
-    group.add_argument('--optimizer', default='sgd', choices=['sgd', 'adam', 'adamw', 'lars', 'adabound'])
+    group.add_argument('--optimizer', default='sgd', choices=list(optim.OPTIMIZER_CHOICES),
+                       help='muon: Muon (torch.optim.Muon, torch 2.9+) for the convolution filters, SGD with '
+                            '--base_lr/--momentum for the other parameters')
     group.add_argument('--base_lr', type=float, default=0.1)
     group.add_argument('--weight_decay', type=float, default=1e-4)
     _switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
     _switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
     group.add_argument('--bn_bias_lr_factor', type=float, default=1.0,
                        help='BN biases train with lr x this and weight decay / this (fast recipe)')
+    group.add_argument('--head_lr_factor', type=float, default=1.0,
+                       help='the last linear layer trains with lr x this and weight decay / this (airbench)')
+    group.add_argument('--muon_lr', type=float, default=0.24, help='muon: learning rate of the filters')
+    group.add_argument('--muon_momentum', type=float, default=0.6, help='muon: momentum of the filters')
+    group.add_argument('--muon_ns_steps', type=int, default=3, help='muon: Newton-Schulz iterations')
+    _switch(group, '--muon_normalize_weights', 'muon: rescale each filter bank to norm sqrt(out) before '
+            'its update (airbench94_muon)', True)
+    group.add_argument('--whiten_bias_epochs', type=float, default=None,
+                       help='airbench: the patch-whitening bias trains (on its own copy of the schedule) '
+                            'for this many epochs only')
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--nesterov', type=str2bool, nargs='?', const=True, default=True)
     group.add_argument('--betas', type=json_list, default=[0.9, 0.999], help='adam/adamw/adabound betas')
@@ -126,7 +140,11 @@ def get_args_parser():
     group.add_argument('--test_batch_size', type=int, default=None)
     _switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
     group.add_argument('--random_crop_padding', type=int, default=4)
+    group.add_argument('--padding_mode', default='zeros', choices=['zeros', 'reflect'],
+                       help='random crop padding; reflect is airbench\'s random translation')
     _switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
+    _switch(group, '--alternating_flip', 'flip each image on every other epoch instead of at random '
+            '(airbench, arXiv 2404.00498)')
 
     group = parser.add_argument_group('Augmentation and regularization')
     _switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
@@ -167,9 +185,16 @@ def get_args_parser():
     group.add_argument('--evaluate', metavar='MODEL_STATE',
                        help='evaluate a saved model_state.pth on the test set (arch and flags from the '
                             'config.json beside it, or from the command line) and exit')
-    group.add_argument('--tta', default='none', choices=['none', 'flip'], help='test-time augmentation')
+    group.add_argument('--tta', default='none', choices=['none', 'flip', 'flip_translate'],
+                       help='test-time augmentation: flip averages each image and its mirror; flip_translate '
+                            'also averages the mirrored pairs shifted one pixel up-left and down-right (airbench)')
+    group.add_argument('--eval_every', type=int, default=1, help='evaluate every N epochs (and after the last)')
+    group.add_argument('--save_every', type=int, default=1,
+                       help='write checkpoint.pth every N epochs (and after the last)')
     _switch(group, '--channels_last', 'channels_last memory format for model and inputs')
-    _switch(group, '--compile', 'torch.compile the model')
+    _switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
+    group.add_argument('--compile_mode', default=None, choices=['default', 'reduce-overhead', 'max-autotune'],
+                       help='torch.compile mode (needs --compile)')
     return parser
 
 
@@ -221,13 +246,13 @@ def parse_args(argv=None):
 
 def validate_args(args):
     args.precision = PRECISION_ALIASES.get(args.precision, args.precision)
-    for name in ('epochs', 'batch_size', 'subdivision'):
+    for name in ('epochs', 'batch_size', 'subdivision', 'eval_every', 'save_every', 'muon_ns_steps'):
         if not isinstance(getattr(args, name), int) or getattr(args, name) <= 0:
             raise UsageError(f'--{name} must be a positive integer, got {getattr(args, name)}')
-    for name in ('base_lr',):
+    for name in ('base_lr', 'muon_lr', 'head_lr_factor'):
         if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
             raise UsageError(f'--{name} must be positive, got {getattr(args, name)}')
-    for name in ('weight_decay', 'momentum', 'gradient_clip', 'lr_min', 'warmup_epochs'):
+    for name in ('weight_decay', 'momentum', 'gradient_clip', 'lr_min', 'warmup_epochs', 'muon_momentum'):
         if getattr(args, name) < 0:
             raise UsageError(f'--{name} must not be negative, got {getattr(args, name)}')
     if not 0 <= args.ema_decay < 1:
@@ -240,6 +265,21 @@ def validate_args(args):
         raise UsageError(f'--milestones must be a list of epochs, got {args.milestones}')
     if args.use_sam and args.precision == 'fp16':
         raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
+    if args.optimizer == 'muon':
+        if not hasattr(torch.optim, 'Muon'):
+            raise UsageError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
+                             f'{torch.__version__}')
+        if args.precision == 'fp16':
+            raise UsageError('--optimizer muon with --precision fp16 is not supported (use bf16 or fp32)')
+        if args.use_sam:
+            raise UsageError('--use_sam does not combine with --optimizer muon')
+    if args.compile_mode is not None and not args.compile:
+        raise UsageError(f'--compile_mode {args.compile_mode} needs --compile')
+    if args.whiten_bias_epochs is not None and not 0 < args.whiten_bias_epochs <= args.epochs:
+        raise UsageError(f'--whiten_bias_epochs must be in (0, --epochs], got {args.whiten_bias_epochs}')
+    if args.tta == 'flip_translate' and not dataloader.DATASETS.get(args.dataset, _IMAGE_FOLDER).horizontal_flip:
+        raise UsageError(f'--tta flip_translate: {args.dataset} images are not flipped in training '
+                         f'(digits and characters are not mirror-symmetric); use --tta none')
     if args.gpu is not None:
         args.device = f'cuda:{args.gpu}'
     if args.dataset_dir is None:
@@ -275,15 +315,28 @@ def list_archs():
 # ----------------------------------------------------------------------------- training
 
 class Trainer:
-    """One optimization step and one evaluation pass, with AMP, ghost batches, SAM and EMA."""
+    """One optimization step and one evaluation pass, with AMP, ghost batches, SAM, EMA and torch.compile.
+
+    Nothing in a step reads a device value on the host: losses and accuracies are summed on the
+    device and read once per epoch, so the host queues steps ahead of the GPU.
+    """
 
     def __init__(self, model, optimizer, scheduler, regularizer, args, device):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.regularizer, self.args, self.device = regularizer, args, device
-        self.forward_model = maybe_compile(model, args.compile)
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
         self.ema = optim.create_ema(model, args.ema_decay) if args.ema_decay > 0 else None
+        self.forward_loss, self.eval_forward = self._forward_loss, model
+        self._compile_pending = {'train': False, 'eval': False}
+        if args.compile:
+            try:
+                # the loss is traced with the forward pass, so AOTAutograd compiles its backward too
+                self.forward_loss = torch.compile(self._forward_loss, mode=args.compile_mode)
+                self.eval_forward = torch.compile(model, mode=args.compile_mode)
+                self._compile_pending = {'train': True, 'eval': True}
+            except Exception as error:  # no compiler toolchain, unsupported platform or python
+                _compile_fallback_message(error, 'unavailable')
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -295,17 +348,63 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def _forward_loss(self, images, targets):
+        with self.autocast():
+            logits = self.model(images)
+        logits = logits.float()
+        return logits, self.regularizer.loss(logits, targets)
+
+    def _first_call(self, kind, compiled_call, eager_call):
+        """Run a compiled function for the first time; if compiling fails, say why once and go on eager."""
+        try:
+            return compiled_call()
+        except Exception as error:  # dynamo, inductor or a missing compiler: anything but the model itself
+            _compile_fallback_message(error, f'failed at the first {kind} step')
+            self.forward_loss, self.eval_forward = self._forward_loss, self.model
+            self._compile_pending = {'train': False, 'eval': False}
+            return eager_call()
+        finally:
+            self._compile_pending[kind] = False
+
+    def compile_ahead(self, train_loader, test_loader):
+        """Compile the training step and the evaluation forward before training, so that no
+        epoch's time includes compilation; returns the seconds it took.
+
+        One batch of each loader goes through them; the model's weights and buffers, the gradients
+        and the random generators are restored afterwards, so training starts as without it.
+        """
+        rng_state = utils.get_rng_state()
+        model_state = {key: value.clone() for key, value in self.model.state_dict().items()}
+        self._synchronize()
+        start = time.perf_counter()
+        self.model.train()
+        images, labels = next(iter(train_loader))
+        chunk_images, chunk_labels = images.chunk(self.args.subdivision)[0], labels.chunk(self.args.subdivision)[0]
+        self._forward_backward([self.regularizer(chunk_images, chunk_labels)])
+        self.optimizer.zero_grad(set_to_none=True)
+        test_images, test_labels = next(iter(test_loader))
+        self.evaluate([(test_images, test_labels)] if len(test_labels) == test_loader.batch_size
+                      else _FixedBatch(test_images, test_labels, test_loader.batch_size))
+        self._synchronize()
+        elapsed = time.perf_counter() - start
+        self.model.load_state_dict(model_state)
+        utils.set_rng_state(rng_state)
+        return elapsed
+
     def _forward_backward(self, chunks):
         """Accumulate gradients over ghost sub-batches; returns (loss, accuracy) of the batch."""
         batch_size = sum(len(targets) for _, targets in chunks)
         total_loss, total_correct = 0.0, 0.0
         for images, targets in chunks:
-            with self.autocast():
-                logits = self.forward_model(self._prepare(images))
-                loss = self.regularizer.loss(logits.float(), targets)
+            images = self._prepare(images)
+            if self._compile_pending['train']:
+                logits, loss = self._first_call('train', lambda: self.forward_loss(images, targets),
+                                                lambda: self._forward_loss(images, targets))
+            else:
+                logits, loss = self.forward_loss(images, targets)
             self.scaler.scale(loss * (len(targets) / batch_size)).backward()
             total_loss += loss.detach() * len(targets)
-            total_correct += self.regularizer.accuracy(logits.detach().float(), targets) * len(targets)
+            total_correct += self.regularizer.accuracy(logits.detach(), targets) * len(targets)
         return total_loss / batch_size, total_correct / batch_size
 
     def train_step(self, images, labels):
@@ -332,44 +431,105 @@ class Trainer:
         if self.args.gradient_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.gradient_clip)
 
+    def _synchronize(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
     def train_one_epoch(self, loader, epoch, progress):
         self.model.train()
         loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
-        start = time.perf_counter()
+        self._synchronize()
+        start = last_shown = time.perf_counter()
         bar = progress(loader, f'epoch {epoch} train')
-        for step, (images, labels) in enumerate(bar):
+        for images, labels in bar:
             loss, accuracy = self.train_step(images, labels)
             loss_meter.update(loss, len(labels))
             accuracy_meter.update(accuracy, len(labels))
-            if step % 50 == 0 and not bar.disable:
+            # reading the running loss waits for the GPU: at most once every 10 s
+            if not bar.disable and time.perf_counter() - last_shown > 10:
                 bar.set_postfix(loss=f'{loss_meter.average:.4f}', acc=f'{accuracy_meter.average:.4f}')
+                last_shown = time.perf_counter()
+        self._synchronize()
         elapsed = time.perf_counter() - start
         if not math.isfinite(loss_meter.average):
             raise FloatingPointError(f'training loss became {loss_meter.average} in epoch {epoch}')
         return {'train_loss': loss_meter.average, 'train_accuracy': accuracy_meter.average,
                 'train_time': elapsed, 'train_images_per_sec': loss_meter.count / elapsed}
 
+    def evaluate(self, loader, model=None, progress=None, description='test'):
+        """:func:`evaluate` of ``model`` (default: the trained model, compiled with --compile)."""
+        model = self.model if model is None else model
+        forward = self.eval_forward if model is self.model else model
+
+        def run(forward_fn, pad):
+            return evaluate(model, loader, self.device, self.args.tta, self.autocast, self.args.channels_last,
+                            progress, description, forward=forward_fn, pad_batches=pad)
+        if forward is not model and self._compile_pending['eval']:
+            return self._first_call('eval', lambda: run(forward, True), lambda: run(model, False))
+        return run(forward, forward is not model)
+
+
+class _FixedBatch(list):
+    """One evaluation batch with the batch size of the loader it came from."""
+
+    def __init__(self, images, labels, batch_size):
+        super().__init__([(images, labels)])
+        self.batch_size = batch_size
+
+
+def _compile_fallback_message(error, what):
+    first_line = (str(error).strip().splitlines() or [''])[0][:200]
+    print(f'--compile: torch.compile {what} ({type(error).__name__}: {first_line}); running eager',
+          file=sys.stderr)
+
+
+def tta_logits(forward, images, tta):
+    """Logits averaged over test-time views: none, flip (image and mirror), or flip_translate
+    (airbench, arXiv 2404.00498: the flip pair, averaged with the flip pairs of the image shifted
+    one pixel up-left and one pixel down-right, reflect-padded)."""
+    logits = forward(images).float()
+    if tta == 'none':
+        return logits
+    logits = (logits + forward(images.flip(3)).float()) / 2
+    if tta == 'flip':
+        return logits
+    height, width = images.shape[2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
+    translated = [padded[:, :, :height, :width], padded[:, :, 2:, 2:]]
+    shifted_logits = sum((forward(view).float() + forward(view.flip(3)).float()) / 2 for view in translated) / 2
+    return (logits + shifted_logits) / 2
+
 
 @torch.no_grad()
 def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext, channels_last=False,
-             progress=None, description='test'):
-    """Mean cross-entropy and accuracy; with tta='flip', logits averaged over the image and its mirror."""
+             progress=None, description='test', forward=None, pad_batches=False):
+    """Mean cross-entropy and accuracy of ``model`` (run through ``forward``, e.g. its compiled form),
+    with the test-time augmentation ``tta`` (see :func:`tta_logits`).
+
+    ``pad_batches`` pads a short last batch to the loader's batch size, so a compiled forward
+    sees one shape only; the padding rows are dropped before scoring.
+    """
     model.eval()
+    forward = model if forward is None else forward
     total_loss, total_correct, count = 0.0, 0, 0
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     batches = progress(loader, description) if progress else loader
     for images, labels in batches:
+        batch_size = len(labels)
+        if pad_batches and batch_size < loader.batch_size:
+            images = F.pad(images, (0, 0, 0, 0, 0, 0, 0, loader.batch_size - batch_size))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(images).float()
-            if tta == 'flip':
-                logits = (logits + model(images.flip(3)).float()) / 2
-        total_loss += nn.functional.cross_entropy(logits, labels, reduction='sum')
+            logits = tta_logits(forward, images, tta)[:batch_size]
+        total_loss += F.cross_entropy(logits, labels, reduction='sum')
         total_correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
+        count += batch_size
+    total_loss, total_correct = float(total_loss), int(total_correct)
     elapsed = time.perf_counter() - start
-    return {'loss': float(total_loss) / count, 'accuracy': float(total_correct) / count,
+    return {'loss': total_loss / count, 'accuracy': total_correct / count,
             'time': elapsed, 'images_per_sec': count / elapsed}
 
 
@@ -434,7 +594,8 @@ class RunDirectory:
 
 def summarize(log, split):
     final = log[-1]
-    best = max(log, key=lambda record: record[f'{split}_accuracy'])
+    best = max((record for record in log if f'{split}_accuracy' in record),
+               key=lambda record: record[f'{split}_accuracy'])
     summary = {
         f'final_{split}_accuracy': final[f'{split}_accuracy'],
         f'final_{split}_error': 1 - final[f'{split}_accuracy'],
@@ -460,17 +621,6 @@ def build_model(args, info, device):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def maybe_compile(model, enabled):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as error:  # no compiler toolchain, unsupported platform or python
-        print(f'--compile: torch.compile unavailable ({type(error).__name__}: {error}); running eager',
-              file=sys.stderr)
-        return model
 
 
 def run_evaluation(args, device):
@@ -520,8 +670,10 @@ def main(argv=None):
     data = dataloader.build_data(
         args.dataset, args.dataset_dir, args.batch_size, device, args.data_pipeline, args.num_workers,
         args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip, args.use_autoaugment,
-        args.val_ratio, args.download, args.image_size, args.test_batch_size)
+        args.val_ratio, args.download, args.image_size, args.test_batch_size, args.padding_mode,
+        'alternating' if args.alternating_flip else 'random')
     model = build_model(args, data.info, device)
+    initialize_from_data(model, data.train_loader)
     n_params = utils.count_parameters(model)
     try:
         regularizer = augmentations.BatchRegularizer.from_args(args, data.info.num_classes)
@@ -550,6 +702,9 @@ def main(argv=None):
     if args.resume:
         log, start_epoch = restore_state(checkpoint, model, trainer)
     write_config(run, args, n_params, device)
+    compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
+    if compile_time is not None:
+        print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
     if start_epoch > args.epochs:
         print(f'{args.outdir}: already trained for {args.epochs} epochs; nothing to do')
         return
@@ -557,40 +712,26 @@ def main(argv=None):
     progress = make_progress()
     writer = make_tensorboard_writer(run, args.tensorboard)
     split = data.test_split_name
-    eval_autocast = trainer.autocast
     if args.test_first and start_epoch == 1:
-        result = evaluate(model, data.test_loader, device, args.tta, eval_autocast, args.channels_last,
-                          progress, split)
+        result = trainer.evaluate(data.test_loader, progress=progress, description=split)
         print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
         log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
 
     for epoch in range(start_epoch, args.epochs + 1):
+        data.train_loader.set_epoch(epoch)
         record = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr']}
         record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
+        if compile_time is not None and epoch == start_epoch:
+            record['compile_time'] = compile_time
         record['train_accuracy_kind'] = 'lambda-weighted' if regularizer.mixes_labels else 'plain'
-        result = evaluate(model, data.test_loader, device, args.tta, eval_autocast, args.channels_last,
-                          progress, split)
-        record.update({f'{split}_{key}': value for key, value in result.items()})
-        if trainer.ema is not None:
-            ema_result = evaluate(trainer.ema.module, data.test_loader, device, args.tta, eval_autocast,
-                                  args.channels_last, None)
-            record.update({f'ema_{split}_loss': ema_result['loss'], f'ema_{split}_accuracy': ema_result['accuracy']})
-        best = max([r for r in log if f'{split}_accuracy' in r and r['epoch'] > 0] + [record],
-                   key=lambda r: r[f'{split}_accuracy'])
-        record[f'best_{split}_accuracy'], record[f'best_{split}_epoch'] = best[f'{split}_accuracy'], best['epoch']
-        record['epoch_time'] = record['train_time'] + result['time']
+        last = epoch == args.epochs
+        if last or epoch % args.eval_every == 0:
+            record.update(evaluation_record(trainer, data.test_loader, split, log, record, progress))
+        record['epoch_time'] = record['train_time'] + record.get(f'{split}_time', 0.0)
         log.append(record)
-
-        utils.save_json(log, run.path('log.json'))
-        utils.save_checkpoint(checkpoint_state(model, trainer, epoch, args, log), run.checkpoint_path)
-        if writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != 'epoch':
-                    writer.add_scalar(key.replace('_', '/', 1), value, epoch)
-            writer.flush()
-        print(f'epoch {epoch}/{args.epochs}: lr {record["lr"]:.4g} train loss {record["train_loss"]:.4f} '
-              f'acc {record["train_accuracy"]:.4f} | {split} loss {record[f"{split}_loss"]:.4f} '
-              f'acc {record[f"{split}_accuracy"]:.4f} | {record["epoch_time"]:.1f}s', flush=True)
+        save_epoch(run, log, writer, checkpoint_state(model, trainer, epoch, args, log)
+                   if last or epoch % args.save_every == 0 else None)
+        print(epoch_line(record, args.epochs, split), flush=True)
 
     torch.save(model.state_dict(), run.path('model_state.pth'))
     if trainer.ema is not None:
@@ -600,6 +741,40 @@ def main(argv=None):
         writer.close()
 
 
+def evaluation_record(trainer, loader, split, log, record, progress):
+    """Test (or validation) metrics of the model and its EMA, with the best epoch so far."""
+    result = trainer.evaluate(loader, progress=progress, description=split)
+    metrics = {f'{split}_{key}': value for key, value in result.items()}
+    if trainer.ema is not None:
+        ema_result = trainer.evaluate(loader, model=trainer.ema.module)
+        metrics.update({f'ema_{split}_loss': ema_result['loss'], f'ema_{split}_accuracy': ema_result['accuracy']})
+    best = max([r for r in log if f'{split}_accuracy' in r and r['epoch'] > 0] + [{**record, **metrics}],
+               key=lambda r: r[f'{split}_accuracy'])
+    metrics[f'best_{split}_accuracy'], metrics[f'best_{split}_epoch'] = best[f'{split}_accuracy'], best['epoch']
+    return metrics
+
+
+def save_epoch(run, log, writer, checkpoint):
+    """The end-of-epoch writes: log.json, the checkpoint (when one is due) and TensorBoard scalars."""
+    utils.save_json(log, run.path('log.json'))
+    if checkpoint is not None:
+        utils.save_checkpoint(checkpoint, run.checkpoint_path)
+    if writer is not None:
+        record = log[-1]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != 'epoch':
+                writer.add_scalar(key.replace('_', '/', 1), value, record['epoch'])
+        writer.flush()
+
+
+def epoch_line(record, epochs, split):
+    line = (f'epoch {record["epoch"]}/{epochs}: lr {record["lr"]:.4g} train loss {record["train_loss"]:.4f} '
+            f'acc {record["train_accuracy"]:.4f}')
+    if f'{split}_accuracy' in record:
+        line += f' | {split} loss {record[f"{split}_loss"]:.4f} acc {record[f"{split}_accuracy"]:.4f}'
+    return line + f' | {record["epoch_time"]:.1f}s'
+
+
 def build_optimizer(model, args):
     try:
         return optim.build_optimizer(
@@ -607,9 +782,41 @@ def build_optimizer(model, args):
             nesterov=args.nesterov, weight_decay=args.weight_decay, no_weight_decay_on_bn=args.no_weight_decay_on_bn,
             betas=tuple(args.betas), adabound_final_lr=args.adabound_final_lr, adabound_gamma=args.adabound_gamma,
             use_sam=args.use_sam, sam_rho=args.sam_rho, sam_adaptive=args.sam_adaptive,
-            bn_bias_lr_factor=args.bn_bias_lr_factor)
+            bn_bias_lr_factor=args.bn_bias_lr_factor, head_lr_factor=args.head_lr_factor,
+            schedule_epochs=whitening_bias_schedule(model, args.whiten_bias_epochs),
+            muon_lr=args.muon_lr, muon_momentum=args.muon_momentum, muon_ns_steps=args.muon_ns_steps,
+            muon_normalize_weights=args.muon_normalize_weights)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def whitening_bias_schedule(model, whiten_bias_epochs):
+    """{bias: epochs} for the patch-whitening layers' biases (airbench trains them for the first epochs)."""
+    layers = [module for module in model.modules() if hasattr(module, 'initialize_from_images')]
+    if whiten_bias_epochs is None:
+        return None
+    if not layers:
+        raise UsageError('--whiten_bias_epochs: this --arch has no patch-whitening layer')
+    return {layer.bias: whiten_bias_epochs for layer in layers}
+
+
+def initialize_from_data(model, loader, max_images=5000):
+    """Data-dependent initialization (airbench's patch whitening) from the first training images."""
+    layers = [module for module in model.modules() if hasattr(module, 'initialize_from_images')]
+    if not layers:
+        return
+    if hasattr(loader, 'images'):
+        images = loader.normalize(loader.images[:max_images])
+    else:
+        batches, count = [], 0
+        for batch, _ in loader:
+            batches.append(batch)
+            count += len(batch)
+            if count >= max_images:
+                break
+        images = torch.cat(batches)[:max_images]
+    for layer in layers:
+        layer.initialize_from_images(images)
 
 
 def checkpoint_state(model, trainer, epoch, args, log):

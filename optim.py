@@ -9,6 +9,8 @@ Papers:
 - SGDR: "SGDR: Stochastic Gradient Descent with Warm Restarts", Loshchilov & Hutter, arXiv 1608.03983
 - Warmup: "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", Goyal et al., arXiv 1706.02677
 - LR range test: "Cyclical Learning Rates for Training Neural Networks", Smith, arXiv 1506.01186
+- Muon: Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024 blog post;
+  torch.optim.Muon), as airbench94_muon applies it to convolution filters (arXiv 2404.00498 lineage)
 
 Every schedule is a ``LambdaLR`` stepped once per iteration. Its multiplier is the pure function
 ``lr_factor``: warmup runs over the first ``warmup_epochs`` epochs, then the decaying schedules
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound')
+OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound', 'muon')
 SCHEDULER_CHOICES = ('none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial')
 WARMUP_METHODS = ('linear', 'exponential')
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -241,32 +243,130 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
 
 
-def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=None, bn_bias_lr_factor=1.0):
+def _filter_matrix(tensor, channels_last):
+    """The (out, in*kh*kw) matrix of a filter bank, as a view when the layout allows.
+
+    A channels_last bank is read in (out, kh, kw, in) order: a permutation of the columns, which
+    an orthogonalized update follows unchanged.
+    """
+    if channels_last:
+        tensor = tensor.permute(0, 2, 3, 1)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on convolution filters beside an auxiliary optimizer (SGD) for all other parameters.
+
+    The update of each filter bank is its Nesterov momentum, orthogonalized by ``ns_steps``
+    Newton-Schulz iterations, which is what ``torch.optim.Muon`` (torch 2.9+) computes for 2-D
+    parameters; each (out, in, kh, kw) bank is handed to it as an (out, in*kh*kw) view that shares
+    the weight's storage. As in airbench94_muon, every bank is first rescaled to Frobenius norm
+    sqrt(out) (``normalize_weights``): with BatchNorm after the convolution the scale does not change
+    the function, and fixing it keeps the step size relative to the weights constant. No weight
+    decay on the filters (airbench uses none).
+
+    ``param_groups`` lists the auxiliary groups first, then the Muon group, so one LR scheduler
+    drives both; ``state_dict`` holds both optimizers' states.
+    """
+
+    def __init__(self, filters, auxiliary, lr=0.24, momentum=0.6, nesterov=True, ns_steps=3,
+                 normalize_weights=True):
+        if not hasattr(torch.optim, 'Muon'):
+            raise ValueError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
+                             f'{torch.__version__}')
+        self.filters = list(filters)
+        if not self.filters:
+            raise ValueError('--optimizer muon: the model has no trainable convolution filters')
+        self.channels_last = [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                              for p in self.filters]
+        self.matrices = [_filter_matrix(p.detach(), cl) for p, cl in zip(self.filters, self.channels_last)]
+        if any(m.data_ptr() != p.data_ptr() for m, p in zip(self.matrices, self.filters)):
+            raise ValueError('--optimizer muon: a filter bank has a memory layout that has no matrix view')
+        self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=0.0, momentum=momentum,
+                                     nesterov=nesterov, ns_steps=ns_steps)
+        self.auxiliary = auxiliary
+        self.normalize_weights = normalize_weights
+        self.target_norms = [math.sqrt(p.shape[0]) for p in self.filters]
+        super().__init__(self._groups(), {})
+        self.param_groups = self._groups()
+        self.defaults = auxiliary.defaults
+
+    def _groups(self):
+        return self.auxiliary.param_groups + self.muon.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of both optimizers; ``closure`` (optional) re-evaluates the model."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for param, matrix, channels_last in zip(self.filters, self.matrices, self.channels_last):
+            matrix.grad = None if param.grad is None else _filter_matrix(param.grad, channels_last)
+        if self.normalize_weights:
+            factors = torch._foreach_reciprocal(torch._foreach_norm(self.filters))
+            torch._foreach_mul_(factors, self.target_norms)
+            torch._foreach_mul_(self.filters, factors)
+        self.auxiliary.step()
+        self.muon.step()
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        self.auxiliary.zero_grad(set_to_none=set_to_none)
+        for param, matrix in zip(self.filters, self.matrices):
+            param.grad, matrix.grad = None, None
+
+    def state_dict(self):
+        return {'auxiliary': self.auxiliary.state_dict(), 'muon': self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.auxiliary.load_state_dict(state_dict['auxiliary'])
+        self.muon.load_state_dict(state_dict['muon'])
+        self.param_groups = self._groups()
+
+
+def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=None, bn_bias_lr_factor=1.0,
+                     head_lr_factor=1.0, exclude=(), schedule_epochs=None):
     """Param groups: with ``no_weight_decay_on_bn``, norm-layer parameters and biases get weight decay 0.
 
     A parameter goes to the no-decay group when it belongs to a BatchNorm/GroupNorm/LayerNorm/
-    InstanceNorm layer or has ndim <= 1 (every bias). Frozen parameters are left out.
+    InstanceNorm layer or has ndim <= 1 (every bias). Frozen parameters and ``exclude`` are left out.
     ``bn_bias_lr_factor`` != 1 puts norm-layer biases in their own group with lr x factor and
     weight decay / factor, the fast-training recipe's higher BN-bias learning rate (Page,
-    "How to train your ResNet"; airbench), which leaves their lr * wd product unchanged.
+    "How to train your ResNet"; airbench), which leaves their lr * wd product unchanged;
+    ``head_lr_factor`` does the same for the last linear layer (airbench's head lr).
+    ``schedule_epochs`` maps parameters to a number of epochs: each gets a group of its own, marked
+    with that ``schedule_epochs``, whose learning-rate schedule ends there (airbench trains its
+    whitening bias for the first 3 epochs only).
     """
-    decay, no_decay, norm_bias, seen = [], [], [], set()
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    head = set(map(id, linears[-1].parameters())) if head_lr_factor != 1.0 and linears else set()
+    skip = set(map(id, exclude))
+    decay, no_decay, norm_bias, head_params, seen = [], [], [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
+            if not param.requires_grad or id(param) in seen or id(param) in skip:
                 continue
             seen.add(id(param))
             is_norm = isinstance(module, NORM_LAYERS)
-            if bn_bias_lr_factor != 1.0 and is_norm and name == 'bias':
+            if id(param) in head:
+                head_params.append(param)
+            elif bn_bias_lr_factor != 1.0 and is_norm and name == 'bias':
                 norm_bias.append(param)
             elif no_weight_decay_on_bn and (is_norm or param.ndim <= 1):
                 no_decay.append(param)
             else:
                 decay.append(param)
     groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    if norm_bias:
-        bias_decay = 0.0 if no_weight_decay_on_bn else weight_decay / bn_bias_lr_factor
-        groups.append({'params': norm_bias, 'weight_decay': bias_decay, 'lr': base_lr * bn_bias_lr_factor})
+    for params, factor in ((norm_bias, bn_bias_lr_factor), (head_params, head_lr_factor)):
+        if params:
+            groups.append({'params': params, 'weight_decay': 0.0 if no_weight_decay_on_bn and params is norm_bias
+                           else weight_decay / factor, 'lr': base_lr * factor})
+    limited = {id(param): epochs for param, epochs in (schedule_epochs or {}).items()}
+    for group in list(groups):
+        for param in [p for p in group['params'] if id(p) in limited]:
+            group['params'].remove(param)
+            groups.append({**group, 'params': [param], 'schedule_epochs': limited[id(param)]})
     return [group for group in groups if group['params']]
 
 
@@ -277,28 +377,52 @@ def freeze_norm_weights(model):
             module.weight.requires_grad_(False)
 
 
+def _kernel_options(groups):
+    """``fused=True`` when every parameter is a floating-point CUDA tensor (one kernel launch for all
+    parameters), else ``foreach=True`` (a few launches per step instead of one per tensor)."""
+    params = [param for group in groups for param in group['params']]
+    if params and all(param.is_cuda and param.is_floating_point() for param in params):
+        return {'fused': True}
+    return {'foreach': True}
+
+
 def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                     no_weight_decay_on_bn=False, betas=(0.9, 0.999), adabound_final_lr=0.1, adabound_gamma=1e-3,
-                    use_sam=False, sam_rho=0.05, sam_adaptive=False, bn_bias_lr_factor=1.0):
+                    use_sam=False, sam_rho=0.05, sam_adaptive=False, bn_bias_lr_factor=1.0, head_lr_factor=1.0,
+                    schedule_epochs=None, muon_lr=0.24, muon_momentum=0.6, muon_ns_steps=3,
+                    muon_normalize_weights=True):
     """The optimizer named by ``--optimizer`` over ``model``'s parameters, optionally wrapped in SAM.
 
     Weight decay lives in the param groups (L2 in the gradient for sgd/adam/lars/adabound, decoupled
-    for adamw). Nesterov applies to sgd and lars and only when momentum > 0.
+    for adamw). Nesterov applies to sgd and lars and only when momentum > 0. ``muon`` trains the
+    convolution filters with :class:`Muon` and everything else with SGD (``base_lr``, ``momentum``).
     """
     if optimizer not in OPTIMIZER_CHOICES:
         raise ValueError(f'--optimizer {optimizer!r} is not supported; choose from {", ".join(OPTIMIZER_CHOICES)}')
     if sam_rho < 0:
         raise ValueError(f'--sam_rho must be >= 0, got {sam_rho}')
-    if bn_bias_lr_factor <= 0:
-        raise ValueError(f'--bn_bias_lr_factor must be positive, got {bn_bias_lr_factor}')
-    groups = parameter_groups(model, weight_decay, no_weight_decay_on_bn, base_lr, bn_bias_lr_factor)
+    for flag, factor in (('--bn_bias_lr_factor', bn_bias_lr_factor), ('--head_lr_factor', head_lr_factor)):
+        if factor <= 0:
+            raise ValueError(f'{flag} must be positive, got {factor}')
+    filters = []
+    if optimizer == 'muon':
+        if use_sam:
+            raise ValueError('--use_sam does not combine with --optimizer muon')
+        filters = [param for param in model.parameters() if param.ndim == 4 and param.requires_grad]
+    groups = parameter_groups(model, weight_decay, no_weight_decay_on_bn, base_lr, bn_bias_lr_factor,
+                              head_lr_factor, exclude=filters, schedule_epochs=schedule_epochs)
     nesterov = bool(nesterov) and momentum > 0
-    if optimizer == 'sgd':
-        base = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    kernels = _kernel_options(groups)
+    if optimizer in ('sgd', 'muon'):
+        base = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               **kernels)
+        if optimizer == 'muon':
+            base = Muon(filters, base, lr=muon_lr, momentum=muon_momentum, nesterov=nesterov,
+                        ns_steps=muon_ns_steps, normalize_weights=muon_normalize_weights)
     elif optimizer == 'adam':
-        base = torch.optim.Adam(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay)
+        base = torch.optim.Adam(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay, **kernels)
     elif optimizer == 'adamw':
-        base = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay)
+        base = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay, **kernels)
     elif optimizer == 'lars':
         base = LARS(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     else:
@@ -393,13 +517,17 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
                     poly_power=poly_power, warmup_epochs=warmup_epochs, warmup_method=warmup_method,
                     warmup_start_factor=warmup_start_factor)
 
-    def make_lambda(group_base_lr):
+    def make_lambda(group):
+        # lr_min is absolute, so each group's factor depends on that group's own starting lr;
+        # a group marked with schedule_epochs runs the same schedule over that many epochs
+        group_schedule = {**schedule, 'epochs': group.get('schedule_epochs', epochs)}
+        group_base_lr = group.get('initial_lr', group['lr'])
+
         def factor(step):
-            return lr_factor(step, base_lr=group_base_lr, **schedule)
+            return lr_factor(step, base_lr=group_base_lr, **group_schedule)
         return factor
 
-    # lr_min is absolute, so each group's factor depends on that group's own starting lr
-    lambdas = [make_lambda(group.get('initial_lr', group['lr'])) for group in optimizer.param_groups]
+    lambdas = [make_lambda(group) for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 

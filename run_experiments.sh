@@ -111,6 +111,18 @@ FAST_RESNET9=(--arch resnet9 --epochs 10 --batch_size 512 --base_lr 0.4 --weight
               --bn_bias_lr_factor 64 --ema_decay 0.99 --precision bf16 --channels_last --no-tensorboard)
 fast_resnet9() { run fast_resnet9 "${FAST_RESNET9[@]}"; }
 
+# airbench94_muon (Jordan, arXiv 2404.00498 and its Muon record) restated for main.py's batch-mean
+# loss: airbench sums the loss over the batch of 2000, so its SGD lr 0.053 (biases) and 0.67 (head)
+# become x2000 here and its weight decay 0.004/lr becomes /2000 (the same update); Muon's
+# orthogonalized step does not depend on the loss scale, so its lr 0.24 stays.
+FAST_AIRBENCH94_MUON=(--arch airbench --epochs 8 --batch_size 2000 --test_batch_size 2000 --optimizer muon
+              --base_lr 106 --weight_decay 3.7736e-5 --head_lr_factor 12.6415 --momentum 0.85 --nesterov
+              --muon_lr 0.24 --muon_momentum 0.6 --muon_ns_steps 3 --scheduler linear --whiten_bias_epochs 3
+              --use_label_smoothing --label_smoothing_epsilon 0.2 --alternating_flip --random_crop_padding 2
+              --padding_mode reflect --tta flip_translate --precision bf16 --channels_last --compile
+              --eval_every 8 --save_every 8 --no-tensorboard)
+fast_airbench94_muon() { run fast_airbench94_muon "${FAST_AIRBENCH94_MUON[@]}"; }
+
 # --- Short CPU checks on a CIFAR-10 subset (what results/ reports from this project's machine) ---
 # unpack_cifar10.py DIR --limit 10000 gives 10,000 train / 2,000 test images; pass it with EXTRA.
 CPU_REG=(--arch resnet_preact --depth 8 --base_channels 16 --epochs 4 --batch_size 128 --scheduler cosine
@@ -138,7 +150,7 @@ ALL=(vgg15 resnet110 resnet_preact110 resnet_preact164 wrn28_10 densenet100_k12 
      shake_shake26_2x32d shake_shake26_2x64d shake_shake26_2x96d
      regularization_resnet_preact20_w4 regularization_wrn28_10 regularization_shake_shake
      regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr datasets
-     fast_resnet9 cpu_regularization_check cpu_large_batch_check)
+     fast_resnet9 fast_airbench94_muon cpu_regularization_check cpu_large_batch_check)
 
 if [[ $# -eq 0 || "$1" == "list" || "$1" == "-h" || "$1" == "--help" ]]; then
     printf '%s\n' "${ALL[@]}"

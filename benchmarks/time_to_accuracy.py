@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Train one recipe N times and report test accuracy (mean, min, max) and wall time.
+"""Train one recipe N times and report test accuracy (mean, std, min, max, runs reaching the target) and time.
 
 The accuracy is the final epoch's, of the EMA weights when the run keeps them (--ema_decay),
-else of the trained weights.  Wall time runs from the first training batch to the end of the final evaluation (the sum of
-each epoch's train and test time in log.json); data loading to the device and model
-construction are not in it.  With --compile the first epoch also compiles: the compile time
-is estimated as the first epoch's time minus the median of the others and reported apart.
+else of the trained weights.  Time runs from the first training batch to the end of the final
+evaluation (the sum of the train and test times in log.json, each measured between CUDA
+synchronizations); data loading to the device, model construction and, with --compile, the
+compilation (done before the first timed step, reported apart) are not in it.  A warm-up run
+comes first and is not counted, as airbench does: it fills cuDNN's and the compiler's caches.
 
     python benchmarks/time_to_accuracy.py --runs 5 -- --arch resnet9 --dataset_dir .data
-    python benchmarks/time_to_accuracy.py --runs 5 --recipe fast_resnet9 -- --dataset_dir .data
+    python benchmarks/time_to_accuracy.py --runs 5 --recipe fast_airbench94_muon -- --dataset_dir .data
 
 Everything after ``--`` goes to main.py unchanged (seed and outdir are set per run).
 """
@@ -20,7 +21,24 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
 import main as trainer  # noqa: E402
+
+def environment_line(main_argv):
+    """GPU model, its clock and power limit, torch version: what a timing depends on, on one line."""
+    import subprocess
+    device = main_argv[main_argv.index('--device') + 1] if '--device' in main_argv[:-1] else 'cuda'
+    if not (torch.cuda.is_available() and device.startswith('cuda')):
+        return f'# CPU, torch {torch.__version__}'
+    try:
+        query = subprocess.run(['nvidia-smi', '--query-gpu=name,clocks.sm,clocks.max.sm,power.limit',
+                                '--format=csv,noheader'], capture_output=True, text=True, timeout=20)
+        gpu = query.stdout.strip().replace('\n', '; ') or torch.cuda.get_device_name()
+    except (OSError, subprocess.SubprocessError):
+        gpu = torch.cuda.get_device_name()
+    return f'# GPU {gpu} (name, SM clock, max SM clock, power limit), torch {torch.__version__}'
+
 
 def _recipe_from_experiments(name):
     """The flags of a named recipe, read from run_experiments.sh so the two never drift apart."""
@@ -31,13 +49,14 @@ def _recipe_from_experiments(name):
     return match.group(1).split()
 
 
-RECIPES = ('fast_resnet9',)
+RECIPES = ('fast_resnet9', 'fast_airbench94_muon')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--first_seed', type=int, default=0)
+    parser.add_argument('--warmup_runs', type=int, default=1, help='runs before the counted ones, not reported')
     parser.add_argument('--recipe', choices=RECIPES, help='start from a recipe of run_experiments.sh')
     parser.add_argument('--target', type=float, default=0.94, help='accuracy the recipe aims at')
     parser.add_argument('--keep', help='keep the run directories under this folder')
@@ -47,26 +66,33 @@ def main():
     if args.recipe:
         main_argv = _recipe_from_experiments(args.recipe) + main_argv
     root = args.keep or tempfile.mkdtemp(prefix='time_to_accuracy-')
+    print(environment_line(main_argv), flush=True)
     runs = []
-    for seed in range(args.first_seed, args.first_seed + args.runs):
-        outdir = os.path.join(root, f'seed{seed}')
-        trainer.cli(main_argv + ['--seed', str(seed), '--outdir', outdir])
+    for index in range(args.warmup_runs + args.runs):
+        warmup = index < args.warmup_runs
+        seed = args.first_seed + index - args.warmup_runs
+        outdir = os.path.join(root, f'warmup{index}' if warmup else f'seed{seed}')
+        # each run compiles anew (from the warm on-disk caches); dynamo's in-memory cache would
+        # otherwise keep growing with every run's model and fall back to eager at its limit
+        torch._dynamo.reset()
+        trainer.cli(main_argv + ['--seed', str(10_000 + index if warmup else seed), '--outdir', outdir])
+        if warmup:
+            continue
         log = [r for r in json.load(open(os.path.join(outdir, 'log.json'))) if r['epoch'] > 0]
-        epoch_times = [r['train_time'] + r['test_time'] for r in log]
-        compile_time = 0.0
-        if '--compile' in main_argv and len(epoch_times) > 2:
-            compile_time = max(0.0, epoch_times[0] - statistics.median(epoch_times[1:]))
+        wall_time = sum(r['train_time'] + r.get('test_time', 0.0) for r in log)
         # with --ema_decay the recipe's model is the weight average, so that is the one scored
         source = 'ema_test_accuracy' if 'ema_test_accuracy' in log[-1] else 'test_accuracy'
         runs.append({'seed': seed, 'accuracy': log[-1][source], 'accuracy_of': source,
-                     'raw_model_accuracy': log[-1]['test_accuracy'], 'compile_time': compile_time,
-                     'wall_time': sum(epoch_times) - compile_time})
-        print(f'seed {seed}: accuracy {runs[-1]["accuracy"]:.4f} ({source}), wall {runs[-1]["wall_time"]:.1f}s'
-              + (f' (+ compile {compile_time:.1f}s)' if compile_time else ''), flush=True)
+                     'raw_model_accuracy': log[-1]['test_accuracy'], 'compile_time': log[0].get('compile_time', 0.0),
+                     'wall_time': wall_time, 'train_time': sum(r['train_time'] for r in log),
+                     'final_eval_time': log[-1]['test_time']})
+        print(f'seed {seed}: accuracy {runs[-1]["accuracy"]:.4f} ({source}), time {wall_time:.2f}s'
+              + (f' (compiled beforehand in {runs[-1]["compile_time"]:.1f}s)' if runs[-1]['compile_time'] else ''),
+              flush=True)
     accuracies = [r['accuracy'] for r in runs]
     times = [r['wall_time'] for r in runs]
     summary = {
-        'command': main_argv, 'runs': runs,
+        'environment': environment_line(main_argv), 'command': main_argv, 'runs': runs,
         'accuracy_mean': statistics.mean(accuracies), 'accuracy_min': min(accuracies),
         'accuracy_max': max(accuracies),
         'accuracy_std': statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
@@ -76,8 +102,8 @@ def main():
     print(f'\n{len(runs)} runs: test accuracy mean {summary["accuracy_mean"]:.4f} '
           f'(min {summary["accuracy_min"]:.4f}, max {summary["accuracy_max"]:.4f}, '
           f'std {summary["accuracy_std"]:.4f}); {summary["runs_reaching_target"]}/{len(runs)} reach '
-          f'{args.target}; wall time mean {summary["wall_time_mean"]:.1f}s '
-          f'(min {summary["wall_time_min"]:.1f}, max {summary["wall_time_max"]:.1f})')
+          f'{args.target}; time mean {summary["wall_time_mean"]:.2f}s '
+          f'(min {summary["wall_time_min"]:.2f}, max {summary["wall_time_max"]:.2f})')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(summary, f, indent=2)
