@@ -4,6 +4,7 @@ and the BatchRegularizer pipeline on CIFAR- and MNIST-shaped batches."""
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,105 @@ def test_random_horizontal_flip_rate_is_one_half():
     is_same = (flipped == image).flatten(1).all(dim=1)
     assert (is_mirror ^ is_same).all()
     assert_within_sigma(is_mirror.double().mean().item(), 0.5, math.sqrt(0.25 / batch))
+
+
+def _indexed_images(batch, height, width):
+    """Every pixel holds its own flat index + 1, so a crop reveals where it came from."""
+    base = (torch.arange(height * width, dtype=torch.float32) + 1).view(1, 1, height, width)
+    return base, base.expand(batch, 1, height, width)
+
+
+def _offsets(cropped, height, width, padding):
+    """The crop offsets (0..2p) read from the centre pixel, which comes from inside the image."""
+    source = cropped[:, 0, height // 2, width // 2].long() - 1
+    return source // width - height // 2 + padding, source % width - width // 2 + padding
+
+
+@pytest.mark.parametrize('height, width, padding', [(32, 32, 2), (20, 28, 4)])
+def test_reflect_random_crop_offsets_uniform_and_content_is_numpy_reflect(height, width, padding):
+    torch.manual_seed(5)
+    batch = 4000
+    base, images = _indexed_images(batch, height, width)
+    cropped = augmentations.random_crop(images, padding, padding_mode='reflect')
+    offset_y, offset_x = _offsets(cropped, height, width, padding)
+    assert_count_uniform(offset_y, 2 * padding + 1)
+    assert_count_uniform(offset_x, 2 * padding + 1)
+    # reflect padding as numpy defines it: the edge pixel is not repeated (0 is not a pixel value)
+    padded = torch.from_numpy(np.pad(base[0, 0].numpy(), padding, mode='reflect'))
+    for index in range(50):
+        y, x = offset_y[index].item(), offset_x[index].item()
+        assert torch.equal(cropped[index, 0], padded[y:y + height, x:x + width]), (y, x)
+    assert (cropped > 0).all()
+
+
+def test_reflect_random_crop_folds_the_flip_in():
+    """A flipped image is the mirror of its reflect-padded crop; given flips are obeyed exactly,
+    and horizontal_flip alone mirrors half the images."""
+    torch.manual_seed(6)
+    batch, height, width, padding = 4000, 24, 32, 2
+    base, images = _indexed_images(batch, height, width)
+    padded = torch.from_numpy(np.pad(base[0, 0].numpy(), padding, mode='reflect'))
+    flip = torch.rand(batch) < 0.3
+    for cropped, given in ((augmentations.random_crop(images, padding, True, 'reflect', flip=flip), flip),
+                           (augmentations.random_crop(images, padding, True, 'reflect'), None)):
+        is_mirror = torch.zeros(batch, dtype=torch.bool)
+        for index in range(batch):
+            matches = []
+            for mirrored in (False, True):
+                view = cropped[index:index + 1].flip(3) if mirrored else cropped[index:index + 1]
+                y, x = (o.item() for o in _offsets(view, height, width, padding))
+                matches.append(0 <= y <= 2 * padding and 0 <= x <= 2 * padding
+                               and torch.equal(view[0, 0], padded[y:y + height, x:x + width]))
+            assert matches.count(True) == 1, index
+            is_mirror[index] = matches[1]
+        if given is not None:
+            assert torch.equal(is_mirror, given)
+        else:
+            assert_within_sigma(is_mirror.double().mean().item(), 0.5, math.sqrt(0.25 / batch))
+    with pytest.raises(ValueError, match='padding_mode'):
+        augmentations.random_crop(images, padding, padding_mode='circular')
+
+
+def test_random_crop_without_padding_applies_only_the_given_flips():
+    images = torch.randn(6, 3, 8, 8)
+    flip = torch.tensor([True, False, True, False, False, True])
+    out = augmentations.random_crop(images, 0, True, 'reflect', flip=flip)
+    assert torch.equal(out[flip], images[flip].flip(3)) and torch.equal(out[~flip], images[~flip])
+
+
+def test_alternating_flip_mirrors_each_image_on_every_other_epoch():
+    torch.manual_seed(7)
+    n = 4000
+    phase = torch.rand(n) < 0.5
+    flips = torch.stack([augmentations.alternating_flip(phase, epoch) for epoch in range(1, 7)])
+    assert flips.dtype == torch.bool and flips.shape == (6, n)
+    assert torch.equal(flips[0], phase)  # epoch 1 follows the phase
+    assert torch.equal(flips[1:], ~flips[:-1])  # then alternates
+    assert (flips.sum(dim=0) == 3).all()  # every image mirrored in exactly half of the epochs
+    for epoch_flips in flips:
+        assert_within_sigma(epoch_flips.double().mean().item(), 0.5, math.sqrt(0.25 / n))
+
+
+def test_normalize_standardizes_uint8_and_float_and_caches_its_constants():
+    mean, std = (0.5, 0.25, 0.1), (0.2, 0.3, 0.4)
+    normalize = augmentations.Normalize(mean, std)
+    images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(images), expected, atol=1e-5)
+    assert torch.allclose(normalize(images.float() / 255), expected, atol=1e-5)
+    assert torch.allclose(augmentations.normalize(images, mean, std), expected, atol=1e-5)
+    constants = normalize._scale_shift(images.device, 255)
+    normalize(images)
+    assert all(a is b for a, b in zip(constants, normalize._scale_shift(images.device, 255)))
+
+
+@pytest.mark.xfail(strict=True, reason='augmentations.Normalize.__call__ standardizes images.float() in place; '
+                   'for a float32 input .float() is the input itself, so the caller\'s tensor is overwritten')
+def test_normalize_leaves_a_float_input_unchanged():
+    images = torch.rand(2, 3, 4, 4)
+    before = images.clone()
+    augmentations.Normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))(images)
+    assert torch.equal(images, before)
 
 
 # ----------------------------------------------------------------------------- Cutout

@@ -174,3 +174,66 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, 'CIFAR10', offline)
     with pytest.raises(UsageError, match=r'--download: could not fetch CIFAR10 into .*no route to host'):
         dataloader.load_split(str(tmp_path), 'CIFAR10', train=True, download=True)
+
+
+def _alternating_loader(n, seed, padding=2):
+    """A loader of n identical images, bright on the left half, labelled 0..n-1 to follow each image."""
+    torch.manual_seed(seed)
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    image[..., :16] = 255
+    return dataloader.DeviceLoader(image.expand(n, -1, -1, -1), torch.arange(n), dataloader.DATASETS['CIFAR10'],
+                                   500, CPU, True, random_crop_padding=padding, horizontal_flip=True,
+                                   padding_mode='reflect', flip_mode='alternating')
+
+
+def _flips_by_image(loader):
+    """One pass over ``loader``: which images came out mirrored (indexed by label)."""
+    flipped = torch.zeros(loader.num_samples, dtype=torch.bool)
+    seen = torch.zeros(loader.num_samples, dtype=torch.long)
+    for images, labels in loader:
+        # with a translation of at most 2 px, column 0 stays in the bright half unless mirrored
+        flipped[labels] = images[:, 0, :, 0].mean(1) < images[:, 0, :, 31].mean(1)
+        seen[labels] += 1
+    assert (seen == 1).all()
+    return flipped
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch_and_resumes_by_set_epoch():
+    n = 2000
+    loader = _alternating_loader(n, seed=3)
+    flips = []
+    for epoch in range(1, 5):
+        if epoch > 2:
+            loader.set_epoch(epoch)  # main.py's call; epochs 1-2 rely on the loader counting itself
+        flips.append(_flips_by_image(loader))
+    flips = torch.stack(flips)
+    tolerance = 5 * (0.25 / n) ** 0.5
+    assert abs(flips[0].float().mean().item() - 0.5) < tolerance  # random phase across images
+    assert abs(loader.flip_phase.float().mean().item() - 0.5) < tolerance
+    assert torch.equal(flips[1:], ~flips[:-1])  # flipped in epoch e iff not in epoch e + 1
+    for epoch in (2, 3):
+        resumed = _alternating_loader(n, seed=3)  # a resumed run: same seed, then set_epoch
+        resumed.set_epoch(epoch)
+        assert torch.equal(_flips_by_image(resumed), flips[epoch - 1]), epoch
+    other_seed = _flips_by_image(_alternating_loader(n, seed=4))
+    assert 0.4 < (other_seed != flips[0]).float().mean() < 0.6  # the phase comes from the seed
+
+
+def test_random_flip_mode_draws_fresh_coins_each_epoch():
+    loader = _alternating_loader(2000, seed=3)
+    loader.flip_phase = None  # flip_mode='random'
+    first, second = _flips_by_image(loader), _flips_by_image(loader)
+    agreement = (first == second).float().mean().item()
+    assert abs(agreement - 0.5) < 5 * (0.25 / 2000) ** 0.5
+    with pytest.raises(ValueError, match='flip_mode'):
+        dataloader.DeviceLoader(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2),
+                                dataloader.DATASETS['CIFAR10'], 2, CPU, True, flip_mode='sometimes')
+
+
+def test_workers_pipeline_refuses_reflect_padding_and_alternating_flip(cifar10_dir):
+    for options in (dict(padding_mode='reflect'), dict(flip_mode='alternating')):
+        with pytest.raises(UsageError, match='need --data_pipeline device'):
+            dataloader.build_data('CIFAR10', cifar10_dir, 32, CPU, data_pipeline='workers', num_workers=0, **options)
+    data = dataloader.build_data('CIFAR10', cifar10_dir, 32, CPU, padding_mode='reflect', flip_mode='alternating')
+    assert data.train_loader.padding_mode == 'reflect' and data.train_loader.flip_phase is not None
+    assert data.test_loader.flip_phase is None

@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import main
 import utils
@@ -148,6 +150,19 @@ BAD_INPUT = [
     (['--subdivision', '3'], '--subdivision 3 must divide --batch_size 20'),
     (['--use_mixup', '--use_ricap'], 'mixup.*ricap|ricap.*mixup'),
     (['--growth_rate', '12'], '--growth_rate does not apply to --arch resnet'),
+    (['--tta', 'flip_translate', '--dataset', 'MNIST'], '--tta flip_translate: MNIST images are not flipped'),
+    (['--compile_mode', 'max-autotune'], '--compile_mode max-autotune needs --compile'),
+    (['--eval_every', '0'], '--eval_every must be a positive integer, got 0'),
+    (['--save_every', '0'], '--save_every must be a positive integer, got 0'),
+    (['--whiten_bias_epochs', '2'], '--whiten_bias_epochs: this --arch has no patch-whitening layer'),
+    (['--arch', 'airbench', '--whiten_bias_epochs', '3'], r'--whiten_bias_epochs must be in \(0, --epochs\], got 3'),
+    (['--optimizer', 'muon', '--precision', 'fp16'], '--optimizer muon with --precision fp16 is not supported'),
+    (['--optimizer', 'muon', '--use_sam'], '--use_sam does not combine with --optimizer muon'),
+    (['--alternating_flip', '--data_pipeline', 'workers'], '--alternating_flip need --data_pipeline device'),
+    (['--padding_mode', 'reflect', '--data_pipeline', 'workers'],
+     '--padding_mode reflect .*need --data_pipeline device'),
+    (['--padding_mode', 'circular'], 'argument --padding_mode: invalid choice'),
+    (['--tta', 'flip_shift'], 'argument --tta: invalid choice'),
 ]
 
 
@@ -206,6 +221,7 @@ SMALL_FAMILIES = {
     'resnext': ['--depth', '11', '--cardinality', '2', '--base_channels', '4'],
     'shake_shake': ['--depth', '8', '--base_channels', '4'],
     'resnet9': ['--base_channels', '4'],
+    'airbench': ['--n_channels', '[8,16,16]'],
 }
 DATASET_FOR_FAMILY = ['CIFAR10', 'MNIST', 'CIFAR100', 'FashionMNIST', 'KMNIST']
 
@@ -286,3 +302,192 @@ def test_resume_of_a_run_that_died_in_its_first_epoch_starts_over(cifar10_dir, t
     assert run_main([*run, '--resume']) == 0
     assert 'no checkpoint' in capsys.readouterr().err
     assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1]
+
+
+def test_airbench_trains_on_one_channel_28x28_images(mnist_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main(['--arch', 'airbench', '--n_channels', '[8,16,16]', '--epochs', '1', '--batch_size', '20',
+                     '--device', 'cpu', '--no-tensorboard', '--dataset', 'MNIST', '--dataset_dir', mnist_dir,
+                     '--alternating_flip', '--padding_mode', 'reflect', '--random_crop_padding', '2',
+                     '--outdir', str(outdir)]) == 0
+    record = json.load(open(outdir / 'log.json'))[0]
+    assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1
+    state = torch.load(outdir / 'model_state.pth', weights_only=True)
+    assert state['whiten.weight'].shape == (8, 1, 2, 2) and state['whiten.weight'].abs().sum() > 0
+
+
+def test_airbench_dry_run_counts_the_paper_network(cifar10_dir, capsys):
+    assert run_main(['--arch', 'airbench', '--device', 'cpu', '--dataset_dir', cifar10_dir, '--dry_run']) == 0
+    printed = capsys.readouterr().out
+    assert 'airbench: 1,972,792 parameters' in printed and '"batch_size": 2000' in printed
+
+
+class CheckpointRecorder:
+    """utils.save_checkpoint that also keeps what each save held, optionally stopping the run after one."""
+
+    def __init__(self, crash_after_epoch=None):
+        self.real_save, self.crash_after_epoch, self.saved = utils.save_checkpoint, crash_after_epoch, {}
+
+    def __call__(self, state, path):
+        self.real_save(state, path)
+        self.saved[state['epoch']] = {key: value.clone() for key, value in state['model'].items()}
+        if state['epoch'] == self.crash_after_epoch:
+            raise KeyboardInterrupt
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(cifar10_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '3', '--eval_every', '2', '--dataset_dir', cifar10_dir,
+                     '--outdir', str(outdir)]) == 0
+    log = json.load(open(outdir / 'log.json'))
+    assert [r['epoch'] for r in log] == [1, 2, 3]
+    assert not any('test' in key for key in log[0]) and math.isfinite(log[0]['train_loss'])
+    assert log[0]['epoch_time'] == log[0]['train_time']
+    for record in log[1:]:
+        assert EPOCH_KEYS <= set(record)
+    assert log[1]['best_test_epoch'] == 2
+    best = max(log[1:], key=lambda r: r['test_accuracy'])
+    assert log[2]['best_test_epoch'] == best['epoch'] and log[2]['best_test_accuracy'] == best['test_accuracy']
+    summary = json.load(open(outdir / 'summary.json'))
+    assert summary['final_test_accuracy'] == log[2]['test_accuracy'] and summary['epochs'] == 3
+    assert (summary['best_test_accuracy'], summary['best_test_epoch']) == (best['test_accuracy'], best['epoch'])
+
+
+@pytest.mark.parametrize('epochs, saved', [(3, [2, 3]), (4, [2, 4]), (1, [1])])
+def test_save_every_writes_every_nth_and_the_last_epoch(epochs, saved, cifar10_dir, tmp_path, monkeypatch):
+    recorder = CheckpointRecorder()
+    monkeypatch.setattr(utils, 'save_checkpoint', recorder)
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', str(epochs), '--save_every', '2', '--dataset_dir', cifar10_dir,
+                     '--outdir', str(outdir)]) == 0
+    assert sorted(recorder.saved) == saved
+    checkpoint = torch.load(outdir / 'checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == epochs and len(checkpoint['log']) == epochs
+    final = torch.load(outdir / 'model_state.pth', weights_only=True)
+    assert all(torch.equal(final[k], checkpoint['model'][k]) for k in final)
+
+
+def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_path, monkeypatch):
+    """--save_every 2, killed in epoch 4: log.json has 3 epochs, the checkpoint 2; resuming redoes
+    epoch 3 and ends where an uninterrupted run does."""
+    run = [*TINY_RUN, '--epochs', '4', '--save_every', '2', '--dataset_dir', cifar10_dir]
+    assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
+    real_train = main.Trainer.train_one_epoch
+
+    def crash_in_epoch_4(self, loader, epoch, progress):
+        if epoch == 4:
+            raise KeyboardInterrupt
+        return real_train(self, loader, epoch, progress)
+    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_4)
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    monkeypatch.undo()
+    assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 3
+    assert torch.load(tmp_path / 'crashed' / 'checkpoint.pth', weights_only=True)['epoch'] == 2
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
+    assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
+    whole = torch.load(tmp_path / 'whole' / 'model_state.pth', weights_only=True)
+    resumed = torch.load(tmp_path / 'crashed' / 'model_state.pth', weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+# airbench94_muon's recipe (run_experiments.sh fast_airbench94_muon) at toy size: Muon for the filters,
+# SGD with a larger head lr for the rest, whitening bias trained for the first epoch only, alternating
+# flip, 2-pixel reflect translation, flip-and-translate TTA, evaluation every second epoch.
+AIRBENCH_RECIPE = ['--arch', 'airbench', '--n_channels', '[8,16,16]', '--epochs', '3', '--batch_size', '20',
+                   '--device', 'cpu', '--no-tensorboard', '--optimizer', 'muon', '--base_lr', '2',
+                   '--weight_decay', '5e-4', '--head_lr_factor', '4', '--momentum', '0.85', '--muon_lr', '0.24',
+                   '--scheduler', 'linear', '--whiten_bias_epochs', '1', '--use_label_smoothing',
+                   '--label_smoothing_epsilon', '0.2', '--alternating_flip', '--random_crop_padding', '2',
+                   '--padding_mode', 'reflect', '--tta', 'flip_translate', '--eval_every', '2']
+
+
+@pytest.fixture(scope='module')
+def airbench_recipe_run(cifar10_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch run of the recipe, with the weights of each epoch's checkpoint."""
+    outdir = tmp_path_factory.mktemp('airbench') / 'whole'
+    recorder = CheckpointRecorder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, 'save_checkpoint', recorder)
+        code = run_main([*AIRBENCH_RECIPE, '--dataset_dir', cifar10_dir, '--outdir', str(outdir)])
+    return code, outdir, recorder.saved
+
+
+def test_airbench_recipe_trains(airbench_recipe_run, cifar10_dir):
+    code, outdir, saved = airbench_recipe_run
+    assert code == 0
+    log = json.load(open(outdir / 'log.json'))
+    assert [r['epoch'] for r in log] == [1, 2, 3] and sorted(saved) == [1, 2, 3]
+    losses = [r['train_loss'] for r in log]
+    assert all(math.isfinite(loss) for loss in losses) and losses[2] < losses[0] - 0.1
+    assert 'test_accuracy' not in log[0] and 0 <= log[1]['test_accuracy'] <= 1 and 0 <= log[2]['test_accuracy'] <= 1
+    summary = json.load(open(outdir / 'summary.json'))
+    assert summary['final_test_accuracy'] == log[2]['test_accuracy']
+    # the whitening filters come from the normalized training images and never train
+    images, _ = main.dataloader.load_split(cifar10_dir, 'CIFAR10', train=True)
+    info = main.dataloader.DATASETS['CIFAR10']
+    whitening = main.models.airbench.PatchWhitening(3)
+    whitening.initialize_from_images(main.augmentations.Normalize(info.mean, info.std)(images))
+    for state in saved.values():
+        assert torch.allclose(state['whiten.weight'], whitening.weight, rtol=1e-4, atol=1e-4)
+        for name, value in state.items():
+            if name.endswith('.weight') and '.norm' in name:
+                assert torch.equal(value, torch.ones_like(value)), name  # BN scales stay frozen at 1
+    # --whiten_bias_epochs 1: the bias moves in epoch 1 and stays put after it
+    assert saved[1]['whiten.bias'].abs().sum() > 0
+    assert torch.equal(saved[1]['whiten.bias'], saved[2]['whiten.bias'])
+    assert torch.equal(saved[2]['whiten.bias'], saved[3]['whiten.bias'])
+    assert not torch.equal(saved[2]['group1.norm1.bias'], saved[3]['group1.norm1.bias'])
+    assert not torch.equal(saved[2]['group1.conv1.weight'], saved[3]['group1.conv1.weight'])
+    # the logged test figures are flip-and-translate TTA of the final weights, computed here by hand
+    model = main.models.create_model('airbench', n_channels=[8, 16, 16]).eval()
+    model.load_state_dict(torch.load(outdir / 'model_state.pth', weights_only=True))
+    test_images, test_labels = main.dataloader.load_split(cifar10_dir, 'CIFAR10', train=False)
+    test_images = main.augmentations.Normalize(info.mean, info.std)(test_images)
+    padded = torch.from_numpy(np.pad(test_images.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode='reflect'))
+    with torch.no_grad():
+        def flip_pair(x):
+            return (model(x) + model(x.flip(3))) / 2
+        logits = 0.5 * flip_pair(test_images) + 0.25 * (flip_pair(padded[:, :, :32, :32])
+                                                         + flip_pair(padded[:, :, 2:, 2:]))
+    assert log[2]['test_loss'] == pytest.approx(F.cross_entropy(logits, test_labels).item(), rel=1e-4)
+    assert log[2]['test_accuracy'] == pytest.approx((logits.argmax(1) == test_labels).float().mean().item())
+
+
+@pytest.mark.parametrize('crash_after_epoch', [1, 2])
+def test_airbench_recipe_resumed_after_a_crash_equals_the_uninterrupted_run(crash_after_epoch, airbench_recipe_run,
+                                                                              cifar10_dir, tmp_path, monkeypatch):
+    """Alternating flip (the epoch's phase), Muon's momentum and the per-group schedules all resume.
+
+    Killed after epoch 2, the resumed epoch 3 flips as epoch 1 did; killed after epoch 1, a loader
+    that ignored the epoch would flip epoch 2 as epoch 1, the opposite of the uninterrupted run."""
+    code, whole, _ = airbench_recipe_run
+    assert code == 0
+    run = [*AIRBENCH_RECIPE, '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'crashed')]
+    monkeypatch.setattr(utils, 'save_checkpoint', CheckpointRecorder(crash_after_epoch=crash_after_epoch))
+    assert run_main(run) == 130
+    monkeypatch.undo()
+    assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == crash_after_epoch
+    assert run_main([*run, '--resume']) == 0
+    assert _log_without_times(tmp_path / 'crashed') == _log_without_times(whole)
+    expected = torch.load(whole / 'model_state.pth', weights_only=True)
+    resumed = torch.load(tmp_path / 'crashed' / 'model_state.pth', weights_only=True)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+@pytest.mark.xfail(strict=True, reason='main.RunDirectory refuses --resume when log.json exists without '
+                   'checkpoint.pth, which is every run killed before its first --save_every epoch')
+def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar10_dir, tmp_path, monkeypatch):
+    run = [*TINY_RUN, '--epochs', '3', '--save_every', '2', '--dataset_dir', cifar10_dir]
+    assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
+    real_train = main.Trainer.train_one_epoch
+
+    def crash_in_epoch_2(self, loader, epoch, progress):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_train(self, loader, epoch, progress)
+    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_2)
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    monkeypatch.undo()
+    assert (tmp_path / 'crashed' / 'log.json').exists() and not (tmp_path / 'crashed' / 'checkpoint.pth').exists()
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
+    assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')

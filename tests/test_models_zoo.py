@@ -13,6 +13,7 @@ from torch import nn
 
 import models
 import optim
+from models.airbench import ConvGroup, PatchWhitening
 from models.densenet import DenseLayer
 from models.shake_shake import ShakeShakeBlock, shake_shake_mix
 
@@ -185,6 +186,9 @@ def test_children_are_named_by_stage_and_block():
     ('shake_shake', dict(base_channels=5), '--base_channels 5'),
     ('resnet9', dict(base_channels=0), '--base_channels 0'),
     ('resnet9', dict(depth=9), '--depth does not apply to --arch resnet9'),
+    ('airbench', dict(n_channels=[64, 256]), '--n_channels [64, 256]: airbench needs three widths'),
+    ('airbench', dict(n_channels=[64, 0, 256]), '--n_channels 0: airbench needs a positive integer'),
+    ('airbench', dict(depth=8), '--depth does not apply to --arch airbench'),
 ])
 def test_invalid_configuration_names_the_flag(arch, flags, message_start):
     with pytest.raises(models.ModelConfigError) as error:
@@ -396,6 +400,123 @@ def test_dense_layer_adds_growth_rate_channels():
     out = layer([torch.randn(2, 2, 8, 8), torch.randn(2, 3, 8, 8)])
     assert out.shape == (2, 3, 8, 8)
     assert layer.conv1.out_channels == 12  # 4k bottleneck channels
+
+
+# ---------------------------------------------------------------- airbench
+
+def test_airbench_parameter_count():
+    """airbench94 at widths 64/256/256: 1,972,792 parameters (arXiv 2404.00498 reports about 1.97 M)."""
+    model = build_on_meta('airbench')
+    whitening_filters, whitening_bias = 24 * 3 * 2 * 2, 24  # 2 x (3 x 2 x 2) filters: eigenvectors and negatives
+    convs = 24 * 64 * 9 + 64 * 64 * 9 + 64 * 256 * 9 + 256 * 256 * 9 + 2 * 256 * 256 * 9
+    bn_channels = 2 * 64 + 4 * 256
+    head = 256 * 10  # no bias
+    assert count_parameters(model) == whitening_filters + whitening_bias + convs + 2 * bn_channels + head == 1972792
+    # trainable: conv filters + BN biases + whitening bias + head; the whitening filters and the
+    # BN scales are frozen
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == convs + bn_channels + whitening_bias + head == 1971352
+
+
+@pytest.mark.parametrize('in_channels, size, num_classes', INPUTS, ids=['cifar10', 'cifar100', 'mnist'])
+def test_airbench_forward_backward(in_channels, size, num_classes):
+    torch.manual_seed(0)
+    model = models.create_model('airbench', n_channels=[8, 16, 16], num_classes=num_classes, in_channels=in_channels)
+    assert model.whiten.out_channels == 2 * in_channels * 4
+    model.train()
+    logits = model(torch.randn(4, in_channels, size, size))
+    assert logits.shape == (4, num_classes) and torch.isfinite(logits).all()
+    logits.logsumexp(dim=1).sum().backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        else:
+            assert parameter.grad is None, name
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(3, in_channels, size, size))
+        assert features.shape == (3, 16, 3, 3)  # 31 or 27 after the 2x2 whitening, then three halvings
+        pooled = model.pool(features).flatten(1)
+        assert torch.allclose(model.fc(pooled) / 16, model.fc(pooled) / model.num_features)
+        assert model(torch.randn(3, in_channels, size, size)).shape == (3, num_classes)
+
+
+def test_airbench_default_widths_on_both_input_shapes():
+    model = models.create_model('airbench').eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    model = models.create_model('airbench', num_classes=100, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 100)
+    assert model.fc.bias is None and model.fc.weight.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def correlated_images(n, channels, size, scale, seed):
+    """Gaussian images with strong, anisotropic neighbour-pixel correlations (so a filter with its
+    rows and columns swapped does not whiten), correlated channels and a non-zero mean."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, channels, size + 2, size + 2, generator=generator, dtype=torch.float64)
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [0.5, 1.0, 0.5], [0.0, 0.25, 0.0]], dtype=torch.float64)
+    blurred = torch.nn.functional.conv2d(noise, kernel.expand(channels, 1, 3, 3), groups=channels)
+    mixing = 2 * torch.eye(channels, dtype=torch.float64) + torch.rand(channels, channels, generator=generator,
+                                                                       dtype=torch.float64)
+    return (scale * (torch.einsum('dc,nchw->ndhw', mixing, blurred) + 0.5)).float()
+
+
+@pytest.mark.parametrize('channels, scale, eps', [(3, 1.0, 1e-6), (3, 0.02, 5e-4), (1, 0.02, 5e-4)])
+def test_patch_whitening_whitens_the_patches_it_was_initialized_from(channels, scale, eps):
+    images = correlated_images(64, channels, 16, scale, seed=channels)
+    layer = PatchWhitening(channels, eps=eps)
+    assert not layer.weight.requires_grad and layer.bias.requires_grad
+    layer.initialize_from_images(images)
+    patch_dim = channels * 4
+    assert layer.out_channels == 2 * patch_dim
+    # the 2x2 patches' uncentered second moment, computed independently in float64
+    patches = torch.nn.functional.unfold(images.double(), kernel_size=2).transpose(1, 2).reshape(-1, patch_dim)
+    eigenvalues = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    assert eigenvalues.max() / eigenvalues.min() > 10  # far from white before the layer
+    with torch.no_grad():
+        outputs = layer(images).double()
+    first, second = outputs[:, :patch_dim], outputs[:, patch_dim:]
+    assert torch.allclose(second, -first, atol=1e-5 * first.abs().max().item())
+    flat = first.transpose(0, 1).reshape(patch_dim, -1)
+    whitened = flat @ flat.T / flat.shape[1]
+    # filters eigenvector / sqrt(lambda + eps): second moment diag(lambda / (lambda + eps)), ascending as eigh
+    expected = torch.diag(eigenvalues / (eigenvalues + eps))
+    assert torch.allclose(whitened, expected, atol=2e-3), (whitened - expected).abs().max()
+    identity = torch.eye(patch_dim, dtype=torch.float64)
+    if eps / eigenvalues.min() < 1e-4:
+        assert torch.allclose(whitened, identity, atol=2e-3)
+    else:  # eps comparable to the smallest eigenvalues shrinks those directions
+        assert (whitened - identity).abs().max() > 0.05
+    assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_airbench_convolutions_start_as_identities_and_bn_scales_are_frozen():
+    torch.manual_seed(0)
+    for in_channels, out_channels in ((24, 64), (16, 8)):
+        group = ConvGroup(in_channels, out_channels)
+        for conv in (group.conv1, group.conv2):
+            assert conv.bias is None
+            shared = min(conv.in_channels, conv.out_channels)
+            x = torch.randn(2, conv.in_channels, 6, 6)
+            with torch.no_grad():
+                y = conv(x)
+            assert torch.allclose(y[:, :shared], x[:, :shared], atol=1e-6)  # dirac on the first filters
+            if conv.out_channels > shared:
+                assert conv.weight[shared:].abs().sum() > 0  # the others keep their random init
+        for norm in (group.norm1, group.norm2):
+            assert not norm.weight.requires_grad and torch.equal(norm.weight, torch.ones_like(norm.weight))
+            assert norm.bias.requires_grad
+            assert (norm.momentum, norm.eps) == (0.4, 1e-12)
+    model = models.create_model('airbench', n_channels=[8, 16, 16])
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {'whiten.weight'} | {f'group{g}.norm{n}.weight' for g in (1, 2, 3) for n in (1, 2)}
+
+
+def test_airbench_training_defaults():
+    defaults = models.train_defaults('airbench')
+    assert (defaults['epochs'], defaults['batch_size']) == (8, 2000)
 
 
 # ---------------------------------------------------------------- defaults
