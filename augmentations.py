@@ -98,8 +98,8 @@ class Normalize:
 
     def __call__(self, images):
         scale, shift = self._scale_shift(images.device, 255 if images.dtype == torch.uint8 else 1)
-        # one multiply and one add, in place on the fresh float copy
-        return images.float().mul_(scale).add_(shift)
+        # one multiply and one add, in place on a fresh float32 copy (never on the caller's tensor)
+        return images.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
 
 def normalize(images, mean, std):
@@ -108,9 +108,18 @@ def normalize(images, mean, std):
 
 
 def _sample_beta(concentration, device, shape=()):
-    """Samples of Beta(concentration, concentration) from torch's generator on ``device``."""
-    concentration = torch.tensor(float(concentration), device=device)
-    return torch.distributions.Beta(concentration, concentration).sample(shape)
+    """Samples of Beta(concentration, concentration) from torch's generator on ``device``.
+
+    ``concentration`` is a number, checked here on the host. The distribution is built without
+    argument validation, which would read ``concentration > 0`` back from the device on every
+    batch; ``torch.full`` fills the parameter on the device where ``torch.tensor`` would copy it
+    from the host. The draws are those of the validated distribution, so no step waits for the GPU.
+    """
+    concentration = float(concentration)
+    if not concentration > 0:
+        raise ValueError(f'Beta concentration must be positive, got {concentration}')
+    concentration = torch.full((), concentration, device=device)
+    return torch.distributions.Beta(concentration, concentration, validate_args=False).sample(shape)
 
 
 def _box_rows_cols(top, left, box_height, box_width, height, width):
@@ -192,8 +201,14 @@ def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ra
 
 
 def one_hot(labels, num_classes):
-    """int64 labels (B,) -> float32 one-hot targets (B, num_classes)."""
-    return F.one_hot(labels, num_classes).float()
+    """int64 labels (B,) -> float32 one-hot targets (B, num_classes).
+
+    A scatter rather than ``F.one_hot``, which on the CPU (and devices other than CUDA) checks the
+    labels' range by reading their min and max on the host; an out-of-range label still fails, in
+    the scatter's own bounds check.
+    """
+    targets = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    return targets.scatter_(1, labels[:, None], 1.0)
 
 
 def mixup(images, targets, alpha=1.0):
@@ -250,8 +265,9 @@ def ricap(images, targets, beta=0.3):
     boundary = _sample_beta(beta, device, (2,))
     boundary_x = torch.round(boundary[0] * width).long()
     boundary_y = torch.round(boundary[1] * height).long()
-    is_right = torch.tensor([0, 1, 0, 1], device=device)
-    is_bottom = torch.tensor([0, 0, 1, 1], device=device)
+    # quadrant k = 2 * is_bottom + is_right, built on the device (a host list would be copied per batch)
+    quadrants = torch.arange(4, device=device)
+    is_right, is_bottom = quadrants % 2, quadrants // 2
     patch_width = torch.where(is_right.bool(), width - boundary_x, boundary_x)
     patch_height = torch.where(is_bottom.bool(), height - boundary_y, boundary_y)
     origin_x, origin_y = is_right * boundary_x, is_bottom * boundary_y
@@ -349,7 +365,9 @@ def autoaugment(images_uint8):
     """AutoAugment, CIFAR-10 policy (Cubuk et al., arXiv 1805.09501), on a uint8 batch.
 
     Every image draws its own sub-policy (torchvision's AutoAugment samples one per call), so
-    this loops over the images; it runs before normalization and returns uint8.
+    this loops over the images; it runs before normalization and returns uint8. The policy draws
+    on the host, but on a GPU some of torchvision's operations read device values (Equalize masks
+    its histogram and tests ``step == 0``): one or two synchronizations per image in CUDA runs.
     """
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f'autoaugment expects uint8 images, got {images_uint8.dtype}')

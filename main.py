@@ -205,7 +205,8 @@ class _Parser(argparse.ArgumentParser):
 
 # Flags that never change what a run computes, so a resumed run may give them anew.
 RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
-                  'download', 'dry_run', 'evaluate', 'list_archs', 'config', 'epochs'}
+                  'download', 'dry_run', 'evaluate', 'list_archs', 'config', 'epochs', 'eval_every',
+                  'save_every', 'compile', 'compile_mode'}
 MODEL_FLAGS = ['depth', 'base_channels', 'block_type', 'n_channels', 'n_layers', 'use_bn',
                'remove_first_relu', 'add_last_bn', 'preact_stage', 'widening_factor', 'drop_rate',
                'growth_rate', 'compression_rate', 'memory_efficient', 'pyramid_alpha', 'cardinality',
@@ -355,14 +356,19 @@ class Trainer:
         return logits, self.regularizer.loss(logits, targets)
 
     def _first_call(self, kind, compiled_call, eager_call):
-        """Run a compiled function for the first time; if compiling fails, say why once and go on eager."""
+        """Run a compiled function for the first time; if compiling fails, say why once and go on eager.
+
+        A failure is the compiler's only if the same call succeeds eagerly: an error that eager
+        code raises too is a bug of the caller and propagates.
+        """
         try:
             return compiled_call()
-        except Exception as error:  # dynamo, inductor or a missing compiler: anything but the model itself
+        except Exception as error:  # dynamo, inductor or a missing compiler toolchain
+            result = eager_call()
             _compile_fallback_message(error, f'failed at the first {kind} step')
             self.forward_loss, self.eval_forward = self._forward_loss, self.model
             self._compile_pending = {'train': False, 'eval': False}
-            return eager_call()
+            return result
         finally:
             self._compile_pending[kind] = False
 
@@ -383,8 +389,7 @@ class Trainer:
         self._forward_backward([self.regularizer(chunk_images, chunk_labels)])
         self.optimizer.zero_grad(set_to_none=True)
         test_images, test_labels = next(iter(test_loader))
-        self.evaluate([(test_images, test_labels)] if len(test_labels) == test_loader.batch_size
-                      else _FixedBatch(test_images, test_labels, test_loader.batch_size))
+        self.evaluate(_FixedBatch(test_images, test_labels, test_loader.batch_size))
         self._synchronize()
         elapsed = time.perf_counter() - start
         self.model.load_state_dict(model_state)
@@ -572,9 +577,8 @@ class RunDirectory:
         self.has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
             if not self.has_checkpoint:
-                if os.path.exists(os.path.join(outdir, 'log.json')):
-                    raise UsageError(f'--resume: {outdir} has a log.json but no checkpoint.pth to resume from')
-                # the run stopped inside its first epoch: nothing to restore, start it again
+                # the run stopped before its first checkpoint (inside epoch 1, or before the first
+                # --save_every epoch): nothing to restore, so it starts again and rewrites its log
                 print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
         elif os.path.isdir(outdir) and os.listdir(outdir):
             raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
@@ -702,12 +706,12 @@ def main(argv=None):
     if args.resume:
         log, start_epoch = restore_state(checkpoint, model, trainer)
     write_config(run, args, n_params, device)
-    compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
-    if compile_time is not None:
-        print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
     if start_epoch > args.epochs:
         print(f'{args.outdir}: already trained for {args.epochs} epochs; nothing to do')
         return
+    compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
+    if compile_time is not None:
+        print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
 
     progress = make_progress()
     writer = make_tensorboard_writer(run, args.tensorboard)

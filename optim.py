@@ -19,6 +19,7 @@ pytorch_image_classification. Multistep milestones are epochs counted from the s
 (as torch's MultiStepLR and Goyal et al.), not from the end of warmup.
 """
 import copy
+import functools
 import math
 import os
 
@@ -32,6 +33,47 @@ WARMUP_METHODS = ('linear', 'exponential')
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
+def _step_with_amp_handoff(optimizer, grads, update, live_tensors):
+    """Run ``update()``, an optimizer's plain step, taking GradScaler's device-side hand-off.
+
+    For an optimizer that sets ``_step_supports_amp_scaling``, ``GradScaler.step`` does not read
+    found_inf on the host to decide whether to call ``step()``: it sets ``optimizer.grad_scale``
+    (None when ``unscale_`` already ran) and ``optimizer.found_inf`` (device tensors) and always
+    calls it. Here ``grads`` are divided by grad_scale in place, as ``unscale_`` would, and when
+    found_inf is set, ``live_tensors()`` (every tensor the step writes: parameters and optimizer
+    state, the state created beforehand) are copied and put back where found_inf > 0. The select
+    is ``torch.where``, one call per tensor: torch has no foreach select, and blending by a 0/1
+    weight (lerp, multiplying by a mask) would turn the discarded inf/NaN into NaN.
+    """
+    grad_scale = getattr(optimizer, 'grad_scale', None)
+    found_inf = getattr(optimizer, 'found_inf', None)
+    if grad_scale is not None and grads:
+        torch._foreach_div_(grads, grad_scale)
+    if found_inf is None:
+        update()
+        return
+    tensors = live_tensors()
+    saved = torch._foreach_clone(tensors) if tensors else []
+    update()
+    skipped = found_inf > 0
+    for tensor, old in zip(tensors, saved):
+        torch.where(skipped, old, tensor, out=tensor)
+
+
+def _by_device_and_dtype(*tensor_lists):
+    """The lists split by device and dtype, as torch's foreach optimizers run their kernels."""
+    if not tensor_lists[0]:
+        return []
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists))
+    return [(device, lists) for (device, _), (lists, _) in grouped.items()]
+
+
+def _one_minus_power(base, exponent):
+    """``1 - base ** exponent`` as ``-expm1(exponent * log(base))``: for base near 1 the subtraction
+    would cancel (1 - 0.999 keeps three of float32's seven digits)."""
+    return -torch.expm1(exponent * (math.log(base) if base > 0 else -math.inf))
+
+
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling (arXiv 1708.03888) in the form of hysts' LARSOptimizer.
 
@@ -40,7 +82,13 @@ class LARS(torch.optim.Optimizer):
     ``w -= buf`` (or ``w -= d + momentum * buf`` with nesterov). There is no LARS coefficient: the
     trust ratio multiplies the global lr directly. Parameters in a group with weight_decay 0 are
     still scaled by ``||w|| / ||g||``, as in hysts.
+
+    The step runs on whole tensor lists (``torch._foreach_*``, per device and dtype, as torch's
+    foreach SGD) with the trust ratios kept on the device. With ``_step_supports_amp_scaling``
+    GradScaler hands over grad_scale and found_inf instead of reading found_inf on the host.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False):
         if lr < 0:
@@ -53,6 +101,21 @@ class LARS(torch.optim.Optimizer):
             raise ValueError('LARS: nesterov momentum requires momentum > 0')
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
+    def _init_group(self, group):
+        """(parameters with a gradient, their momentum buffers or None), creating missing buffers."""
+        params = [param for param in group['params'] if param.grad is not None]
+        if group['momentum'] == 0:
+            return params, [None] * len(params)
+        buffers = []
+        for param in params:
+            state = self.state[param]
+            if 'momentum_buffer' not in state:
+                # momentum * 0 + d is d: a zero buffer gives the first step's buffer, and a skipped
+                # fp16 step has a value to restore
+                state['momentum_buffer'] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            buffers.append(state['momentum_buffer'])
+        return params, buffers
+
     @torch.no_grad()
     def step(self, closure=None):
         """One update; ``closure`` (optional) re-evaluates the model and returns the loss."""
@@ -60,30 +123,44 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            weight_decay, momentum = group['weight_decay'], group['momentum']
-            for param in group['params']:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                weight_norm = torch.linalg.vector_norm(param)
-                grad_norm = torch.linalg.vector_norm(grad)
-                # torch.where keeps the ratio on the device: no host sync per tensor
-                local_lr = torch.where((weight_norm > 0) & (grad_norm > 0),
-                                       weight_norm / (grad_norm + weight_decay * weight_norm),
-                                       torch.ones_like(weight_norm))
-                update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
-                update.mul_(local_lr * group['lr'])
-                if momentum != 0:
-                    state = self.state[param]
-                    if 'momentum_buffer' not in state:
-                        state['momentum_buffer'] = update.clone()
-                    else:
-                        state['momentum_buffer'].mul_(momentum).add_(update)
-                    buffer = state['momentum_buffer']
-                    update = update.add(buffer, alpha=momentum) if group['nesterov'] else buffer
-                param.sub_(update)
+        lists = [self._init_group(group) for group in self.param_groups]
+
+        def update():
+            for group, (params, buffers) in zip(self.param_groups, lists):
+                grads = [param.grad for param in params]
+                for _, device_lists in _by_device_and_dtype(params, grads, buffers):
+                    _lars_update(*device_lists, lr=group['lr'], momentum=group['momentum'],
+                                 weight_decay=group['weight_decay'], nesterov=group['nesterov'])
+
+        def live_tensors():
+            return [tensor for params, buffers in lists for tensor in params + buffers if tensor is not None]
+
+        grads = [param.grad for params, _ in lists for param in params]
+        _step_with_amp_handoff(self, grads, update, live_tensors)
         return loss
+
+
+def _lars_update(params, grads, buffers, *, lr, momentum, weight_decay, nesterov):
+    """LARS over tensors of one device and dtype (the formulas in :class:`LARS`)."""
+    weight_norms = torch.stack(torch._foreach_norm(params))
+    grad_norms = torch.stack(torch._foreach_norm(grads))
+    # one where over all tensors' norms: no host read, no per-tensor kernels
+    trust_ratios = torch.where((weight_norms > 0) & (grad_norms > 0),
+                               weight_norms / (grad_norms + weight_decay * weight_norms), 1.0)
+    step_sizes = (trust_ratios * lr).unbind()
+    if weight_decay != 0:
+        updates = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_mul_(updates, step_sizes)
+    else:
+        updates = torch._foreach_mul(grads, step_sizes)
+    if momentum != 0:
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, updates)
+        if nesterov:
+            torch._foreach_add_(updates, buffers, alpha=momentum)
+        else:
+            updates = buffers
+    torch._foreach_sub_(params, updates)
 
 
 class AdaBound(torch.optim.Optimizer):
@@ -94,7 +171,15 @@ class AdaBound(torch.optim.Optimizer):
     with ``final_lr`` scaled by ``lr / base_lr`` so that an LR schedule also moves the bounds.
     ``base_lr`` is the group's lr at construction and is kept in the param group (and so in the
     optimizer's state_dict). weight_decay is an L2 term added to the gradient, as in the paper.
+
+    The step runs on whole tensor lists (``torch._foreach_*``, per device and dtype). ``state['step']``
+    is a float32 tensor on the parameter's device, as in torch's fused/capturable Adam: GradScaler
+    hands over found_inf (``_step_supports_amp_scaling``), and a step it skips must leave the count,
+    and with it the bias corrections and bounds, unchanged without the host reading found_inf.
+    Checkpoints of the per-tensor version, with an int step, load and are converted at the next step.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8, weight_decay=0.0):
         if lr < 0:
@@ -116,6 +201,25 @@ class AdaBound(torch.optim.Optimizer):
         group = self.param_groups[-1]
         group.setdefault('base_lr', group['lr'])
 
+    def _init_group(self, group):
+        """Lists of (params, exp_avgs, exp_avg_sqs, steps) of the parameters with a gradient."""
+        lists = ([], [], [], [])
+        for param in group['params']:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError('AdaBound does not support sparse gradients')
+            state = self.state[param]
+            if not state:
+                state['step'] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state['exp_avg'] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state['exp_avg_sq'] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            elif not torch.is_tensor(state['step']) or state['step'].device != param.device:
+                state['step'] = torch.as_tensor(state['step'], dtype=torch.float32, device=param.device)
+            for values, value in zip(lists, (param, state['exp_avg'], state['exp_avg_sq'], state['step'])):
+                values.append(value)
+        return lists
+
     @torch.no_grad()
     def step(self, closure=None):
         """One update; ``closure`` (optional) re-evaluates the model and returns the loss."""
@@ -123,33 +227,50 @@ class AdaBound(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            final_lr = group['final_lr'] * group['lr'] / group['base_lr'] if group['base_lr'] > 0 else 0.0
-            for param in group['params']:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError('AdaBound does not support sparse gradients')
-                grad = param.grad
-                if group['weight_decay'] != 0:
-                    grad = grad.add(param, alpha=group['weight_decay'])
-                state = self.state[param]
-                if not state:
-                    state['step'] = 0
-                    state['exp_avg'] = torch.zeros_like(param)
-                    state['exp_avg_sq'] = torch.zeros_like(param)
-                state['step'] += 1
-                step = state['step']
-                exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = group['lr'] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
-                lower_bound = final_lr * (1 - 1 / (group['gamma'] * step + 1))
-                upper_bound = final_lr * (1 + 1 / (group['gamma'] * step)) if group['gamma'] > 0 else math.inf
-                elementwise_lr = (step_size / exp_avg_sq.sqrt().add_(group['eps'])).clamp_(lower_bound, upper_bound)
-                param.sub_(elementwise_lr.mul_(exp_avg))
+        lists = [self._init_group(group) for group in self.param_groups]
+
+        def update():
+            for group, (params, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, lists):
+                final_lr = group['final_lr'] * group['lr'] / group['base_lr'] if group['base_lr'] > 0 else 0.0
+                grads = [param.grad for param in params]
+                for _, device_lists in _by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+                    _adabound_update(*device_lists, lr=group['lr'], betas=group['betas'], final_lr=final_lr,
+                                     gamma=group['gamma'], eps=group['eps'], weight_decay=group['weight_decay'])
+
+        def live_tensors():
+            return [tensor for group_lists in lists for values in group_lists for tensor in values]
+
+        grads = [param.grad for params, *_ in lists for param in params]
+        _step_with_amp_handoff(self, grads, update, live_tensors)
         return loss
+
+
+def _adabound_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, final_lr, gamma, eps,
+                     weight_decay):
+    """AdaBound over tensors of one device and dtype (the formulas in :class:`AdaBound`)."""
+    beta1, beta2 = betas
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_add_(steps, 1)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    # the per-tensor scalars as one vector, in at least float32 (float64 for float64 parameters)
+    step = torch.stack(steps).to(torch.promote_types(params[0].dtype, torch.float32))
+    step_sizes = lr * _one_minus_power(beta2, step).sqrt() / _one_minus_power(beta1, step)
+    gamma_step = gamma * step
+    # final_lr * (1 - 1 / (gamma t + 1)) written without the cancellation
+    lower_bounds = final_lr * gamma_step / (gamma_step + 1)
+    elementwise_lrs = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(elementwise_lrs, eps)
+    elementwise_lrs = torch._foreach_div(step_sizes.unbind(), elementwise_lrs)
+    # clamp(lower, upper) as maximum then minimum: foreach clamps take no per-tensor tensor bounds
+    torch._foreach_maximum_(elementwise_lrs, lower_bounds.unbind())
+    if gamma > 0:
+        torch._foreach_minimum_(elementwise_lrs, (final_lr * (1 + 1 / gamma_step)).unbind())
+    torch._foreach_mul_(elementwise_lrs, exp_avgs)
+    torch._foreach_sub_(params, elementwise_lrs)
 
 
 class SAM(torch.optim.Optimizer):
@@ -160,6 +281,7 @@ class SAM(torch.optim.Optimizer):
     After a backward pass there, ``second_step`` restores ``w`` and lets the base optimizer step
     with the gradient of the perturbed point. ``param_groups``, ``state_dict`` and
     ``load_state_dict`` are the base optimizer's, so LR schedulers and checkpoints see through SAM.
+    Both steps run on whole tensor lists (``torch._foreach_*``); the norm stays on the device.
     """
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False):
@@ -181,28 +303,36 @@ class SAM(torch.optim.Optimizer):
         params = self._parameters_with_grad()
         if not params:
             return
-        norm_device = params[0].device
-        scaled_grads = [param.grad * param.abs() if self.adaptive else param.grad for param in params]
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(grad).to(norm_device) for grad in scaled_grads]))
-        scale = self.rho / (grad_norm + 1e-12)
-        for param, scaled_grad in zip(params, scaled_grads):
+        directions = [param.grad for param in params]
+        if self.adaptive:
             # ASAM: T^2 g / ||T g|| = T * (T g) / ||T g||
-            perturbation = scaled_grad * param.abs() if self.adaptive else scaled_grad
-            perturbation = perturbation * scale.to(param.device)
-            self.state[param]['perturbation'] = perturbation
-            param.add_(perturbation)
+            magnitudes = torch._foreach_abs(params)
+            scaled_grads = torch._foreach_mul(directions, magnitudes)
+            directions = torch._foreach_mul(scaled_grads, magnitudes)
+        else:
+            scaled_grads = directions
+        # the norm over all parameters, on the first one's device, as clip_grad_norm_ takes it
+        scale = self.rho / (torch.nn.utils.get_total_norm(scaled_grads) + 1e-12)
+        for device, (device_params, device_directions) in _by_device_and_dtype(params, directions):
+            perturbations = torch._foreach_mul(device_directions, scale.to(device))
+            torch._foreach_add_(device_params, perturbations)
+            for param, perturbation in zip(device_params, perturbations):
+                self.state[param]['perturbation'] = perturbation
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def second_step(self, zero_grad=True):
         """Return to ``w`` and step the base optimizer with the gradients of the perturbed point."""
+        params, perturbations = [], []
         for group in self.param_groups:
             for param in group['params']:
                 perturbation = self.state[param].pop('perturbation', None)
                 if perturbation is not None:
-                    param.sub_(perturbation)
+                    params.append(param)
+                    perturbations.append(perturbation)
+        for _, (device_params, device_perturbations) in _by_device_and_dtype(params, perturbations):
+            torch._foreach_sub_(device_params, device_perturbations)
         self.base_optimizer.step()
         # LR schedulers watch this flag (set by a wrapped step()) to warn about a wrong call order
         self._opt_called = True
@@ -254,6 +384,10 @@ def _filter_matrix(tensor, channels_last):
     return tensor.reshape(tensor.shape[0], -1)
 
 
+def _expose_matrix_grad(matrix, channels_last, param):
+    matrix.grad = _filter_matrix(param.grad, channels_last)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon on convolution filters beside an auxiliary optimizer (SGD) for all other parameters.
 
@@ -266,7 +400,8 @@ class Muon(torch.optim.Optimizer):
     decay on the filters (airbench uses none).
 
     ``param_groups`` lists the auxiliary groups first, then the Muon group, so one LR scheduler
-    drives both; ``state_dict`` holds both optimizers' states.
+    drives both; ``state_dict`` holds both optimizers' states. Under GradScaler (fp16) the step takes
+    grad_scale and found_inf on the device (see ``_step_supports_amp_scaling``).
     """
 
     def __init__(self, filters, auxiliary, lr=0.24, momentum=0.6, nesterov=True, ns_steps=3,
@@ -290,9 +425,22 @@ class Muon(torch.optim.Optimizer):
         super().__init__(self._groups(), {})
         self.param_groups = self._groups()
         self.defaults = auxiliary.defaults
+        # GradScaler's unscale_ and inf check walk param_groups, which hold the matrices: give each
+        # matrix its filter's gradient (a view) as soon as backward has accumulated it
+        self._grad_hooks = [param.register_post_accumulate_grad_hook(functools.partial(_expose_matrix_grad, matrix,
+                                                                                       channels_last))
+                            for param, matrix, channels_last in zip(self.filters, self.matrices, self.channels_last)]
 
     def _groups(self):
         return self.auxiliary.param_groups + self.muon.param_groups
+
+    @property
+    def _step_supports_amp_scaling(self):
+        """GradScaler's device-side hand-off (see :func:`_step_with_amp_handoff`) is exact when every
+        momentum buffer can be created at zero before a step that may be skipped: always for torch's
+        Muon, and for an SGD auxiliary without dampening, where momentum * 0 + g is its first buffer g."""
+        return isinstance(self.auxiliary, torch.optim.SGD) and all(
+            group['momentum'] == 0 or group['dampening'] == 0 for group in self.auxiliary.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -303,13 +451,35 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for param, matrix, channels_last in zip(self.filters, self.matrices, self.channels_last):
             matrix.grad = None if param.grad is None else _filter_matrix(param.grad, channels_last)
+        grads = [param.grad for group in self.param_groups for param in group['params'] if param.grad is not None]
+        _step_with_amp_handoff(self, grads, self._update, self._live_tensors)
+        return loss
+
+    def _update(self):
         if self.normalize_weights:
             factors = torch._foreach_reciprocal(torch._foreach_norm(self.filters))
             torch._foreach_mul_(factors, self.target_norms)
             torch._foreach_mul_(self.filters, factors)
         self.auxiliary.step()
         self.muon.step()
-        return loss
+
+    def _live_tensors(self):
+        """Every tensor a step writes, the momentum buffers a first step would create made now (zeros)."""
+        # all filters, also those without a gradient: normalize_weights rescales them as well
+        tensors = list(self.matrices)
+        for optimizer in (self.auxiliary, self.muon):
+            for group in optimizer.param_groups:
+                for param in group['params']:
+                    if param.grad is None:
+                        continue
+                    if optimizer is self.auxiliary:
+                        tensors.append(param)
+                    if group['momentum'] != 0:
+                        state = optimizer.state[param]
+                        if state.get('momentum_buffer') is None:
+                            state['momentum_buffer'] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                        tensors.append(state['momentum_buffer'])
+        return tensors
 
     def zero_grad(self, set_to_none=True):
         self.auxiliary.zero_grad(set_to_none=set_to_none)
@@ -364,9 +534,10 @@ def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=N
                            else weight_decay / factor, 'lr': base_lr * factor})
     limited = {id(param): epochs for param, epochs in (schedule_epochs or {}).items()}
     for group in list(groups):
-        for param in [p for p in group['params'] if id(p) in limited]:
-            group['params'].remove(param)
-            groups.append({**group, 'params': [param], 'schedule_epochs': limited[id(param)]})
+        moved = [param for param in group['params'] if id(param) in limited]
+        # by identity: list.remove would compare tensors with ==
+        group['params'] = [param for param in group['params'] if id(param) not in limited]
+        groups.extend({**group, 'params': [param], 'schedule_epochs': limited[id(param)]} for param in moved)
     return [group for group in groups if group['params']]
 
 
@@ -531,25 +702,82 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def create_ema(model, ema_decay):
+class ExponentialMovingAverage:
+    """An exponential moving average of a model's weights and buffers, updated with foreach kernels.
+
+    ``module`` is the averaged copy (evaluate or save it like the model). ``update_parameters(model)``
+    blends every floating-point parameter and buffer, ``ema = decay * ema + (1 - decay) * w``, with
+    one ``torch._foreach_lerp_`` over tensor lists gathered once, and copies integer buffers
+    (BatchNorm's num_batches_tracked). Nothing reads a device value: the only counter, which call
+    updates, is a host int. The lists hold ``model``'s tensors, so move the model before the first
+    update, not after.
+
+    ``every=K`` updates on every K-th call only, with ``decay ** K``: the weight left to the past per
+    K steps is the one K updates would leave, so the horizon (about ``1 / (1 - decay)`` steps) stays
+    the same while the average samples the weights every K steps (hlb-CIFAR10's ``decay_base **
+    every_n_steps``; torchvision's reference script also updates every 32 steps), a difference that
+    is negligible while K is small against the horizon.
+    """
+
+    def __init__(self, model, decay, every=1):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.every = decay, every
+        self.num_calls = 0
+        self._source, self._floats, self._others = None, None, None
+
+    def _tensor_lists(self, model):
+        """([ema floats], [model floats]) and ([ema others], [model others]), gathered once per model."""
+        if model is not self._source:
+            averaged = [*self.module.parameters(), *self.module.buffers()]
+            current = [*model.parameters(), *model.buffers()]
+            if [t.shape for t in averaged] != [t.shape for t in current]:
+                raise ValueError('ExponentialMovingAverage: the model does not match the averaged copy')
+            blended = [tensor.is_floating_point() or tensor.is_complex() for tensor in averaged]
+            self._floats, self._others = (
+                tuple([t for t, is_blended in zip(tensors, blended) if is_blended == wanted]
+                      for tensors in (averaged, current))
+                for wanted in (True, False))
+            self._source = model
+        return self._floats, self._others
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        """Count a call; on every ``every``-th, blend ``model`` into the average."""
+        self.num_calls += 1
+        if self.num_calls % self.every:
+            return
+        (averaged_floats, current_floats), (averaged_others, current_others) = self._tensor_lists(model)
+        if averaged_floats:
+            torch._foreach_lerp_(averaged_floats, current_floats, 1 - self.decay ** self.every)
+        if averaged_others:
+            torch._foreach_copy_(averaged_others, current_others)
+
+    def state_dict(self):
+        return {'module': self.module.state_dict(), 'num_calls': self.num_calls}
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class, or the averaged weights of a torch AveragedModel's one."""
+        if 'n_averaged' in state_dict:  # torch.optim.swa_utils.AveragedModel, which create_ema returned before
+            prefix = 'module.'
+            state_dict = {'module': {key[len(prefix):]: value for key, value in state_dict.items()
+                                     if key.startswith(prefix)}, 'num_calls': 0}
+        self.module.load_state_dict(state_dict['module'])
+        self.num_calls = int(state_dict['num_calls'])
+
+
+def create_ema(model, ema_decay, every=1):
     """Exponential moving average of weights and buffers: ``ema = decay * ema + (1 - decay) * w``.
 
-    The average starts as a copy of ``model`` and every ``update_parameters(model)`` call blends
-    (n_averaged starts at 1, so PyTorch does not overwrite the average with the first update),
-    hence after k updates ``ema = decay^k w0 + (1 - decay) * sum_i decay^(k-i) w_i``.
+    The average starts as a copy of ``model`` and every ``update_parameters(model)`` call blends,
+    hence after k updates ``ema = decay^k w0 + (1 - decay) * sum_i decay^(k-i) w_i``. With
+    ``every=K`` only every K-th call updates, with ``decay^K`` in place of ``decay`` (the same
+    horizon in steps; see :class:`ExponentialMovingAverage`).
     """
     if not 0 <= ema_decay <= 1:
         raise ValueError(f'--ema_decay must be in [0, 1], got {ema_decay}')
-    try:
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay),
-                                                  use_buffers=True)
-    except ImportError:  # torch < 2.2 has no get_ema_multi_avg_fn
-        def blend(averaged, current, num_averaged):
-            return ema_decay * averaged + (1 - ema_decay) * current
-        ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=blend, use_buffers=True)
-    ema.n_averaged.fill_(1)
-    return ema
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f'--ema_every must be an integer >= 1, got {every}')
+    return ExponentialMovingAverage(model, ema_decay, every)
 
 
 def _steepest_descent_lr(lrs, losses):

@@ -179,8 +179,6 @@ def test_normalize_standardizes_uint8_and_float_and_caches_its_constants():
     assert all(a is b for a, b in zip(constants, normalize._scale_shift(images.device, 255)))
 
 
-@pytest.mark.xfail(strict=True, reason='augmentations.Normalize.__call__ standardizes images.float() in place; '
-                   'for a float32 input .float() is the input itself, so the caller\'s tensor is overwritten')
 def test_normalize_leaves_a_float_input_unchanged():
     images = torch.rand(2, 3, 4, 4)
     before = images.clone()

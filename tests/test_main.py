@@ -474,8 +474,6 @@ def test_airbench_recipe_resumed_after_a_crash_equals_the_uninterrupted_run(cras
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
-@pytest.mark.xfail(strict=True, reason='main.RunDirectory refuses --resume when log.json exists without '
-                   'checkpoint.pth, which is every run killed before its first --save_every epoch')
 def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar10_dir, tmp_path, monkeypatch):
     run = [*TINY_RUN, '--epochs', '3', '--save_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0

@@ -1,5 +1,6 @@
 """Tests for optim.py: optimizer updates against hand computations, schedule curves against their
 closed forms, EMA, scheduler resume and the learning-rate range test."""
+import copy
 import json
 import math
 import warnings
@@ -510,3 +511,230 @@ def test_bn_bias_lr_factor_and_frozen_bn_weights():
     assert bias_group['lr'] == pytest.approx(64 * optimizer.param_groups[0]['lr'])
     with pytest.raises(ValueError, match='--bn_bias_lr_factor'):
         optim.build_optimizer(model, bn_bias_lr_factor=0)
+
+
+def ema_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def train_a_little(model):
+    """Move the weights at random and the BatchNorm statistics by a forward pass in training mode."""
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn_like(model[0].weight))
+    model(torch.randn(8, 3))
+
+
+def test_ema_every_k_calls_updates_with_decay_to_the_k():
+    model, decay, every = ema_model(), 0.9, 3
+    ema = optim.create_ema(model, decay, every=every)
+    history = [model[0].weight.detach().clone()]
+    for call in range(1, 8):
+        train_a_little(model)
+        ema.update_parameters(model)
+        if call % every == 0:
+            history.append(model[0].weight.detach().clone())
+    # two updates (calls 3 and 6), each with decay^3: the closed form with decay^K in place of decay
+    k, big_decay = len(history) - 1, decay ** every
+    expected = big_decay ** k * history[0] + sum((1 - big_decay) * big_decay ** (k - i) * history[i]
+                                                 for i in range(1, k + 1))
+    assert k == 2 and ema.num_calls == 7
+    torch.testing.assert_close(ema.module[0].weight, expected)
+
+
+def test_ema_copies_integer_buffers_and_is_not_trained():
+    model = ema_model()
+    ema = optim.create_ema(model, 0.5)
+    for _ in range(3):
+        train_a_little(model)
+        ema.update_parameters(model)
+    assert ema.module[1].num_batches_tracked.dtype == torch.long
+    assert ema.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 3
+    assert not any(param.requires_grad for param in ema.module.parameters())
+    with pytest.raises(ValueError, match='--ema_every'):
+        optim.create_ema(model, 0.5, every=0)
+
+
+def test_ema_state_dict_round_trip_resumes_the_same_average():
+    model = ema_model()
+    ema = optim.create_ema(model, 0.8, every=2)
+    for _ in range(3):  # an odd number of calls: the resumed average must know where it is in the cycle
+        train_a_little(model)
+        ema.update_parameters(model)
+    saved = {'module': {k: v.clone() for k, v in ema.state_dict()['module'].items()},
+             'num_calls': ema.state_dict()['num_calls']}
+    resumed = optim.create_ema(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), 0.8, every=2)
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        train_a_little(model)
+        ema.update_parameters(model)
+        resumed.update_parameters(model)
+    for (key, value), resumed_value in zip(ema.module.state_dict().items(), resumed.module.state_dict().values()):
+        torch.testing.assert_close(resumed_value, value, rtol=0, atol=0, msg=key)
+
+
+def test_ema_loads_the_averaged_weights_of_an_averaged_model_checkpoint():
+    """Checkpoints written when create_ema returned torch's AveragedModel still resume their average."""
+    model = ema_model()
+    averaged = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    train_a_little(averaged.module)
+    ema = optim.create_ema(model, 0.9)
+    ema.load_state_dict(averaged.state_dict())
+    for key, value in averaged.module.state_dict().items():
+        torch.testing.assert_close(ema.module.state_dict()[key], value, rtol=0, atol=0)
+    assert ema.num_calls == 0
+
+
+# ---------------------------------------------------------------- Muon
+
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, 'Muon'), reason='torch.optim.Muon needs torch 2.9 or later')
+
+
+def filter_bank_optimizer(weight, **muon_options):
+    """Muon on one (out, in, kh, kw) filter bank beside SGD on a bias (lr 1, momentum 0 unless told)."""
+    options = {'lr': 1.0, 'momentum': 0.0, 'normalize_weights': False, **muon_options}
+    return optim.Muon([weight], torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), **options)
+
+
+@needs_muon
+@pytest.mark.parametrize('ns_steps', [3, 5])
+def test_muon_update_of_a_filter_bank_is_orthogonalized(ns_steps):
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 8, 3, 3))  # out <= in*kh*kw: torch's lr adjustment is 1
+    before = weight.detach().clone()
+    weight.grad = torch.randn(16, 8, 3, 3)
+    filter_bank_optimizer(weight, ns_steps=ns_steps).step()
+    singular_values = torch.linalg.svdvals((before - weight.detach()).reshape(16, -1))
+    grad_singular_values = torch.linalg.svdvals(weight.grad.reshape(16, -1))
+    # quintic Newton-Schulz in bfloat16 maps the singular values (here spread over 2x) to about
+    # 0.7-1.15 (torch 2.14), not exactly 1: its coefficients trade convergence for speed
+    assert grad_singular_values.max() > 2 * grad_singular_values.min()
+    assert singular_values.min() >= 0.5 and singular_values.max() <= 1.6, singular_values
+
+
+@needs_muon
+def test_muon_channels_last_bank_gets_the_same_update():
+    torch.manual_seed(0)
+    start, grad = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    updated = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        weight = nn.Parameter(start.clone().to(memory_format=memory_format))
+        weight.grad = grad.clone().to(memory_format=memory_format)
+        optimizer = filter_bank_optimizer(weight, momentum=0.5)
+        optimizer.step()
+        weight.grad = grad.flip(0).to(memory_format=memory_format)  # a second step through the momentum
+        optimizer.step()
+        assert weight.is_contiguous(memory_format=memory_format)
+        assert optimizer.channels_last == [memory_format is torch.channels_last]
+        updated.append(weight.detach())
+    # the (out, kh*kw*in) matrix is a column permutation of the (out, in*kh*kw) one, and Newton-Schulz
+    # commutes with it; bfloat16 rounding of a reordered sum may differ in the last bit
+    torch.testing.assert_close(updated[1], updated[0], rtol=0, atol=1e-2)
+    assert not torch.equal(updated[0], start)
+
+
+@needs_muon
+def test_muon_normalize_weights_rescales_each_bank_before_the_update():
+    torch.manual_seed(0)
+    banks = [torch.randn(8, 4, 3, 3) * 3, torch.randn(6, 8, 1, 1) * 0.1]
+    grads = [torch.randn_like(bank) for bank in banks]
+    # lr 0: only the rescaling acts, to norm sqrt(out) along the same direction, with or without a gradient
+    weights = [nn.Parameter(bank.clone()) for bank in banks]
+    weights[0].grad = grads[0].clone()
+    optim.Muon(weights, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), lr=0.0).step()
+    for weight, bank in zip(weights, banks):
+        torch.testing.assert_close(weight.detach(), bank * math.sqrt(bank.shape[0]) / bank.norm())
+    # lr > 0: the same as stepping from banks rescaled by hand, without normalize_weights
+    results = []
+    for normalize in (True, False):
+        weights = [nn.Parameter(bank.clone() if normalize else bank * math.sqrt(bank.shape[0]) / bank.norm())
+                   for bank in banks]
+        for weight, grad in zip(weights, grads):
+            weight.grad = grad.clone()
+        optim.Muon(weights, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), lr=0.1,
+                   normalize_weights=normalize).step()
+        results.append([weight.detach() for weight in weights])
+    for normalized, by_hand in zip(*results):
+        torch.testing.assert_close(normalized, by_hand)
+
+
+def muon_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def muon_train_step(model, optimizer, step):
+    generator = torch.Generator().manual_seed(step)
+    images, labels = torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 4, (4,), generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+
+@needs_muon
+def test_muon_state_dict_round_trip_then_identical_steps():
+    model = muon_model()
+    optimizer = optim.build_optimizer(model, optimizer='muon', base_lr=0.05, momentum=0.9, muon_lr=0.1)
+    for step in range(2):
+        muon_train_step(model, optimizer, step)
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert saved.keys() == {'auxiliary', 'muon'} and saved['muon']['state'] and saved['auxiliary']['state']
+    resumed_model = copy.deepcopy(model)
+    resumed = optim.build_optimizer(resumed_model, optimizer='muon', base_lr=0.05, momentum=0.9, muon_lr=0.1)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[-1] is resumed.muon.param_groups[0]
+    for step in range(2, 4):
+        muon_train_step(model, optimizer, step)
+        muon_train_step(resumed_model, resumed, step)
+    for (name, param), resumed_param in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(resumed_param, param), name
+
+
+@needs_muon
+def test_muon_param_groups_are_auxiliary_then_muon_and_one_scheduler_drives_both():
+    model = muon_model()
+    optimizer = optim.build_optimizer(model, optimizer='muon', base_lr=0.05, muon_lr=0.2, weight_decay=5e-4,
+                                      no_weight_decay_on_bn=True)
+    filters = {id(model[0].weight), id(model[3].weight)}
+    *auxiliary, muon_group = optimizer.param_groups
+    assert auxiliary == optimizer.auxiliary.param_groups and muon_group is optimizer.muon.param_groups[0]
+    assert not any(id(param) in filters for group in auxiliary for param in group['params'])
+    assert [param.data_ptr() for param in muon_group['params']] == [model[0].weight.data_ptr(),
+                                                                     model[3].weight.data_ptr()]
+    scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=4, steps_per_epoch=1)
+    for step in range(2):
+        muon_train_step(model, optimizer, step)
+        scheduler.step()
+    assert optimizer.muon.param_groups[0]['lr'] == pytest.approx(0.2 * 0.5)
+    assert all(group['lr'] == pytest.approx(0.05 * 0.5) for group in optimizer.auxiliary.param_groups)
+
+
+# ---------------------------------------------------------------- head lr factor, per-group schedule length
+
+def test_head_lr_factor_and_schedule_epochs_groups():
+    model = norm_model()
+    head, whitening_bias = model[6], model[0].bias
+    optimizer = optim.build_optimizer(model, base_lr=0.1, weight_decay=5e-4, head_lr_factor=4.0,
+                                      schedule_epochs={whitening_bias: 3})
+    groups = {tuple(id(p) for p in group['params']): group for group in optimizer.param_groups}
+    head_group = groups[(id(head.weight), id(head.bias))]
+    assert head_group['lr'] == pytest.approx(0.4) and head_group['weight_decay'] == pytest.approx(5e-4 / 4)
+    limited = groups[(id(whitening_bias),)]
+    assert limited['schedule_epochs'] == 3 and limited['weight_decay'] == 5e-4 and limited['lr'] == 0.1
+    main_group = optimizer.param_groups[0]
+    assert id(whitening_bias) not in {id(p) for p in main_group['params']} and 'schedule_epochs' not in main_group
+    assert sum(len(group['params']) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+    scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=10, steps_per_epoch=2)
+    lrs = {name: [] for name in ('main', 'head', 'limited')}
+    for _ in range(12):
+        for name, group in (('main', main_group), ('head', head_group), ('limited', limited)):
+            lrs[name].append(group['lr'])
+        optimizer.step()
+        scheduler.step()
+    # the limited group's linear decay reaches 0 at epoch 3 (step 6) and stays there; the others run 10
+    assert lrs['limited'] == pytest.approx([0.1 * max(0.0, 1 - step / 6) for step in range(12)])
+    assert lrs['main'] == pytest.approx([0.1 * (1 - step / 20) for step in range(12)])
+    assert lrs['head'] == pytest.approx([0.4 * (1 - step / 20) for step in range(12)])

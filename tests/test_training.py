@@ -219,9 +219,6 @@ def test_compile_ahead_leaves_weights_buffers_and_rng_as_they_were(capsys):
     assert not torch.equal(state['1.running_mean'], model.state_dict()['1.running_mean'])
 
 
-@pytest.mark.xfail(strict=True, reason='main.Trainer.compile_ahead passes a plain list as the loader when the '
-                   'first test batch is full; evaluate(pad_batches=True) reads loader.batch_size, the '
-                   'AttributeError is taken for a compile failure and both compiled functions fall back to eager')
 def test_compile_ahead_with_a_full_first_test_batch_keeps_the_compiled_functions(capsys):
     model = tiny_bn_model()
     trainer = stand_in_compiled_trainer(model, capsys)
