@@ -28,7 +28,7 @@ import dataloader
 import models
 import optim
 import utils
-from utils import UsageError, json_list, str2bool
+from utils import UsageError, json_list, number, str2bool
 
 PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
 _IMAGE_FOLDER = dataloader.DatasetInfo('ImageFolder', 3, 0, 0, (), (), True)
@@ -70,9 +70,21 @@ def get_args_parser():
     group.add_argument('--shake_image', type=str2bool, nargs='?', const=True,
                        help='shake_shake: per image (true) or per batch')
     group.add_argument('--se_reduction', type=int, help='squeeze-and-excitation reduction ratio')
+    group.add_argument('--activation', choices=['relu', 'celu'],
+                       help='resnet9: activation (celu: Page\'s final recipe)')
+    group.add_argument('--celu_alpha', type=float, help='resnet9 with --activation celu: CELU alpha (0.3)')
+    group.add_argument('--ghost_bn_splits', type=int,
+                       help='resnet9: ghost batch norm, BN statistics per 1/N of each training batch inside one '
+                            'forward pass (unlike --subdivision: no extra passes, no gradient accumulation)')
+    group.add_argument('--head_scale', type=float,
+                       help='resnet9: logit scale (0.125; Page\'s final recipe 1/16); airbench: default-initialized '
+                            'head times this (airbench94: 1/9) instead of a unit-variance head / width')
 
     group = parser.add_argument_group('Optimization')
-    group.add_argument('--epochs', type=int, default=160)
+    group.add_argument('--epochs', type=number, default=160,
+                       help='training epochs; may be fractional (e.g. 9.9: the last epoch stops early)')
+    group.add_argument('--total_steps', type=int, default=None,
+                       help='train for exactly this many steps instead of --epochs')
     group.add_argument('--batch_size', type=int, default=128)
     group.add_argument('--optimizer', default='sgd', choices=list(optim.OPTIMIZER_CHOICES),
                        help='muon: Muon (torch.optim.Muon, torch 2.9+) for the convolution filters, SGD with '
@@ -102,6 +114,13 @@ def get_args_parser():
     group.add_argument('--sam_rho', type=float, default=0.05, help='SAM neighbourhood radius')
     _switch(group, '--sam_adaptive', 'adaptive SAM (ASAM, arXiv 2102.11600)')
     group.add_argument('--gradient_clip', type=float, default=0.0, help='max gradient norm; 0 = off')
+    group.add_argument('--ema_every', type=int, default=1,
+                       help='update the EMA every K steps (with decay**K, the same horizon)')
+    group.add_argument('--lookahead_every', type=int, default=0,
+                       help='airbench94 lookahead: every K steps average the weights into a slow copy and '
+                            'continue from it (0 = off)')
+    group.add_argument('--lookahead_decay', type=float, default=0.95,
+                       help='lookahead decay per step; ramps up as (step/total)^3')
     group.add_argument('--ema_decay', type=float, default=0.0,
                        help='exponential moving average of weights; 0 = off (e.g. 0.999)')
     group.add_argument('--subdivision', type=int, default=1,
@@ -118,6 +137,9 @@ def get_args_parser():
     group.add_argument('--milestones', type=json_list, default=[80, 120], help='multistep: epochs')
     group.add_argument('--lr_decay', type=float, default=0.1, help='multistep factor')
     group.add_argument('--lr_min', type=float, default=0.0, help='final lr of cosine/sgdr/linear/polynomial')
+    group.add_argument('--lr_end_factor', type=float, default=None,
+                       help='final lr of the decaying schedules as a fraction of each group\'s lr '
+                            '(instead of the absolute --lr_min)')
     group.add_argument('--T0', type=int, default=10, help='sgdr: first period in epochs')
     group.add_argument('--T_mul', type=int, default=1, help='sgdr: period multiplier')
     group.add_argument('--poly_power', type=float, default=1.0, help='polynomial decay power')
@@ -210,7 +232,8 @@ RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboa
 MODEL_FLAGS = ['depth', 'base_channels', 'block_type', 'n_channels', 'n_layers', 'use_bn',
                'remove_first_relu', 'add_last_bn', 'preact_stage', 'widening_factor', 'drop_rate',
                'growth_rate', 'compression_rate', 'memory_efficient', 'pyramid_alpha', 'cardinality',
-               'shake_forward', 'shake_backward', 'shake_image', 'se_reduction']
+               'shake_forward', 'shake_backward', 'shake_image', 'se_reduction', 'activation', 'celu_alpha',
+               'ghost_bn_splits', 'head_scale']
 
 
 def parse_args(argv=None):
@@ -247,7 +270,11 @@ def parse_args(argv=None):
 
 def validate_args(args):
     args.precision = PRECISION_ALIASES.get(args.precision, args.precision)
-    for name in ('epochs', 'batch_size', 'subdivision', 'eval_every', 'save_every', 'muon_ns_steps'):
+    if not args.epochs > 0 or not math.isfinite(args.epochs):
+        raise UsageError(f'--epochs must be positive, got {args.epochs}')
+    if args.total_steps is not None and (not isinstance(args.total_steps, int) or args.total_steps <= 0):
+        raise UsageError(f'--total_steps must be a positive integer, got {args.total_steps}')
+    for name in ('batch_size', 'subdivision', 'eval_every', 'save_every', 'muon_ns_steps', 'ema_every'):
         if not isinstance(getattr(args, name), int) or getattr(args, name) <= 0:
             raise UsageError(f'--{name} must be a positive integer, got {getattr(args, name)}')
     for name in ('base_lr', 'muon_lr', 'head_lr_factor'):
@@ -262,16 +289,28 @@ def validate_args(args):
         raise UsageError(f'--val_ratio must be in [0, 1), got {args.val_ratio}')
     if args.batch_size % args.subdivision:
         raise UsageError(f'--subdivision {args.subdivision} must divide --batch_size {args.batch_size}')
+    if args.ghost_bn_splits and (args.batch_size // args.subdivision) % args.ghost_bn_splits:
+        raise UsageError(f'--ghost_bn_splits {args.ghost_bn_splits} must divide the batch of '
+                         f'{args.batch_size // args.subdivision} images each forward pass sees '
+                         f'(--batch_size {args.batch_size}, --subdivision {args.subdivision})')
     if not all(isinstance(m, (int, float)) for m in args.milestones):
         raise UsageError(f'--milestones must be a list of epochs, got {args.milestones}')
+    fractional = args.total_steps is None and not float(args.epochs).is_integer()
+    if args.scheduler == 'multistep' and fractional and any(m >= args.epochs for m in args.milestones):
+        # with --total_steps the same check runs once the steps per epoch are known
+        raise UsageError(f'--milestones {args.milestones}: beyond the end of the {args.epochs}-epoch run')
+    if args.lookahead_every < 0 or not 0 <= args.lookahead_decay < 1:
+        raise UsageError(f'--lookahead_every must be >= 0 and --lookahead_decay in [0, 1), got '
+                         f'{args.lookahead_every} and {args.lookahead_decay}')
+    if args.lr_end_factor is not None and (not 0 <= args.lr_end_factor <= 1 or args.lr_min > 0):
+        raise UsageError(f'--lr_end_factor must be in [0, 1] and cannot be combined with --lr_min, '
+                         f'got {args.lr_end_factor}')
     if args.use_sam and args.precision == 'fp16':
         raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
     if args.optimizer == 'muon':
         if not hasattr(torch.optim, 'Muon'):
             raise UsageError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
                              f'{torch.__version__}')
-        if args.precision == 'fp16':
-            raise UsageError('--optimizer muon with --precision fp16 is not supported (use bf16 or fp32)')
         if args.use_sam:
             raise UsageError('--use_sam does not combine with --optimizer muon')
     if args.compile_mode is not None and not args.compile:
@@ -322,12 +361,16 @@ class Trainer:
     device and read once per epoch, so the host queues steps ahead of the GPU.
     """
 
-    def __init__(self, model, optimizer, scheduler, regularizer, args, device):
+    def __init__(self, model, optimizer, scheduler, regularizer, args, device, total_steps=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.total_steps = total_steps
         self.regularizer, self.args, self.device = regularizer, args, device
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-        self.ema = optim.create_ema(model, args.ema_decay) if args.ema_decay > 0 else None
+        self.ema = optim.create_ema(model, args.ema_decay, every=args.ema_every) if args.ema_decay > 0 else None
+        self.lookahead = None
+        if args.lookahead_every > 0:
+            self.lookahead = optim.Lookahead(model, total_steps, args.lookahead_every, args.lookahead_decay)
         self.forward_loss, self.eval_forward = self._forward_loss, model
         self._compile_pending = {'train': False, 'eval': False}
         if args.compile:
@@ -428,6 +471,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.step(self.scheduler.last_epoch)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         return loss, accuracy
@@ -447,6 +492,9 @@ class Trainer:
         start = last_shown = time.perf_counter()
         bar = progress(loader, f'epoch {epoch} train')
         for images, labels in bar:
+            # the scheduler counts the steps taken: a fractional last epoch stops at the budget
+            if self.total_steps is not None and self.scheduler.last_epoch >= self.total_steps:
+                break
             loss, accuracy = self.train_step(images, labels)
             loss_meter.update(loss, len(labels))
             accuracy_meter.update(accuracy, len(labels))
@@ -692,22 +740,29 @@ def main(argv=None):
               f'{len(data.train_loader)} steps per epoch on {device}')
         return
 
+    steps_per_epoch = len(data.train_loader)
+    total_steps = args.total_steps or math.ceil(args.epochs * steps_per_epoch - 1e-9)
+    if args.total_steps and args.scheduler == 'multistep' and any(
+            m * steps_per_epoch >= total_steps for m in args.milestones):
+        raise UsageError(f'--milestones {args.milestones}: beyond the end of the run ({total_steps} steps of '
+                         f'{steps_per_epoch} per epoch)')
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = build_optimizer(model, args)
     scheduler = optim.build_scheduler(
-        optimizer, scheduler=args.scheduler, epochs=args.epochs, steps_per_epoch=len(data.train_loader),
+        optimizer, scheduler=args.scheduler, epochs=total_steps / steps_per_epoch, steps_per_epoch=steps_per_epoch,
         milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min, T0=args.T0, T_mul=args.T_mul,
         poly_power=args.poly_power, warmup_epochs=args.warmup_epochs, warmup_method=args.warmup_method,
-        warmup_start_factor=args.warmup_start_factor)
+        warmup_start_factor=args.warmup_start_factor, lr_end_factor=args.lr_end_factor)
     if args.lr_finder:
         return run_lr_finder(model, optimizer, data, regularizer, run)
 
-    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device)
+    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device, total_steps)
     log, start_epoch = [], 1
     if args.resume:
         log, start_epoch = restore_state(checkpoint, model, trainer)
     write_config(run, args, n_params, device)
-    if start_epoch > args.epochs:
-        print(f'{args.outdir}: already trained for {args.epochs} epochs; nothing to do')
+    if start_epoch > n_epochs:
+        print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
         return
     compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
     if compile_time is not None:
@@ -721,21 +776,21 @@ def main(argv=None):
         print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
         log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
 
-    for epoch in range(start_epoch, args.epochs + 1):
+    for epoch in range(start_epoch, n_epochs + 1):
         data.train_loader.set_epoch(epoch)
         record = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr']}
         record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
         if compile_time is not None and epoch == start_epoch:
             record['compile_time'] = compile_time
         record['train_accuracy_kind'] = 'lambda-weighted' if regularizer.mixes_labels else 'plain'
-        last = epoch == args.epochs
+        last = epoch == n_epochs
         if last or epoch % args.eval_every == 0:
             record.update(evaluation_record(trainer, data.test_loader, split, log, record, progress))
         record['epoch_time'] = record['train_time'] + record.get(f'{split}_time', 0.0)
         log.append(record)
         save_epoch(run, log, writer, checkpoint_state(model, trainer, epoch, args, log)
                    if last or epoch % args.save_every == 0 else None)
-        print(epoch_line(record, args.epochs, split), flush=True)
+        print(epoch_line(record, n_epochs, split), flush=True)
 
     torch.save(model.state_dict(), run.path('model_state.pth'))
     if trainer.ema is not None:
@@ -836,6 +891,8 @@ def checkpoint_state(model, trainer, epoch, args, log):
     }
     if trainer.ema is not None:
         state['ema'] = trainer.ema.state_dict()
+    if trainer.lookahead is not None:
+        state['lookahead'] = trainer.lookahead.state_dict()
     return state
 
 
@@ -862,6 +919,8 @@ def restore_state(checkpoint, model, trainer):
         trainer.scaler.load_state_dict(checkpoint['scaler'])
         if trainer.ema is not None:
             trainer.ema.load_state_dict(checkpoint['ema'])
+        if trainer.lookahead is not None:
+            trainer.lookahead.load_state_dict(checkpoint['lookahead'])
         utils.set_rng_state(checkpoint['rng'])
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '

@@ -627,10 +627,12 @@ def _sgdr_position(step, first_period, period_multiplier):
 
 def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120), lr_decay=0.1,
               lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0, warmup_method='linear',
-              warmup_start_factor=1e-3, base_lr=1.0):
+              warmup_start_factor=1e-3, base_lr=1.0, lr_end_factor=None):
     """Multiplier of ``base_lr`` at iteration ``step`` (0-based); the closed form behind ``build_scheduler``.
 
-    ``lr_min`` is an absolute lr, hence ``base_lr`` to turn it into a factor. Warmup covers the first
+    ``lr_min`` is an absolute lr, hence ``base_lr`` to turn it into a factor; ``lr_end_factor``, when
+    given, is that final factor itself, the same for every param group (airbench94 ends at 0.07
+    of each group's lr). ``epochs`` may be fractional. Warmup covers the first
     ``round(warmup_epochs * steps_per_epoch)`` steps; cosine/sgdr/linear/polynomial run over the
     steps after it; multistep milestones are epochs from the start of training.
     """
@@ -638,7 +640,10 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
     main_steps = epochs * steps_per_epoch - warmup_steps
     steps_after_warmup = max(step - warmup_steps, 0)
     progress = min(steps_after_warmup / main_steps, 1.0) if main_steps > 0 else 1.0
-    min_factor = lr_min / base_lr if base_lr > 0 else 0.0
+    if lr_end_factor is not None:
+        min_factor = lr_end_factor
+    else:
+        min_factor = lr_min / base_lr if base_lr > 0 else 0.0
     if scheduler == 'none':
         factor = 1.0
     elif scheduler == 'multistep':
@@ -659,7 +664,7 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
 
 def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120),
                     lr_decay=0.1, lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0,
-                    warmup_method='linear', warmup_start_factor=1e-3):
+                    warmup_method='linear', warmup_start_factor=1e-3, lr_end_factor=None):
     """A ``LambdaLR`` following ``lr_factor``, to be stepped once per iteration (not per epoch).
 
     The lambdas are closures, so the scheduler's state_dict holds only counters: a scheduler
@@ -683,10 +688,12 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
         raise ValueError(f'--milestones must be increasing, got {list(milestones)}')
     if lr_min < 0:
         raise ValueError(f'--lr_min must be >= 0, got {lr_min}')
+    if lr_end_factor is not None and (not 0 <= lr_end_factor <= 1 or lr_min > 0):
+        raise ValueError(f'--lr_end_factor must be in [0, 1] and excludes --lr_min, got {lr_end_factor}')
     schedule = dict(scheduler=scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     milestones=tuple(milestones), lr_decay=lr_decay, lr_min=lr_min, T0=T0, T_mul=T_mul,
                     poly_power=poly_power, warmup_epochs=warmup_epochs, warmup_method=warmup_method,
-                    warmup_start_factor=warmup_start_factor)
+                    warmup_start_factor=warmup_start_factor, lr_end_factor=lr_end_factor)
 
     def make_lambda(group):
         # lr_min is absolute, so each group's factor depends on that group's own starting lr;
@@ -700,6 +707,47 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
 
     lambdas = [make_lambda(group) for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+class Lookahead:
+    """airbench94's lookahead-style weight averaging (Jordan, arXiv 2404.00498, section 3.5; Zhang et
+    al., "Lookahead Optimizer", arXiv 1907.08610).
+
+    Every ``every`` steps the slow copy moves toward the model, ``slow = decay_t * slow + (1 - decay_t)
+    * model``, and is written back into the model, so training continues from the average. The
+    decay rises as ``decay_t = decay ** every * (t / total_steps) ** 3``: no averaging early, strong
+    averaging late. At the last step the model takes the slow weights (``finish``). Floating-point
+    parameters and buffers (BatchNorm statistics too) are averaged, with foreach kernels on tensor
+    lists gathered once; the step count is a host int.
+    """
+
+    def __init__(self, model, total_steps, every=5, decay=0.95):
+        if every < 1 or not 0 <= decay < 1:
+            raise ValueError(f'--lookahead_every must be >= 1 and --lookahead_decay in [0, 1), got {every}, {decay}')
+        self.total_steps, self.every, self.decay = total_steps, every, decay
+        self.current = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.current]
+
+    @torch.no_grad()
+    def step(self, step):
+        """Call after optimizer step number ``step`` (1-based)."""
+        if step % self.every == 0:
+            decay = self.decay ** self.every * (min(step, self.total_steps) / self.total_steps) ** 3
+            torch._foreach_lerp_(self.slow, self.current, 1 - decay)
+            torch._foreach_copy_(self.current, self.slow)
+        if step >= self.total_steps:
+            self.finish()
+
+    @torch.no_grad()
+    def finish(self):
+        torch._foreach_copy_(self.current, self.slow)
+
+    def state_dict(self):
+        return {'slow': list(self.slow)}
+
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            torch._foreach_copy_(self.slow, list(state_dict['slow']))
 
 
 class ExponentialMovingAverage:

@@ -29,6 +29,15 @@ def str2bool(value):
 str2bool.__name__ = 'boolean'
 
 
+def number(value):
+    """argparse type for a count that may be fractional: '160' -> 160, '9.9' -> 9.9."""
+    parsed = float(value)
+    return int(parsed) if parsed.is_integer() and '.' not in str(value) else parsed
+
+
+number.__name__ = 'number'
+
+
 def json_list(value):
     """argparse type for JSON lists such as '[80,120]' or '[true,false,false]'."""
     if isinstance(value, (list, tuple)):

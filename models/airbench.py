@@ -88,9 +88,14 @@ class ConvGroup(nn.Module):
 
 
 class AirbenchNet(nn.Module):
-    """whiten - GELU - group1..3 - max-pool 3 - linear / width."""
+    """whiten - GELU - group1..3 - max-pool 3 - linear x head_scale.
 
-    def __init__(self, widths=(64, 256, 256), num_classes=10, in_channels=3, whiten_kernel_size=2):
+    ``head_scale=None`` is airbench94_muon's head: unit-variance weights, logits divided by the
+    width. A number is airbench94's: PyTorch's default init and logits times that (1/9 there).
+    """
+
+    def __init__(self, widths=(64, 256, 256), num_classes=10, in_channels=3, whiten_kernel_size=2,
+                 head_scale=None):
         super().__init__()
         self.whiten = PatchWhitening(in_channels, whiten_kernel_size)
         channels = [self.whiten.out_channels, *widths]
@@ -98,8 +103,10 @@ class AirbenchNet(nn.Module):
             self.add_module(f'group{index + 1}', ConvGroup(channels[index], channels[index + 1]))
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
-        with torch.no_grad():
-            self.fc.weight.mul_(1 / self.fc.weight.std())  # unit-variance head, as airbench94_muon
+        if head_scale is None:
+            with torch.no_grad():
+                self.fc.weight.mul_(1 / self.fc.weight.std())  # unit-variance head, as airbench94_muon
+        self.head_scale = 1 / widths[-1] if head_scale is None else head_scale
         self.num_features = widths[-1]
 
     def forward_features(self, x):
@@ -112,19 +119,23 @@ class AirbenchNet(nn.Module):
         # a 3x3 max-pool of the 3x3 map of a 32x32 input (31 after the 2x2 whitening conv, then
         # three halvings); global for any input size down to 28x28
         x = self.pool(self.forward_features(x)).flatten(1)
-        return self.fc(x) / x.shape[1]
+        return self.fc(x) * self.head_scale
 
 
 @register_model('airbench', epochs=8, batch_size=2000)
-def airbench(*, n_channels=(64, 256, 256), num_classes=10, in_channels=3):
+def airbench(*, n_channels=(64, 256, 256), head_scale=None, num_classes=10, in_channels=3):
     """airbench94's network (about 1.97 M parameters at widths 64/256/256).
 
-    The full recipe (Muon, label smoothing 0.2, alternating flip, reflect translation, flip and
-    translate TTA, whitening bias for 3 epochs) is ``./run_experiments.sh fast_airbench94_muon``.
+    The full recipes (Muon or SGD with lookahead, label smoothing 0.2, alternating flip, reflect
+    translation, flip and translate TTA, whitening bias for 3 epochs) are
+    ``./run_experiments.sh fast_airbench94_muon`` and ``fast_airbench94`` (``--head_scale 0.1111``).
     """
     widths = list(n_channels)
     if len(widths) != 3:
         raise ModelConfigError(f'--n_channels {widths}: airbench needs three widths, e.g. [64,256,256]')
     for width in widths:
         check_positive_int('--n_channels', width, 'airbench')
-    return AirbenchNet(tuple(widths), num_classes=num_classes, in_channels=in_channels)
+    if head_scale is not None and (isinstance(head_scale, bool) or not isinstance(head_scale, (int, float))
+                                   or not 0 < head_scale < float('inf')):
+        raise ModelConfigError(f'--head_scale {head_scale}: airbench needs a positive number')
+    return AirbenchNet(tuple(widths), num_classes=num_classes, in_channels=in_channels, head_scale=head_scale)

@@ -142,7 +142,7 @@ BAD_INPUT = [
     (['--arch', 'resnet1000'], "--arch 'resnet1000': unknown; known: .*resnet"),
     (['--arch', 'resnet', '--depth', '21'], '--depth 21: resnet'),
     (['--milestones', '[80,'], 'argument --milestones: invalid JSON list value'),
-    (['--epochs', '0'], '--epochs must be a positive integer'),
+    (['--epochs', '0'], '--epochs must be positive'),
     (['--batch_size', '-5'], '--batch_size must be a positive integer'),
     (['--base_lr', '0'], '--base_lr must be positive'),
     (['--dataset', 'SVHN'], 'argument --dataset: invalid choice'),
@@ -156,7 +156,14 @@ BAD_INPUT = [
     (['--save_every', '0'], '--save_every must be a positive integer, got 0'),
     (['--whiten_bias_epochs', '2'], '--whiten_bias_epochs: this --arch has no patch-whitening layer'),
     (['--arch', 'airbench', '--whiten_bias_epochs', '3'], r'--whiten_bias_epochs must be in \(0, --epochs\], got 3'),
-    (['--optimizer', 'muon', '--precision', 'fp16'], '--optimizer muon with --precision fp16 is not supported'),
+    (['--epochs', '2.5', '--milestones', '[1,3]'], r'--milestones \[1, 3\]: beyond the end of the 2.5-epoch run'),
+    (['--total_steps', '4', '--milestones', '[2]'], r'--milestones \[2\]: beyond the end of the run \(4 steps'),
+    (['--total_steps', '0'], '--total_steps must be a positive integer, got 0'),
+    (['--arch', 'resnet9', '--ghost_bn_splits', '3'], '--ghost_bn_splits 3 must divide the batch of 20 images'),
+    (['--epochs', 'nan'], '--epochs must be positive, got nan'),
+    (['--ema_every', '0'], '--ema_every must be a positive integer, got 0'),
+    (['--lookahead_every', '-1'], '--lookahead_every must be >= 0'),
+    (['--lr_end_factor', '2'], r'--lr_end_factor must be in \[0, 1\]'),
     (['--optimizer', 'muon', '--use_sam'], '--use_sam does not combine with --optimizer muon'),
     (['--alternating_flip', '--data_pipeline', 'workers'], '--alternating_flip need --data_pipeline device'),
     (['--padding_mode', 'reflect', '--data_pipeline', 'workers'],
@@ -206,7 +213,7 @@ def test_main_py_is_an_executable_with_a_clean_error():
     result = subprocess.run([os.path.join(ROOT, 'main.py'), '--epochs', '0', '--outdir', 'never'],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == 'main.py: error: --epochs must be a positive integer, got 0'
+    assert result.stderr.strip() == 'main.py: error: --epochs must be positive, got 0'
     assert not os.path.exists('never')
 
 
@@ -489,3 +496,67 @@ def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar1
     assert (tmp_path / 'crashed' / 'log.json').exists() and not (tmp_path / 'crashed' / 'checkpoint.pth').exists()
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
     assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
+
+
+def _steps_taken(outdir):
+    checkpoint = torch.load(os.path.join(outdir, 'checkpoint.pth'), weights_only=True)
+    return checkpoint['scheduler']['last_epoch']
+
+
+def test_fractional_epochs_stop_inside_the_last_epoch(cifar10_dir, tmp_path):
+    """10 steps per epoch (200 images, batch 20): 2.5 epochs are 25 steps in 3 logged epochs."""
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '2.5', '--scheduler', 'linear', '--dataset_dir', cifar10_dir,
+                     '--outdir', str(outdir)]) == 0
+    log = json.load(open(outdir / 'log.json'))
+    assert [r['epoch'] for r in log] == [1, 2, 3]
+    assert _steps_taken(outdir) == 25
+    assert log[-1]['lr'] == pytest.approx(0.1 * (1 - 20 / 25))  # the lr at the last epoch's first step
+    assert 'test_accuracy' in log[-1] and json.load(open(outdir / 'summary.json'))['epochs'] == 3
+
+
+def test_total_steps_overrides_epochs(cifar10_dir, tmp_path):
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--total_steps', '13', '--scheduler', 'cosine', '--dataset_dir', cifar10_dir,
+                     '--outdir', str(outdir)]) == 0
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2]
+    assert _steps_taken(outdir) == 13
+
+
+def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, tmp_path, monkeypatch):
+    run = [*TINY_RUN, '--epochs', '2.5', '--scheduler', 'linear', '--lookahead_every', '3',
+           '--ema_decay', '0.9', '--ema_every', '2', '--dataset_dir', cifar10_dir]
+    assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
+    real_train = main.Trainer.train_one_epoch
+
+    def crash_in_epoch_3(self, loader, epoch, progress):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_train(self, loader, epoch, progress)
+    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_3)
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    monkeypatch.undo()
+    assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
+    assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
+    for name in ('model_state.pth', 'model_state_ema.pth'):
+        expected = torch.load(tmp_path / 'whole' / name, weights_only=True)
+        resumed = torch.load(tmp_path / 'crashed' / name, weights_only=True)
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+
+
+def test_fast_airbench94_recipe_runs_with_lookahead(cifar10_dir, tmp_path):
+    """The fast_airbench94 line of run_experiments.sh, shrunk to the tiny data: fractional epochs,
+    lookahead, warmup then linear decay to 0.07x, BN-bias lr x64, the legacy head."""
+    import re
+    text = open(os.path.join(ROOT, 'run_experiments.sh')).read()
+    recipe = re.search(r'^FAST_AIRBENCH94=\((.*?)\)', text, re.S | re.M).group(1).split()
+    outdir = tmp_path / 'run'
+    assert run_main([*recipe, '--device', 'cpu', '--precision', 'fp32', '--channels_last', 'false', '--compile',
+                     'false', '--n_channels', '[8,16,16]', '--batch_size', '20', '--test_batch_size', '40',
+                     '--epochs', '2.5', '--warmup_epochs', '0.5', '--whiten_bias_epochs', '1',
+                     '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]) == 0
+    log = json.load(open(outdir / 'log.json'))
+    assert [r['epoch'] for r in log] == [1, 2, 3] and _steps_taken(outdir) == 25
+    assert math.isfinite(log[-1]['train_loss']) and 'test_accuracy' in log[-1]
+    config = json.load(open(outdir / 'config.json'))['settings']
+    assert config['lookahead_every'] == 5 and config['head_scale'] == pytest.approx(1 / 9)

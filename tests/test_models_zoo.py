@@ -2,9 +2,11 @@
 
 Parameter counts against the papers' tables, every SPEC section 4 configuration, forward and
 backward on CPU for small configurations, configuration errors, the Shake-Shake forward and
-backward coefficients, and the memory-efficient DenseNet against the plain one.
+backward coefficients, the memory-efficient DenseNet against the plain one, and ResNet-9's
+options from Page's final recipe (default init, CELU, ghost batch norm, head scale).
 """
 import itertools
+import json
 import math
 
 import pytest
@@ -13,8 +15,11 @@ from torch import nn
 
 import models
 import optim
+from conftest import run_main
 from models.airbench import ConvGroup, PatchWhitening
+from models.common import GhostBatchNorm2d
 from models.densenet import DenseLayer
+from models.resnet9 import conv_bn_act
 from models.shake_shake import ShakeShakeBlock, shake_shake_mix
 
 
@@ -186,6 +191,15 @@ def test_children_are_named_by_stage_and_block():
     ('shake_shake', dict(base_channels=5), '--base_channels 5'),
     ('resnet9', dict(base_channels=0), '--base_channels 0'),
     ('resnet9', dict(depth=9), '--depth does not apply to --arch resnet9'),
+    ('resnet9', dict(activation='gelu'), '--activation gelu: resnet9 accepts relu or celu'),
+    ('resnet9', dict(activation='celu', celu_alpha=0.0), '--celu_alpha 0.0: resnet9 needs a positive number'),
+    ('resnet9', dict(celu_alpha=0.075), '--celu_alpha 0.075: applies only with --activation celu'),
+    ('resnet9', dict(ghost_bn_splits=0), '--ghost_bn_splits 0: resnet9 needs a positive integer'),
+    ('resnet9', dict(head_scale=0.0), '--head_scale 0.0: resnet9 needs a positive number'),
+    ('resnet', dict(activation='celu'), '--activation does not apply to --arch resnet'),
+    ('wrn', dict(celu_alpha=0.3), '--celu_alpha does not apply to --arch wrn'),
+    ('airbench', dict(ghost_bn_splits=16), '--ghost_bn_splits does not apply to --arch airbench'),
+    ('densenet', dict(head_scale=0.0625), '--head_scale does not apply to --arch densenet'),
     ('airbench', dict(n_channels=[64, 256]), '--n_channels [64, 256]: airbench needs three widths'),
     ('airbench', dict(n_channels=[64, 0, 256]), '--n_channels 0: airbench needs a positive integer'),
     ('airbench', dict(depth=8), '--depth does not apply to --arch airbench'),
@@ -560,3 +574,235 @@ def test_resnet9_schedule_is_pages_piecewise_linear():
 
     for epoch, expected in [(0, 0.0), (2.5, 0.2), (5, 0.4), (14.5, 0.2), (24, 0.0)]:
         assert lr_at(epoch) == pytest.approx(expected, abs=1e-9), epoch
+
+
+# ---------------------------------------------------------------- ResNet-9: Page's final network
+
+def test_resnet9_keeps_pytorch_default_init():
+    """Page's code never re-initializes: conv and linear weights uniform in +-1/sqrt(fan_in)
+    (torch's kaiming_uniform_ with a=sqrt(5)), BN scale 1 and bias 0. Kaiming fan_out normal, the
+    other families' init, gives the convolutions 0.54 to 2.45 times this std and unbounded values."""
+    torch.manual_seed(0)
+    model = models.create_model('resnet9')
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 9
+    for layer in layers:
+        weight = layer.weight.detach()
+        bound = 1 / math.sqrt(weight[0].numel())  # fan_in
+        assert weight.abs().max() <= bound
+        # the std of U(-b, b) is b / sqrt(3); the sample std of n >= 1728 values is within 1.1% (1 sigma)
+        assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05), layer
+        if isinstance(layer, nn.Linear):
+            fresh = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        else:
+            fresh = nn.Conv2d(layer.in_channels, layer.out_channels, kernel_size=3, bias=False)
+        assert weight.std().item() == pytest.approx(fresh.weight.std().item(), rel=0.1), layer
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 8
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+               for m in norms)
+
+
+def test_resnet9_options_keep_parameters_and_state_dict_keys():
+    plain = build_on_meta('resnet9')
+    final = build_on_meta('resnet9', activation='celu', ghost_bn_splits=16, head_scale=1 / 16)
+    assert count_parameters(plain) == count_parameters(final) == 6573120
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in final.state_dict().items()}
+    assert sum(isinstance(m, GhostBatchNorm2d) for m in final.modules()) == 8
+    assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.modules())
+
+
+def test_resnet9_activation_option():
+    relu_model = models.create_model('resnet9', base_channels=4)
+    celu_model = models.create_model('resnet9', base_channels=4, activation='celu')
+    assert sum(isinstance(m, nn.ReLU) for m in relu_model.modules()) == 8
+    assert not any(isinstance(m, nn.CELU) for m in relu_model.modules())
+    celus = [m for m in celu_model.modules() if isinstance(m, nn.CELU)]
+    assert len(celus) == 8 and not any(isinstance(m, nn.ReLU) for m in celu_model.modules())
+    assert all(m.alpha == 0.3 for m in celus)
+    custom = models.create_model('resnet9', base_channels=4, activation='celu', celu_alpha=0.075)
+    assert {m.alpha for m in custom.modules() if isinstance(m, nn.CELU)} == {0.075}
+    # same weights, different activation: different logits
+    celu_model.load_state_dict(relu_model.state_dict())
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(relu_model(inputs), celu_model(inputs))
+
+
+@pytest.mark.parametrize('alpha', [0.075, 0.3])
+def test_celu_block_differs_from_relu_only_on_negative_pre_activations(alpha):
+    torch.manual_seed(0)
+    block = conv_bn_act(3, 6, activation='celu', celu_alpha=alpha).double()
+    inputs = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        pre_activation = block.bn(block.conv(inputs))
+        outputs = block(inputs)
+    negative = pre_activation < 0
+    assert negative.float().mean() > 0.3
+    expected = torch.where(negative, alpha * torch.expm1(pre_activation / alpha), pre_activation)
+    assert torch.allclose(outputs, expected)
+    assert torch.equal(outputs[~negative], torch.relu(pre_activation)[~negative])
+    assert (outputs[negative] < 0).all() and (outputs[negative] >= -alpha).all()  # ReLU gives 0 there
+
+
+def ghost_and_chunk_norms(num_splits, channels=3, momentum=0.1, seed=0):
+    """A GhostBatchNorm2d with random affine parameters and running statistics, and one BatchNorm2d
+    per split holding the same state: Page's per-split layers."""
+    torch.manual_seed(seed)
+    ghost = GhostBatchNorm2d(channels, num_splits=num_splits, momentum=momentum).double()
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 1.5)
+        ghost.bias.uniform_(-1, 1)
+        ghost.running_mean.uniform_(-1, 1)
+        ghost.running_var.uniform_(0.5, 2)
+    chunks = [nn.BatchNorm2d(channels, momentum=momentum).double() for _ in range(num_splits)]
+    for norm in chunks:
+        norm.load_state_dict(ghost.state_dict())
+    return ghost, chunks
+
+
+@pytest.mark.parametrize('num_splits, momentum', [(2, 0.1), (4, 0.1), (4, None)])
+def test_ghost_batch_norm_normalizes_each_split_with_its_own_statistics(num_splits, momentum):
+    ghost, chunks = ghost_and_chunk_norms(num_splits, momentum=momentum)
+    for step in range(3):
+        inputs = (torch.randn(4 * num_splits, 3, 5, 5, dtype=torch.float64) * 3 + step).requires_grad_()
+        outputs = ghost(inputs)
+        chunk_inputs = inputs.detach().clone().requires_grad_()
+        expected = torch.cat([norm(part) for norm, part in zip(chunks, chunk_inputs.chunk(num_splits))])
+        assert torch.allclose(outputs, expected, atol=1e-12)
+        # the statistics differ between splits, so the whole-batch BatchNorm2d output is another one
+        assert not torch.allclose(outputs, nn.functional.batch_norm(inputs, None, None, ghost.weight, ghost.bias,
+                                                                    training=True), atol=1e-3)
+        upstream = torch.randn_like(outputs)
+        outputs.backward(upstream)
+        expected.backward(upstream)
+        assert torch.allclose(inputs.grad, chunk_inputs.grad, atol=1e-10)
+        assert torch.allclose(ghost.weight.grad, sum(norm.weight.grad for norm in chunks), atol=1e-10)
+        assert torch.allclose(ghost.bias.grad, sum(norm.bias.grad for norm in chunks), atol=1e-10)
+        for parameter in [ghost.weight, ghost.bias] + [p for norm in chunks for p in norm.parameters()]:
+            parameter.grad = None
+        # Page's rule: one running buffer per split, averaged over the splits for evaluation
+        assert torch.allclose(ghost.running_mean, torch.stack([n.running_mean for n in chunks]).mean(0), atol=1e-12)
+        assert torch.allclose(ghost.running_var, torch.stack([n.running_var for n in chunks]).mean(0), atol=1e-12)
+        assert int(ghost.num_batches_tracked) == step + 1
+
+
+def test_ghost_batch_norm_running_statistics_follow_the_reference_rule():
+    """running <- (1 - momentum) * running + momentum * mean over splits of the split's mean and
+    unbiased variance, computed here from the definition."""
+    ghost, _ = ghost_and_chunk_norms(4, momentum=0.2)
+    mean_before, var_before = ghost.running_mean.clone(), ghost.running_var.clone()
+    inputs = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 0.5
+    with torch.no_grad():
+        ghost(inputs)
+    splits = inputs.reshape(4, 2, 3, 16).transpose(1, 2).reshape(4, 3, 32)  # (split, channel, values)
+    split_means, split_vars = splits.mean(-1), splits.var(-1, unbiased=True)
+    assert torch.allclose(ghost.running_mean, 0.8 * mean_before + 0.2 * split_means.mean(0))
+    assert torch.allclose(ghost.running_var, 0.8 * var_before + 0.2 * split_vars.mean(0))
+
+
+def test_ghost_batch_norm_eval_uses_running_statistics():
+    ghost, _ = ghost_and_chunk_norms(4)
+    ghost.eval()
+    state = {k: v.clone() for k, v in ghost.state_dict().items()}
+    inputs = torch.randn(6, 3, 5, 5, dtype=torch.float64)  # any batch size in eval
+    with torch.no_grad():
+        outputs = ghost(inputs)
+        single = ghost(inputs[:1])
+    expected = (inputs - ghost.running_mean[:, None, None]) / torch.sqrt(ghost.running_var[:, None, None] + ghost.eps)
+    expected = expected * ghost.weight[:, None, None] + ghost.bias[:, None, None]
+    assert torch.allclose(outputs, expected)
+    assert torch.allclose(single, outputs[:1])  # no batch statistics
+    assert all(torch.equal(state[k], v) for k, v in ghost.state_dict().items())
+
+
+def test_ghost_batch_norm_with_one_split_is_batch_norm():
+    ghost, (plain,) = ghost_and_chunk_norms(1)
+    inputs = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    for mode in (True, False):
+        ghost.train(mode)
+        plain.train(mode)
+        assert torch.equal(ghost(inputs), plain(inputs))
+        assert all(torch.equal(a, b) for a, b in zip(ghost.state_dict().values(), plain.state_dict().values()))
+
+
+def test_ghost_batch_norm_indivisible_batch_names_the_flags():
+    ghost = GhostBatchNorm2d(3, num_splits=4)
+    with pytest.raises(models.ModelConfigError) as error:
+        ghost(torch.randn(6, 3, 4, 4))
+    message = str(error.value)
+    assert message.startswith('--ghost_bn_splits 4: a batch of 6 images') and '--batch_size' in message
+    ghost.eval()
+    assert ghost(torch.randn(6, 3, 4, 4)).shape == (6, 3, 4, 4)  # eval: running statistics, any batch
+
+
+def test_ghost_batch_norm_keeps_channels_last_and_autocast_dtype():
+    ghost = GhostBatchNorm2d(8, num_splits=2)
+    inputs = torch.randn(4, 8, 6, 6)
+    reference = ghost(inputs)
+    outputs = ghost(inputs.contiguous(memory_format=torch.channels_last))
+    assert outputs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(outputs, reference, atol=1e-6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = ghost(inputs.bfloat16())
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), reference, atol=0.05)
+
+
+def test_resnet9_ghost_bn_equals_plain_resnet9_on_each_chunk():
+    """One forward of the whole batch with ghost BN = plain ResNet-9 on each chunk (what
+    --subdivision runs), outputs and the gradient of the batch-mean loss alike."""
+    torch.manual_seed(0)
+    ghost = models.create_model('resnet9', base_channels=4, ghost_bn_splits=2).double()
+    plain = models.create_model('resnet9', base_channels=4).double()
+    plain.load_state_dict(ghost.state_dict())
+    inputs = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    logits = ghost(inputs)
+    chunk_logits = [plain(chunk) for chunk in inputs.chunk(2)]
+    assert torch.allclose(logits, torch.cat(chunk_logits))
+    logits.logsumexp(1).mean().backward()
+    for chunk in chunk_logits:
+        (chunk.logsumexp(1).mean() / 2).backward()  # gradient accumulation over 2 equal chunks
+    for (name, a), b in zip(ghost.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10), name
+
+
+def test_resnet9_head_scale_scales_the_logits():
+    torch.manual_seed(0)
+    default = models.create_model('resnet9', base_channels=4).eval()
+    halved = models.create_model('resnet9', base_channels=4, head_scale=1 / 16).eval()
+    halved.load_state_dict(default.state_dict())
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(halved(inputs), default(inputs) / 2)
+
+
+def test_resnet9_final_options_train_one_epoch(cifar10_dir, tmp_path):
+    argv = ['--arch', 'resnet9', '--base_channels', '4', '--activation', 'celu', '--ghost_bn_splits', '2',
+            '--batch_size', '20', '--padding_mode', 'reflect', '--use_cutout', '--cutout_inside', '--cutout_size', '8',
+            '--epochs', '1', '--device', 'cpu', '--no-tensorboard', '--dataset_dir', cifar10_dir,
+            '--outdir', str(tmp_path / 'run')]
+    assert run_main(argv) == 0
+    record = json.load(open(tmp_path / 'run' / 'log.json'))[0]
+    assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1
+    settings = json.load(open(tmp_path / 'run' / 'config.json'))['settings']
+    assert (settings['activation'], settings['ghost_bn_splits'], settings['padding_mode']) == ('celu', 2, 'reflect')
+
+
+def test_airbench_head_scale_selects_airbench94s_head():
+    """No --head_scale: airbench94_muon's unit-variance head over the width; a number: PyTorch's
+    default head init (uniform within 1/sqrt(fan_in)) times that number, as airbench94."""
+    torch.manual_seed(0)
+    muon_head = models.create_model('airbench')
+    assert muon_head.fc.weight.std().item() == pytest.approx(1.0, rel=1e-5)
+    assert muon_head.head_scale == 1 / 256
+    torch.manual_seed(0)
+    legacy = models.create_model('airbench', head_scale=1 / 9)
+    assert legacy.fc.weight.abs().max().item() <= 1 / 16  # 1/sqrt(256)
+    features = torch.randn(2, 256)
+    assert torch.allclose(legacy.fc(features) * (1 / 9), legacy.fc(features) / 9)
+    images = torch.randn(2, 3, 32, 32)
+    legacy.eval()
+    expected = legacy.fc(legacy.pool(legacy.forward_features(images)).flatten(1)) / 9
+    assert torch.allclose(legacy(images), expected, atol=1e-6)
+    with pytest.raises(models.ModelConfigError, match='^--head_scale 0: airbench'):
+        models.create_model('airbench', head_scale=0)

@@ -738,3 +738,60 @@ def test_head_lr_factor_and_schedule_epochs_groups():
     assert lrs['limited'] == pytest.approx([0.1 * max(0.0, 1 - step / 6) for step in range(12)])
     assert lrs['main'] == pytest.approx([0.1 * (1 - step / 20) for step in range(12)])
     assert lrs['head'] == pytest.approx([0.4 * (1 - step / 20) for step in range(12)])
+
+
+def test_lookahead_matches_airbench_rule_by_hand():
+    """slow <- lerp(slow, w, 1 - d_t) and w <- slow every K steps, d_t = decay^K (t/T)^3; w <- slow at T."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    total, every, decay = 7, 2, 0.9
+    lookahead = optim.Lookahead(model, total_steps=total, every=every, decay=decay)
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    slow = [t.detach().clone() for t in tensors]
+    for step in range(1, total + 1):
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(torch.randn_like(t))
+        expected = [t.detach().clone() for t in tensors]
+        if step % every == 0:
+            d = decay ** every * (step / total) ** 3
+            slow = [s + (1 - d) * (w - s) for s, w in zip(slow, expected)]
+            expected = [s.clone() for s in slow]
+        if step == total:
+            expected = [s.clone() for s in slow]
+        lookahead.step(step)
+        for t, e in zip(tensors, expected):
+            assert torch.allclose(t, e, atol=1e-6), step
+    assert model[1].num_batches_tracked.dtype == torch.long  # integer buffers are left alone
+
+
+def test_lookahead_state_round_trip():
+    model = nn.Linear(3, 2)
+    lookahead = optim.Lookahead(model, total_steps=10, every=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lookahead.step(5)
+    restored = optim.Lookahead(nn.Linear(3, 2), total_steps=10, every=1)
+    restored.load_state_dict(lookahead.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.slow, lookahead.slow))
+
+
+def test_lr_end_factor_is_relative_for_every_group():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{'params': [params[0]], 'lr': 1.0}, {'params': [params[1]], 'lr': 64.0}], lr=1.0)
+    scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=2, steps_per_epoch=5,
+                                      warmup_epochs=1, warmup_start_factor=0.2, lr_end_factor=0.07)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.2, 64 * 0.2])
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.07, 64 * 0.07])
+    with pytest.raises(ValueError, match='--lr_end_factor'):
+        optim.build_scheduler(optimizer, scheduler='linear', epochs=2, steps_per_epoch=5, lr_min=0.1,
+                              lr_end_factor=0.5)
+
+
+def test_fractional_epochs_scale_the_schedule():
+    """9.9 epochs of 48 steps is 475.2: the schedule reaches its end factor at that fractional step."""
+    assert optim.lr_factor(475, scheduler='linear', epochs=9.9, steps_per_epoch=48) == pytest.approx(
+        1 - 475 / 475.2)

@@ -285,3 +285,54 @@ def test_airbench_recipe_parameter_groups():
         scheduler.step()  # the lr curve only: no optimizer step
     assert lrs[5][0] == pytest.approx(1.0) and lrs[10][0] == 0.0 and lrs[29][0] == 0.0
     assert lrs[15][1] == pytest.approx(4.0)  # the other groups decay over all 3 epochs
+
+
+def test_compiled_training_and_padded_evaluation_do_not_recompile(capsys):
+    """After compile_ahead, epochs of training and evaluation (with a short last test batch and flip
+    TTA) reuse the compiled graphs: dynamo's frame counters do not move."""
+    if not compile_works():
+        pytest.skip('torch.compile unavailable here')
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_bn_model()
+    trainer = make_trainer(model, '--compile', '--tta', 'flip')
+    train_loader, test_loader = device_loaders(n_test=20, test_batch_size=8)  # test batches 8, 8, 4
+    trainer.compile_ahead(train_loader, test_loader)
+    assert '--compile' not in capsys.readouterr().err
+    compiled_frames = dict(counters['stats'])
+    for epoch in (1, 2):
+        trainer.train_one_epoch(train_loader, epoch, lambda loader, _: _Bar(loader))
+        trainer.evaluate(test_loader)
+    assert dict(counters['stats']) == compiled_frames
+    assert counters['stats']['unique_graphs'] >= 2  # training (forward and loss) and evaluation
+
+
+class _Bar(list):
+    """A stand-in progress bar."""
+    disable = True
+
+
+def test_a_compile_failure_at_the_first_step_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError('inductor: no working C++ compiler\nsecond line')
+        return compiled
+    monkeypatch.setattr(torch, 'compile', failing_compile)
+    model, eager_model = tiny_bn_model(), tiny_bn_model()
+    trainer, eager = make_trainer(model, '--compile'), make_trainer(eager_model)
+    images, labels = batch(8)
+    loss, _ = trainer.train_step(images, labels)
+    expected, _ = eager.train_step(images, labels)
+    assert torch.allclose(loss, expected)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['--compile: torch.compile failed at the first train step (RuntimeError: inductor: no working '
+                   'C++ compiler); running eager']
+    assert trainer.forward_loss == trainer._forward_loss and trainer.eval_forward is model
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(monkeypatch):
+    monkeypatch.setattr(torch, 'compile', lambda function, **kwargs: function)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 10))  # wrong input size: eager fails too
+    trainer = make_trainer(model, '--compile')
+    with pytest.raises(RuntimeError, match='shapes cannot be multiplied'):
+        trainer.train_step(*batch(4))
