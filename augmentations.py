@@ -17,7 +17,6 @@ Papers:
   AutoAugment: "AutoAugment: Learning Augmentation Policies from Data", arXiv 1805.09501
 """
 import inspect
-import math
 
 import torch
 import torch.nn.functional as F
@@ -169,24 +168,21 @@ def cutout(images, size=16, prob=1.0, inside=False, fill=0.0):
     return images * (1 - erased) + fill * erased
 
 
-def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ratio=0.3,
-                   max_attempt=20):
-    """Random Erasing (Zhong et al., arXiv 1708.04896): replace one random rectangle by noise.
+RANDOM_ERASING_FILLS = ('mean', 'random', 'uniform')
 
-    With probability ``prob`` per image, ``max_attempt`` rectangles are drawn at once (area
-    uniform in ``area_ratio_range`` times the image area, aspect ratio log-uniform in
-    [min_aspect_ratio, 1/min_aspect_ratio]); the first one with 1 <= side < image side is
-    placed uniformly inside the image and filled with standard-normal values, i.e. random
-    pixels in normalized space. An image where no attempt fits is left unchanged.
+
+def _random_erasing_boxes(batch, height, width, prob, area_ratio_range, min_aspect_ratio, max_attempt, device):
+    """The rectangles of :func:`random_erasing`: (erase, top, left, box_height, box_width), each (B,).
+
+    All ``max_attempt`` draws of every image are made at once and the first that fits is kept.
     """
-    batch, _, height, width = images.shape
-    device = images.device
     min_area, max_area = area_ratio_range
     area = (min_area + (max_area - min_area) * torch.rand(batch, max_attempt, device=device)) * (height * width)
-    log_max_aspect = math.log(1.0 / min_aspect_ratio)
-    aspect = torch.exp((2 * torch.rand(batch, max_attempt, device=device) - 1) * log_max_aspect)
-    box_height = torch.sqrt(area * aspect).floor().long()
-    box_width = torch.sqrt(area / aspect).floor().long()
+    max_aspect = 1.0 / min_aspect_ratio
+    aspect = min_aspect_ratio + (max_aspect - min_aspect_ratio) * torch.rand(batch, max_attempt, device=device)
+    # rounded as the paper's code does (hysts truncates with int())
+    box_height = torch.sqrt(area * aspect).round().long()
+    box_width = torch.sqrt(area / aspect).round().long()
     fits = (box_height >= 1) & (box_width >= 1) & (box_height < height) & (box_width < width)
     attempt = torch.arange(max_attempt, device=device)
     first_fit = torch.where(fits, attempt, max_attempt).amin(dim=1)
@@ -196,8 +192,45 @@ def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ra
     box_width = box_width.gather(1, chosen).squeeze(1)
     top = (torch.rand(batch, device=device) * (height - box_height + 1)).long()
     left = (torch.rand(batch, device=device) * (width - box_width + 1)).long()
-    mask = _box_mask(top, left, box_height, box_width, height, width) & erase[:, None, None]
-    return torch.where(mask[:, None], torch.randn_like(images), images)
+    return erase, top, left, box_height, box_width
+
+
+def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ratio=0.3,
+                   max_attempt=20, fill='mean'):
+    """Random Erasing (Zhong et al., arXiv 1708.04896): fill one random rectangle per image.
+
+    With probability ``prob`` per image, up to ``max_attempt`` rectangles are drawn: area uniform
+    in ``area_ratio_range`` times the image area, aspect ratio h/w uniform in [r1, 1/r1] with
+    r1 = ``min_aspect_ratio``, sides sqrt(area * aspect) and sqrt(area / aspect) (the paper's
+    section 3.1), rounded to pixels as its code (zhunzhong07/Random-Erasing, transforms.py) does;
+    hysts draws the same distributions but truncates the sides. The first rectangle with
+    1 <= side < image side is placed uniformly inside the image (every position, as in the
+    paper's code) and filled; an image where no attempt fits is left unchanged. ``images`` are
+    normalized, and ``fill`` is one of
+
+    - ``'mean'``: the dataset's per-channel mean pixel, 0 after normalization. The paper's code
+      (the authors' CIFAR runs) fills the per-channel mean (0.4914, 0.4822, 0.4465); it writes
+      those numbers into the already normalized tensor, which we take for the mean pixel they
+      stand for.
+    - ``'random'``: an independent standard-normal value per pixel and channel, i.e. random pixels
+      in normalized space: the paper's Algorithm 1 ("a random value" per pixel) as torchvision's
+      ``RandomErasing(value='random')`` and timm read it on normalized images.
+    - ``'uniform'``: the original tool's (hysts, augmentations/random_erasing.py): one value
+      drawn uniformly from [0, 1) per rectangle, shared by its pixels and channels, written into
+      the normalized image. The original tool's Random Erasing results were trained with it.
+    """
+    if fill not in RANDOM_ERASING_FILLS:
+        raise ValueError(f'--random_erasing_fill {fill!r}: choose {", ".join(RANDOM_ERASING_FILLS)}')
+    batch, _, height, width = images.shape
+    device = images.device
+    erase, top, left, box_height, box_width = _random_erasing_boxes(
+        batch, height, width, prob, area_ratio_range, min_aspect_ratio, max_attempt, device)
+    mask = (_box_mask(top, left, box_height, box_width, height, width) & erase[:, None, None])[:, None]
+    if fill == 'mean':
+        return images.masked_fill(mask, 0.0)
+    if fill == 'uniform':
+        return torch.where(mask, torch.rand(batch, 1, 1, 1, device=device, dtype=images.dtype), images)
+    return torch.where(mask, torch.randn_like(images), images)
 
 
 def one_hot(labels, num_classes):
@@ -299,7 +332,9 @@ def ricap(images, targets, beta=0.3):
 def dual_cutout(images, size=16, prob=1.0, inside=False):
     """Dual-Cutout (Kawaguchi et al., arXiv 1802.07426): two independent Cutout views.
 
-    Returns (2B, C, H, W): the first B images are one view, the last B the other.
+    Returns (2B, C, H, W): the first B images are one view, the last B the other. The paper's
+    code and hysts send each view through the network in a forward pass of its own
+    (:meth:`BatchRegularizer.forward`).
     """
     return torch.cat([cutout(images, size, prob, inside), cutout(images, size, prob, inside)])
 
@@ -327,15 +362,17 @@ def _split_views(logits, targets):
     return logits[:batch], logits[batch:]
 
 
-def dual_cutout_loss(logits, targets, alpha=0.1, label_smoothing=0.0, distance='softmax'):
+def dual_cutout_loss(logits, targets, alpha=0.1, label_smoothing=0.0, distance='logits'):
     """Dual-Cutout loss: mean cross-entropy of the two views + alpha * consistency.
 
     ``logits`` is (2B, K), the two views stacked as :func:`dual_cutout` returns them, ``targets``
-    (B, K). With ``distance='softmax'`` the consistency term is the squared L2 distance between
-    the two views' softmax outputs, averaged over the batch (the form the issue and paper state).
-    ``distance='logits'`` is the paper code's form (Learning-and-Intelligent-Systems/
-    Analytical-Learning-Theory, also hysts): ``F.mse_loss`` of the raw logits, averaged over batch
-    and classes, which is what the published Dual-Cutout numbers (alpha 0.1) were trained with.
+    (B, K). With ``distance='logits'`` (the default) the consistency term is ``F.mse_loss`` of the
+    two views' logits, averaged over batch and classes: the paper authors' code
+    (Learning-and-Intelligent-Systems/Analytical-Learning-Theory, cifar10/resnext/main.py,
+    ``train``) and the original tool's (hysts, augmentations/cutout.py, ``DualCutoutCriterion``),
+    with which the published Dual-Cutout numbers (alpha 0.1) were trained. ``distance='softmax'``
+    is the squared L2 distance between the two views' softmax outputs, summed over classes and
+    averaged over the batch (this toolkit's earlier default).
     """
     first_view, second_view = _split_views(logits, targets)
     cross_entropy = 0.5 * (soft_target_cross_entropy(first_view, targets, label_smoothing)
@@ -353,10 +390,12 @@ def weighted_accuracy(logits, targets):
     """Batch mean of targets[i, argmax logits_i], a 0-dim tensor.
 
     Plain accuracy for one-hot targets, the lambda-weighted accuracy for mixed targets. Logits
-    with twice the rows of the targets (Dual-Cutout) are scored on their first view.
+    with twice the rows of the targets (Dual-Cutout) are scored on the average of the two views'
+    logits, as the paper authors' code and hysts (train.py) score them.
     """
     if logits.shape[0] != targets.shape[0]:
-        logits, _ = _split_views(logits, targets)
+        first_view, second_view = _split_views(logits, targets)
+        logits = (first_view + second_view) / 2
     predicted = logits.argmax(dim=1, keepdim=True)
     return targets.gather(1, predicted).squeeze(1).mean()
 
@@ -381,17 +420,20 @@ class BatchRegularizer:
     """The training-time regularizers chosen by the command-line flags, applied to whole batches.
 
     ``__call__`` maps normalized images and int64 labels to (images, soft targets): Cutout and
-    Random Erasing on each image first, then the Dual-Cutout views or one batch-mixing method.
-    ``loss`` and ``accuracy`` take the model's logits and those soft targets.
+    Random Erasing on each image first, then the Dual-Cutout views or one batch-mixing method,
+    applied to the whole batch (one lambda and one permutation per batch, as the original tool's
+    train.py mixes before it splits a batch for ghost batch norm). ``split`` cuts the result into
+    sub-batches, ``forward`` runs the model over it, and ``loss`` and ``accuracy`` take the logits
+    and the soft targets: a training step needs no branch per method.
     """
 
     def __init__(self, num_classes, use_cutout=False, cutout_size=16, cutout_prob=1.0,
                  cutout_inside=False, use_random_erasing=False, random_erasing_prob=0.5,
                  random_erasing_area_ratio_range=(0.02, 0.4), random_erasing_min_aspect_ratio=0.3,
-                 random_erasing_max_attempt=20, use_mixup=False, mixup_alpha=1.0, use_ricap=False,
-                 ricap_beta=0.3, use_cutmix=False, cutmix_alpha=1.0, use_dual_cutout=False,
-                 dual_cutout_alpha=0.1, dual_cutout_distance='softmax', use_label_smoothing=False,
-                 label_smoothing_epsilon=0.1):
+                 random_erasing_max_attempt=20, random_erasing_fill='mean', use_mixup=False, mixup_alpha=1.0,
+                 use_ricap=False, ricap_beta=0.3, use_cutmix=False, cutmix_alpha=1.0, use_dual_cutout=False,
+                 dual_cutout_alpha=0.1, dual_cutout_distance='logits', dual_cutout_joint_forward=False,
+                 use_label_smoothing=False, label_smoothing_epsilon=0.1):
         self.num_classes = num_classes
         self.use_cutout, self.cutout_size = use_cutout, cutout_size
         self.cutout_prob, self.cutout_inside = cutout_prob, cutout_inside
@@ -399,11 +441,13 @@ class BatchRegularizer:
         self.random_erasing_area_ratio_range = tuple(random_erasing_area_ratio_range)
         self.random_erasing_min_aspect_ratio = random_erasing_min_aspect_ratio
         self.random_erasing_max_attempt = random_erasing_max_attempt
+        self.random_erasing_fill = random_erasing_fill
         self.use_mixup, self.mixup_alpha = use_mixup, mixup_alpha
         self.use_ricap, self.ricap_beta = use_ricap, ricap_beta
         self.use_cutmix, self.cutmix_alpha = use_cutmix, cutmix_alpha
         self.use_dual_cutout, self.dual_cutout_alpha = use_dual_cutout, dual_cutout_alpha
         self.dual_cutout_distance = dual_cutout_distance
+        self.dual_cutout_joint_forward = dual_cutout_joint_forward
         self.use_label_smoothing, self.label_smoothing_epsilon = use_label_smoothing, label_smoothing_epsilon
         self._validate()
 
@@ -440,6 +484,8 @@ class BatchRegularizer:
              '--random_erasing_min_aspect_ratio must be in (0, 1]'),
             (self.use_random_erasing, self.random_erasing_max_attempt >= 1,
              '--random_erasing_max_attempt must be >= 1'),
+            (self.use_random_erasing, self.random_erasing_fill in RANDOM_ERASING_FILLS,
+             f'--random_erasing_fill must be one of {", ".join(RANDOM_ERASING_FILLS)}'),
             (self.use_mixup, self.mixup_alpha > 0, '--mixup_alpha must be > 0'),
             (self.use_ricap, self.ricap_beta > 0, '--ricap_beta must be > 0'),
             (self.use_cutmix, self.cutmix_alpha > 0, '--cutmix_alpha must be > 0'),
@@ -463,6 +509,32 @@ class BatchRegularizer:
         """The smoothing epsilon the loss applies (0 when label smoothing is off)."""
         return self.label_smoothing_epsilon if self.use_label_smoothing else 0.0
 
+    @property
+    def views(self):
+        """How many views of each image ``__call__`` stacks: 2 with Dual-Cutout, else 1."""
+        return 2 if self.use_dual_cutout else 1
+
+    def split(self, images, targets, parts):
+        """Cut the output of ``__call__`` into ``parts`` sub-batches (ghost batches, ``--subdivision``).
+
+        Sub-batch i holds the i-th chunk of the targets and, with Dual-Cutout, both views of
+        those images, stacked as ``__call__`` stacks them (hysts' train.py chunks each view alike).
+        """
+        image_chunks = images.unflatten(0, (self.views, -1)).chunk(parts, dim=1)
+        return [(chunk.flatten(0, 1), target_chunk)
+                for chunk, target_chunk in zip(image_chunks, targets.chunk(parts))]
+
+    def forward(self, model, images):
+        """The model's logits for images from ``__call__`` (or ``split``), rows in the same order.
+
+        Dual-Cutout's two views go through the model in a forward pass each, so BatchNorm
+        normalizes every view with its own statistics, as in the paper authors' code and hysts;
+        ``dual_cutout_joint_forward`` forwards the 2B stacked images in one pass instead.
+        """
+        if self.views == 1 or self.dual_cutout_joint_forward:
+            return model(images)
+        return torch.cat([model(view) for view in images.chunk(self.views)])
+
     def __call__(self, images, labels):
         """Normalized float images (B, C, H, W) and int64 labels (B,) -> (images, soft targets (B, K)).
 
@@ -472,7 +544,8 @@ class BatchRegularizer:
             images = cutout(images, self.cutout_size, self.cutout_prob, self.cutout_inside)
         if self.use_random_erasing:
             images = random_erasing(images, self.random_erasing_prob, self.random_erasing_area_ratio_range,
-                                    self.random_erasing_min_aspect_ratio, self.random_erasing_max_attempt)
+                                    self.random_erasing_min_aspect_ratio, self.random_erasing_max_attempt,
+                                    self.random_erasing_fill)
         targets = one_hot(labels, self.num_classes)
         if self.use_dual_cutout:
             images = dual_cutout(images, self.cutout_size, self.cutout_prob, self.cutout_inside)
@@ -492,7 +565,8 @@ class BatchRegularizer:
         return soft_target_cross_entropy(logits, targets, self.label_smoothing)
 
     def accuracy(self, logits, targets):
-        """Training accuracy, lambda-weighted for mixed targets (see :func:`weighted_accuracy`)."""
+        """Training accuracy, lambda-weighted for mixed targets, on the views' mean logits for
+        Dual-Cutout (see :func:`weighted_accuracy`)."""
         return weighted_accuracy(logits, targets)
 
     def __repr__(self):
@@ -502,10 +576,13 @@ class BatchRegularizer:
         if self.use_random_erasing:
             parts.append(f'random_erasing(prob={self.random_erasing_prob}, '
                          f'area_ratio_range={self.random_erasing_area_ratio_range}, '
-                         f'min_aspect_ratio={self.random_erasing_min_aspect_ratio})')
+                         f'min_aspect_ratio={self.random_erasing_min_aspect_ratio}, '
+                         f'fill={self.random_erasing_fill})')
         if self.use_dual_cutout:
             parts.append(f'dual_cutout(size={self.cutout_size}, prob={self.cutout_prob}, '
-                         f'inside={self.cutout_inside}, alpha={self.dual_cutout_alpha})')
+                         f'inside={self.cutout_inside}, alpha={self.dual_cutout_alpha}, '
+                         f'distance={self.dual_cutout_distance}, '
+                         f'{"joint" if self.dual_cutout_joint_forward else "separate"} forward passes)')
         if self.use_mixup:
             parts.append(f'mixup(alpha={self.mixup_alpha})')
         if self.use_ricap:

@@ -111,8 +111,18 @@ def get_args_parser():
     group.add_argument('--adabound_final_lr', type=float, default=0.1)
     group.add_argument('--adabound_gamma', type=float, default=1e-3)
     _switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
-    group.add_argument('--sam_rho', type=float, default=0.05, help='SAM neighbourhood radius')
+    group.add_argument('--sam_rho', type=float, default=None,
+                       help='SAM neighbourhood radius (default: 0.05, or 0.5 with --sam_adaptive, the authors\' '
+                            'CIFAR-10 values)')
     _switch(group, '--sam_adaptive', 'adaptive SAM (ASAM, arXiv 2102.11600)')
+    group.add_argument('--asam_eta', type=float, default=0.01,
+                       help='ASAM: T_w = |w| + eta on the parameters named *weight* (SamsungLabs/ASAM asam.py)')
+    _switch(group, '--sam_freeze_bn_stats', 'SAM: the second forward pass (at w + e) leaves BatchNorm running '
+            'statistics alone (davda54/sam bypass_bn); false: both passes update them', True)
+    group.add_argument('--lars_eps', type=float, default=1e-9,
+                       help='lars: trust ratio ||w|| / (eps + ||g|| + wd ||w||) (the original tool\'s LARS)')
+    group.add_argument('--lars_thresh', type=float, default=1e-2,
+                       help='lars: trust ratio 1 for tensors with ||w|| below this (fresh biases, BN shifts)')
     group.add_argument('--gradient_clip', type=float, default=0.0, help='max gradient norm; 0 = off')
     group.add_argument('--ema_every', type=int, default=1,
                        help='update the EMA every K steps (with decay**K, the same horizon)')
@@ -144,8 +154,13 @@ def get_args_parser():
     group.add_argument('--T_mul', type=int, default=1, help='sgdr: period multiplier')
     group.add_argument('--poly_power', type=float, default=1.0, help='polynomial decay power')
     group.add_argument('--warmup_epochs', type=float, default=0)
-    group.add_argument('--warmup_method', default='linear', choices=['linear', 'exponential'])
+    group.add_argument('--warmup_method', default='linear', choices=list(optim.WARMUP_METHODS),
+                       help='linear: s + (1 - s) t; exponential: s + (1 - s) t^warmup_exponent (the original '
+                            'tool\'s); geometric: s^(1 - t); s = --warmup_start_factor, t = warmup progress')
     group.add_argument('--warmup_start_factor', type=float, default=1e-3, help='lr factor at step 0 of warmup')
+    group.add_argument('--warmup_exponent', type=float, default=4.0, help='exponential warmup: power of t')
+    _switch(group, '--milestones_after_warmup', 'multistep: count --milestones from the end of warmup (the '
+            'original tool); false: from the start of training (torch MultiStepLR, Goyal et al.)', True)
 
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='CIFAR10', choices=dataloader.DATASET_CHOICES)
@@ -178,6 +193,10 @@ def get_args_parser():
     group.add_argument('--random_erasing_area_ratio_range', type=json_list, default=[0.02, 0.4])
     group.add_argument('--random_erasing_min_aspect_ratio', type=float, default=0.3)
     group.add_argument('--random_erasing_max_attempt', type=int, default=20)
+    group.add_argument('--random_erasing_fill', default='mean', choices=augmentations.RANDOM_ERASING_FILLS,
+                       help='mean: the per-channel mean pixel, 0 after normalization (the paper authors\' code); '
+                            'random: a standard-normal value per pixel (the paper\'s random values, as torchvision); '
+                            'uniform: one U(0,1) value per rectangle (the original tool, hysts)')
     _switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
     group.add_argument('--mixup_alpha', type=float, default=1.0)
     _switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
@@ -186,9 +205,11 @@ def get_args_parser():
     group.add_argument('--cutmix_alpha', type=float, default=1.0)
     _switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
     group.add_argument('--dual_cutout_alpha', type=float, default=0.1)
-    group.add_argument('--dual_cutout_distance', default='softmax', choices=['softmax', 'logits'],
-                       help='consistency term: squared distance of the softmax outputs, or MSE of the '
-                            'logits as in the paper authors\' code (and hysts)')
+    group.add_argument('--dual_cutout_distance', default='logits', choices=['logits', 'softmax'],
+                       help='consistency term: MSE of the two views\' logits as in the paper authors\' code '
+                            'and hysts, or squared distance of their softmax outputs')
+    _switch(group, '--dual_cutout_joint_forward', 'forward both Dual-Cutout views in one pass of 2B images '
+            '(shared BatchNorm statistics) instead of one pass per view as the paper authors\' code and hysts')
     _switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
     group.add_argument('--label_smoothing_epsilon', type=float, default=0.1)
     _switch(group, '--use_autoaugment', 'AutoAugment, CIFAR-10 policy (arXiv 1805.09501)')
@@ -296,7 +317,9 @@ def validate_args(args):
     if not all(isinstance(m, (int, float)) for m in args.milestones):
         raise UsageError(f'--milestones must be a list of epochs, got {args.milestones}')
     fractional = args.total_steps is None and not float(args.epochs).is_integer()
-    if args.scheduler == 'multistep' and fractional and any(m >= args.epochs for m in args.milestones):
+    milestone_offset = args.warmup_epochs if args.milestones_after_warmup else 0
+    if args.scheduler == 'multistep' and fractional and any(m + milestone_offset >= args.epochs
+                                                            for m in args.milestones):
         # with --total_steps the same check runs once the steps per epoch are known
         raise UsageError(f'--milestones {args.milestones}: beyond the end of the {args.epochs}-epoch run')
     if args.lookahead_every < 0 or not 0 <= args.lookahead_decay < 1:
@@ -305,6 +328,13 @@ def validate_args(args):
     if args.lr_end_factor is not None and (not 0 <= args.lr_end_factor <= 1 or args.lr_min > 0):
         raise UsageError(f'--lr_end_factor must be in [0, 1] and cannot be combined with --lr_min, '
                          f'got {args.lr_end_factor}')
+    if args.sam_rho is None:
+        args.sam_rho = optim.default_sam_rho(args.sam_adaptive)
+    for name in ('sam_rho', 'asam_eta', 'lars_eps', 'lars_thresh'):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f'--{name} must not be negative, got {getattr(args, name)}')
+    if not args.warmup_exponent > 0:
+        raise UsageError(f'--warmup_exponent must be positive, got {args.warmup_exponent}')
     if args.use_sam and args.precision == 'fp16':
         raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
     if args.optimizer == 'muon':
@@ -357,6 +387,10 @@ def list_archs():
 class Trainer:
     """One optimization step and one evaluation pass, with AMP, ghost batches, SAM, EMA and torch.compile.
 
+    A step regularizes the whole batch, splits it into --subdivision sub-batches (ghost batch norm,
+    accumulated gradients) with ``regularizer.split`` and runs the model through
+    ``regularizer.forward`` (one pass, or one per Dual-Cutout view).
+
     Nothing in a step reads a device value on the host: losses and accuracies are summed on the
     device and read once per epoch, so the host queues steps ahead of the GPU.
     """
@@ -394,7 +428,7 @@ class Trainer:
 
     def _forward_loss(self, images, targets):
         with self.autocast():
-            logits = self.model(images)
+            logits = self.regularizer.forward(self.model, images)
         logits = logits.float()
         return logits, self.regularizer.loss(logits, targets)
 
@@ -428,8 +462,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         images, labels = next(iter(train_loader))
-        chunk_images, chunk_labels = images.chunk(self.args.subdivision)[0], labels.chunk(self.args.subdivision)[0]
-        self._forward_backward([self.regularizer(chunk_images, chunk_labels)])
+        self._forward_backward(self._sub_batches(images, labels)[:1])
         self.optimizer.zero_grad(set_to_none=True)
         test_images, test_labels = next(iter(test_loader))
         self.evaluate(_FixedBatch(test_images, test_labels, test_loader.batch_size))
@@ -455,14 +488,19 @@ class Trainer:
             total_correct += self.regularizer.accuracy(logits.detach(), targets) * len(targets)
         return total_loss / batch_size, total_correct / batch_size
 
+    def _sub_batches(self, images, labels):
+        """Regularize the whole batch (one mixing lambda and permutation, as the original tool's
+        train.py), then split it into the --subdivision sub-batches of the step."""
+        return self.regularizer.split(*self.regularizer(images, labels), self.args.subdivision)
+
     def train_step(self, images, labels):
-        chunks = [self.regularizer(image_chunk, label_chunk) for image_chunk, label_chunk
-                  in zip(images.chunk(self.args.subdivision), labels.chunk(self.args.subdivision))]
+        chunks = self._sub_batches(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss, accuracy = self._forward_backward(chunks)
         if self.args.use_sam:
             self.optimizer.first_step(zero_grad=True)
-            self._forward_backward(chunks)
+            with optim.frozen_bn_statistics(self.model, enabled=self.args.sam_freeze_bn_stats):
+                self._forward_backward(chunks)
             self._clip()
             self.optimizer.second_step(zero_grad=False)
         else:
@@ -742,8 +780,9 @@ def main(argv=None):
 
     steps_per_epoch = len(data.train_loader)
     total_steps = args.total_steps or math.ceil(args.epochs * steps_per_epoch - 1e-9)
+    milestone_offset = args.warmup_epochs if args.milestones_after_warmup else 0
     if args.total_steps and args.scheduler == 'multistep' and any(
-            m * steps_per_epoch >= total_steps for m in args.milestones):
+            (m + milestone_offset) * steps_per_epoch >= total_steps for m in args.milestones):
         raise UsageError(f'--milestones {args.milestones}: beyond the end of the run ({total_steps} steps of '
                          f'{steps_per_epoch} per epoch)')
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -752,7 +791,8 @@ def main(argv=None):
         optimizer, scheduler=args.scheduler, epochs=total_steps / steps_per_epoch, steps_per_epoch=steps_per_epoch,
         milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min, T0=args.T0, T_mul=args.T_mul,
         poly_power=args.poly_power, warmup_epochs=args.warmup_epochs, warmup_method=args.warmup_method,
-        warmup_start_factor=args.warmup_start_factor, lr_end_factor=args.lr_end_factor)
+        warmup_start_factor=args.warmup_start_factor, lr_end_factor=args.lr_end_factor,
+        warmup_exponent=args.warmup_exponent, milestones_after_warmup=args.milestones_after_warmup)
     if args.lr_finder:
         return run_lr_finder(model, optimizer, data, regularizer, run)
 
@@ -844,7 +884,8 @@ def build_optimizer(model, args):
             bn_bias_lr_factor=args.bn_bias_lr_factor, head_lr_factor=args.head_lr_factor,
             schedule_epochs=whitening_bias_schedule(model, args.whiten_bias_epochs),
             muon_lr=args.muon_lr, muon_momentum=args.muon_momentum, muon_ns_steps=args.muon_ns_steps,
-            muon_normalize_weights=args.muon_normalize_weights)
+            muon_normalize_weights=args.muon_normalize_weights, lars_eps=args.lars_eps,
+            lars_thresh=args.lars_thresh, asam_eta=args.asam_eta)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -964,10 +1005,11 @@ def run_lr_finder(model, optimizer, data, regularizer, run):
         for images, labels in data.train_loader:
             yield regularizer(images, labels)
     result = optim.lr_range_test(model, optimizer, batches(), regularizer.loss,
-                                 num_steps=min(100, len(data.train_loader)))
-    optim.save_lr_range_test(result, run.outdir)
+                                 num_steps=min(100, len(data.train_loader)),
+                                 forward=lambda images: regularizer.forward(model, images))
+    written = optim.save_lr_range_test(result, run.outdir)
     print(f'lr range test: {len(result["lrs"])} steps, suggested lr {result["suggested_lr"]:.3g}; '
-          f'wrote {run.path("lr_finder.json")} and lr_finder.png')
+          f'wrote {" and ".join(written)}')
 
 
 def cli(argv=None):

@@ -13,11 +13,25 @@ Papers:
   torch.optim.Muon), as airbench94_muon applies it to convolution filters (arXiv 2404.00498 lineage)
 
 Every schedule is a ``LambdaLR`` stepped once per iteration. Its multiplier is the pure function
-``lr_factor``: warmup runs over the first ``warmup_epochs`` epochs, then the decaying schedules
-(cosine, sgdr, linear, polynomial) run over the remaining steps, as in hysts'
-pytorch_image_classification. Multistep milestones are epochs counted from the start of training
-(as torch's MultiStepLR and Goyal et al.), not from the end of warmup.
+``lr_factor``: warmup runs over the first ``warmup_epochs`` epochs, then the main schedule runs
+over the remaining steps, as in hysts' pytorch_image_classification (``scheduler/__init__.py``:
+a CombinedScheduler of the warmup and a main scheduler of ``epochs - warmup_epochs``). Multistep
+milestones are therefore epochs counted from the end of warmup by default
+(``milestones_after_warmup``): with ``--warmup_epochs 5 --milestones '[80,120]'`` the lr drops at
+epochs 85 and 125, as the original tool's MultistepScheduler does (its first step at a milestone
+still has the old lr, an off-by-one of bisect_left not reproduced here). This keeps every schedule
+the same "main schedule after warmup" and does what users of the original tool expect;
+``--milestones_after_warmup false`` counts them from the start of training instead, as torch's
+MultiStepLR, timm and Goyal et al. (arXiv 1706.02677) do. Without warmup the two are the same.
+
+Where a reference implementation exists, the defaults are its behaviour (issue 11); each class
+or function documents the reference and any difference: :class:`LARS` (hysts' LARSOptimizer:
+``--lars_eps 1e-9 --lars_thresh 1e-2``), :class:`SAM` (ASAM as SamsungLabs/ASAM: ``--asam_eta
+0.01``, weights only, rho 0.5), :func:`frozen_bn_statistics` (SAM's second pass leaves the
+BatchNorm statistics alone, as davda54/sam), ``_warmup_factor`` (hysts' linear and exponential
+warmup curves).
 """
+import contextlib
 import copy
 import functools
 import math
@@ -29,7 +43,7 @@ from torch import nn
 
 OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound', 'muon')
 SCHEDULER_CHOICES = ('none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial')
-WARMUP_METHODS = ('linear', 'exponential')
+WARMUP_METHODS = ('linear', 'exponential', 'geometric')
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -75,13 +89,24 @@ def _one_minus_power(base, exponent):
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling (arXiv 1708.03888) in the form of hysts' LARSOptimizer.
+    """Layer-wise adaptive rate scaling (arXiv 1708.03888) as hysts' LARSOptimizer.
 
-    Per parameter tensor: ``local_lr = ||w|| / (||g|| + weight_decay * ||w||)`` (1 when either norm
-    is 0), ``d = local_lr * lr * (g + weight_decay * w)``, ``buf = momentum * buf + d`` and
-    ``w -= buf`` (or ``w -= d + momentum * buf`` with nesterov). There is no LARS coefficient: the
-    trust ratio multiplies the global lr directly. Parameters in a group with weight_decay 0 are
-    still scaled by ``||w|| / ||g||``, as in hysts.
+    Per parameter tensor, with ``g`` its gradient and ``w`` its weights:
+    ``local_lr = ||w|| / (eps + ||g|| + weight_decay * ||w||)``, or 1 where ``||w|| < thresh``;
+    ``d = lr * local_lr * (g + weight_decay * w)``, ``buf = momentum * buf + d`` and ``w -= buf``
+    (``w -= d + momentum * buf`` with nesterov). There is no LARS coefficient: the trust ratio
+    multiplies the global lr directly (tune ``--base_lr``: the original tool used 0.02 at batch 4096).
+    Parameters in a group with weight_decay 0 are still scaled by ``||w|| / (eps + ||g||)``.
+
+    Reference: hysts/pytorch_image_classification ``optim.py`` at 1d76092 and
+    ``pytorch_image_classification/optim/lars.py`` (eps 1e-9, thresh 1e-2, the original tool's
+    ``--lars_eps``/``--lars_thresh``): the same trust ratio, threshold, order of weight decay and
+    momentum, and a buffer accumulating ``lr * local_lr * d_p`` as here. Differences: (1) the
+    reference adds ``weight_decay * w`` to ``p.grad`` in place, this leaves the gradient as backward
+    left it (the update is the same); (2) the reference has no Nesterov, here ``nesterov=True`` adds
+    ``momentum * buf`` (main.py's ``--nesterov`` defaults to true for SGD: pass ``--nesterov false``
+    to run the reference's LARS); (3) with ``eps=0`` a zero denominator (zero gradient, no weight
+    decay, ``||w|| >= thresh``) gives a trust ratio of 1 here, inf and then NaN there.
 
     The step runs on whole tensor lists (``torch._foreach_*``, per device and dtype, as torch's
     foreach SGD) with the trust ratios kept on the device. With ``_step_supports_amp_scaling``
@@ -90,7 +115,7 @@ class LARS(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False):
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, eps=1e-9, thresh=1e-2):
         if lr < 0:
             raise ValueError(f'LARS: invalid learning rate {lr}')
         if momentum < 0:
@@ -99,7 +124,17 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f'LARS: invalid weight_decay {weight_decay}')
         if nesterov and momentum <= 0:
             raise ValueError('LARS: nesterov momentum requires momentum > 0')
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        if eps < 0 or thresh < 0:
+            raise ValueError(f'--lars_eps and --lars_thresh must be >= 0, got {eps} and {thresh}')
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      eps=eps, thresh=thresh))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # checkpoints written before eps and thresh existed: the reference's values
+        for group in self.param_groups:
+            group.setdefault('eps', self.defaults.get('eps', 1e-9))
+            group.setdefault('thresh', self.defaults.get('thresh', 1e-2))
 
     def _init_group(self, group):
         """(parameters with a gradient, their momentum buffers or None), creating missing buffers."""
@@ -130,7 +165,8 @@ class LARS(torch.optim.Optimizer):
                 grads = [param.grad for param in params]
                 for _, device_lists in _by_device_and_dtype(params, grads, buffers):
                     _lars_update(*device_lists, lr=group['lr'], momentum=group['momentum'],
-                                 weight_decay=group['weight_decay'], nesterov=group['nesterov'])
+                                 weight_decay=group['weight_decay'], nesterov=group['nesterov'],
+                                 eps=group['eps'], thresh=group['thresh'])
 
         def live_tensors():
             return [tensor for params, buffers in lists for tensor in params + buffers if tensor is not None]
@@ -140,13 +176,13 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _lars_update(params, grads, buffers, *, lr, momentum, weight_decay, nesterov):
+def _lars_update(params, grads, buffers, *, lr, momentum, weight_decay, nesterov, eps, thresh):
     """LARS over tensors of one device and dtype (the formulas in :class:`LARS`)."""
     weight_norms = torch.stack(torch._foreach_norm(params))
     grad_norms = torch.stack(torch._foreach_norm(grads))
+    denominators = eps + grad_norms + weight_decay * weight_norms
     # one where over all tensors' norms: no host read, no per-tensor kernels
-    trust_ratios = torch.where((weight_norms > 0) & (grad_norms > 0),
-                               weight_norms / (grad_norms + weight_decay * weight_norms), 1.0)
+    trust_ratios = torch.where((weight_norms < thresh) | (denominators == 0), 1.0, weight_norms / denominators)
     step_sizes = (trust_ratios * lr).unbind()
     if weight_decay != 0:
         updates = torch._foreach_add(grads, params, alpha=weight_decay)
@@ -276,19 +312,34 @@ def _adabound_update(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, 
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization (arXiv 2010.01412) around an existing optimizer; ASAM with adaptive=True.
 
-    ``first_step`` moves the weights to ``w + e(w)`` with ``e = rho * g / ||g||`` (ASAM, arXiv
-    2102.11600: ``e = rho * T^2 g / ||T g||``, ``T = |w|``), the norm taken over all parameters.
-    After a backward pass there, ``second_step`` restores ``w`` and lets the base optimizer step
-    with the gradient of the perturbed point. ``param_groups``, ``state_dict`` and
-    ``load_state_dict`` are the base optimizer's, so LR schedulers and checkpoints see through SAM.
-    Both steps run on whole tensor lists (``torch._foreach_*``); the norm stays on the device.
+    ``first_step`` moves the weights to ``w + e(w)`` with ``e = rho * g / ||g||``, the norm taken
+    over all parameters. After a backward pass there, ``second_step`` restores ``w`` and lets the
+    base optimizer step with the gradient of the perturbed point. ``param_groups``, ``state_dict``
+    and ``load_state_dict`` are the base optimizer's, so LR schedulers and checkpoints see through
+    SAM. Both steps run on whole tensor lists (``torch._foreach_*``); the norm stays on the device.
+
+    ASAM (arXiv 2102.11600), as the authors' code (SamsungLabs/ASAM ``asam.py``, ``ASAM.ascent_step``):
+    ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` for the parameters in ``adaptive_params``
+    and ``T = 1`` (SAM's direction) for the others. The authors scale the parameters whose name
+    contains 'weight' (convolution, linear and norm-layer scales; no biases) with ``asam.py``'s
+    default eta 0.01 (their ``example_cifar.py`` defaults to ``--eta 0.0``), and that is what
+    :func:`build_optimizer` passes (``--asam_eta``). This class's own defaults, every parameter
+    scaled and eta 0, are davda54/sam's ``adaptive=True``. The norm gets ``+ 1e-12`` (davda54)
+    where the authors add 1e-16.
+
+    The second forward pass also moves BatchNorm's running statistics; wrap it in
+    :func:`frozen_bn_statistics` to keep them at the first pass's values, as davda54/sam's
+    example does (``bypass_bn.py``).
     """
 
-    def __init__(self, base_optimizer, rho=0.05, adaptive=False):
+    def __init__(self, base_optimizer, rho=0.05, adaptive=False, eta=0.0, adaptive_params=None):
         if rho < 0:
             raise ValueError(f'SAM: invalid rho {rho}')
+        if eta < 0:
+            raise ValueError(f'--asam_eta must be >= 0, got {eta}')
         self.base_optimizer = base_optimizer
-        self.rho, self.adaptive = rho, adaptive
+        self.rho, self.adaptive, self.eta = rho, adaptive, eta
+        self._scaled = None if adaptive_params is None else {id(param) for param in adaptive_params}
         super().__init__(base_optimizer.param_groups, {})
         # share the very same group dicts, so a scheduler's lr change reaches the base optimizer
         self.param_groups = base_optimizer.param_groups
@@ -297,20 +348,30 @@ class SAM(torch.optim.Optimizer):
     def _parameters_with_grad(self):
         return [param for group in self.param_groups for param in group['params'] if param.grad is not None]
 
+    def _adaptive_directions(self, params, grads):
+        """(T g, T^2 g) for every parameter, T = |w| + eta where ASAM scales it and 1 elsewhere."""
+        scaled = [index for index, param in enumerate(params) if self._scaled is None or id(param) in self._scaled]
+        if not scaled:
+            return grads, grads
+        magnitudes = torch._foreach_abs([params[index] for index in scaled])
+        if self.eta:
+            torch._foreach_add_(magnitudes, self.eta)
+        once = torch._foreach_mul([grads[index] for index in scaled], magnitudes)
+        twice = torch._foreach_mul(once, magnitudes)
+        scaled_grads, directions = list(grads), list(grads)
+        for index, scaled_grad, direction in zip(scaled, once, twice):
+            scaled_grads[index], directions[index] = scaled_grad, direction
+        return scaled_grads, directions
+
     @torch.no_grad()
     def first_step(self, zero_grad=True):
         """Move to the adversarial point ``w + e(w)`` using the gradients currently stored."""
         params = self._parameters_with_grad()
         if not params:
             return
-        directions = [param.grad for param in params]
-        if self.adaptive:
-            # ASAM: T^2 g / ||T g|| = T * (T g) / ||T g||
-            magnitudes = torch._foreach_abs(params)
-            scaled_grads = torch._foreach_mul(directions, magnitudes)
-            directions = torch._foreach_mul(scaled_grads, magnitudes)
-        else:
-            scaled_grads = directions
+        grads = [param.grad for param in params]
+        # ASAM: T^2 g / ||T g|| = T * (T g) / ||T g||
+        scaled_grads, directions = self._adaptive_directions(params, grads) if self.adaptive else (grads, grads)
         # the norm over all parameters, on the first one's device, as clip_grad_norm_ takes it
         scale = self.rho / (torch.nn.utils.get_total_norm(scaled_grads) + 1e-12)
         for device, (device_params, device_directions) in _by_device_and_dtype(params, directions):
@@ -371,6 +432,32 @@ class SAM(torch.optim.Optimizer):
         """Load into the base optimizer and share its (newly built) param groups again."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model, enabled=True):
+    """Within the block, BatchNorm layers in training mode normalize with the batch's statistics as
+    usual but leave their running statistics and ``num_batches_tracked`` as they are.
+
+    For SAM's second forward pass (at ``w + e``): davda54/sam's example (``example/utility/bypass_bn.py``)
+    sets every BN layer's momentum to 0 for it and restores it afterwards. Here every ``_BatchNorm``
+    with running statistics gets ``track_running_stats = False`` instead, which in training mode
+    is the same normalization with no buffer written: it also holds for ``momentum=None``
+    (cumulative average), where momentum 0 would still count the pass in ``num_batches_tracked``
+    and so weight every later batch too little, and a non-finite batch statistic cannot reach the
+    buffers through ``0 * nan``. Layers in eval mode keep using their running statistics. Only
+    Python attributes change: no device work, no host-device synchronization. ``enabled=False``
+    changes nothing (``--sam_freeze_bn_stats false``: both passes update the statistics).
+    """
+    layers = [module for module in model.modules()
+              if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats] if enabled else []
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
 
 
 def _filter_matrix(tensor, channels_last):
@@ -559,17 +646,22 @@ def _kernel_options(groups):
 
 def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                     no_weight_decay_on_bn=False, betas=(0.9, 0.999), adabound_final_lr=0.1, adabound_gamma=1e-3,
-                    use_sam=False, sam_rho=0.05, sam_adaptive=False, bn_bias_lr_factor=1.0, head_lr_factor=1.0,
+                    use_sam=False, sam_rho=None, sam_adaptive=False, bn_bias_lr_factor=1.0, head_lr_factor=1.0,
                     schedule_epochs=None, muon_lr=0.24, muon_momentum=0.6, muon_ns_steps=3,
-                    muon_normalize_weights=True):
+                    muon_normalize_weights=True, lars_eps=1e-9, lars_thresh=1e-2, asam_eta=0.01):
     """The optimizer named by ``--optimizer`` over ``model``'s parameters, optionally wrapped in SAM.
 
     Weight decay lives in the param groups (L2 in the gradient for sgd/adam/lars/adabound, decoupled
     for adamw). Nesterov applies to sgd and lars and only when momentum > 0. ``muon`` trains the
     convolution filters with :class:`Muon` and everything else with SGD (``base_lr``, ``momentum``).
+    ``sam_rho=None`` is the authors' radius: 0.05 for SAM (Foret et al.), 0.5 for ASAM (the CIFAR-10
+    command of SamsungLabs/ASAM's README and ``asam.py``'s default). ASAM scales the parameters whose
+    name in ``model.named_parameters()`` contains 'weight', as the authors' ``asam.py``.
     """
     if optimizer not in OPTIMIZER_CHOICES:
         raise ValueError(f'--optimizer {optimizer!r} is not supported; choose from {", ".join(OPTIMIZER_CHOICES)}')
+    if sam_rho is None:
+        sam_rho = default_sam_rho(sam_adaptive)
     if sam_rho < 0:
         raise ValueError(f'--sam_rho must be >= 0, got {sam_rho}')
     for flag, factor in (('--bn_bias_lr_factor', bn_bias_lr_factor), ('--head_lr_factor', head_lr_factor)):
@@ -595,21 +687,40 @@ def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=
     elif optimizer == 'adamw':
         base = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay, **kernels)
     elif optimizer == 'lars':
-        base = LARS(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        base = LARS(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                    eps=lars_eps, thresh=lars_thresh)
     else:
         base = AdaBound(groups, lr=base_lr, betas=tuple(betas), final_lr=adabound_final_lr, gamma=adabound_gamma,
                         weight_decay=weight_decay)
-    return SAM(base, rho=sam_rho, adaptive=sam_adaptive) if use_sam else base
+    if not use_sam:
+        return base
+    weights = [param for name, param in model.named_parameters() if 'weight' in name]
+    return SAM(base, rho=sam_rho, adaptive=sam_adaptive, eta=asam_eta, adaptive_params=weights)
 
 
-def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor):
+def default_sam_rho(adaptive):
+    """The authors' neighbourhood radius on CIFAR-10: SAM 0.05 (arXiv 2010.01412), ASAM 0.5 (SamsungLabs/ASAM)."""
+    return 0.5 if adaptive else 0.05
+
+
+def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmup_exponent=4.0):
+    """The warmup multiplier at ``step``; 1 from ``warmup_steps`` on.
+
+    linear: ``s + (1 - s) * t`` and exponential: ``s + (1 - s) * t ** warmup_exponent`` (t = step /
+    warmup_steps, s the start factor) are the original tool's LinearScheduler and
+    ExponentialScheduler (pytorch_image_classification/scheduler/components.py), without the
+    latter's extra factor ``train.base_lr`` inside a LambdaLR multiplier, which ran its warmup at
+    base_lr^2 times the curve and jumped to base_lr after it. geometric: ``s ** (1 - t)``, the same
+    ratio every step.
+    """
     if step >= warmup_steps:
         return 1.0
     progress = step / warmup_steps
     if warmup_method == 'linear':
         return warmup_start_factor + (1.0 - warmup_start_factor) * progress
     if warmup_method == 'exponential':
-        # geometric interpolation: the lr grows by the same ratio every step
+        return warmup_start_factor + (1.0 - warmup_start_factor) * progress ** warmup_exponent
+    if warmup_method == 'geometric':
         return warmup_start_factor ** (1.0 - progress)
     raise ValueError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
 
@@ -627,14 +738,16 @@ def _sgdr_position(step, first_period, period_multiplier):
 
 def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120), lr_decay=0.1,
               lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0, warmup_method='linear',
-              warmup_start_factor=1e-3, base_lr=1.0, lr_end_factor=None):
+              warmup_start_factor=1e-3, base_lr=1.0, lr_end_factor=None, warmup_exponent=4.0,
+              milestones_after_warmup=True):
     """Multiplier of ``base_lr`` at iteration ``step`` (0-based); the closed form behind ``build_scheduler``.
 
     ``lr_min`` is an absolute lr, hence ``base_lr`` to turn it into a factor; ``lr_end_factor``, when
     given, is that final factor itself, the same for every param group (airbench94 ends at 0.07
     of each group's lr). ``epochs`` may be fractional. Warmup covers the first
     ``round(warmup_epochs * steps_per_epoch)`` steps; cosine/sgdr/linear/polynomial run over the
-    steps after it; multistep milestones are epochs from the start of training.
+    steps after it; multistep milestones are epochs counted from the end of warmup
+    (``milestones_after_warmup``, the original tool) or from the start of training.
     """
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     main_steps = epochs * steps_per_epoch - warmup_steps
@@ -647,7 +760,8 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
     if scheduler == 'none':
         factor = 1.0
     elif scheduler == 'multistep':
-        factor = lr_decay ** sum(step >= milestone * steps_per_epoch for milestone in milestones)
+        offset = warmup_steps if milestones_after_warmup else 0
+        factor = lr_decay ** sum(step >= offset + milestone * steps_per_epoch for milestone in milestones)
     elif scheduler == 'cosine':
         factor = min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     elif scheduler == 'sgdr':
@@ -659,12 +773,13 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
         factor = min_factor + (1.0 - min_factor) * (1.0 - progress) ** poly_power
     else:
         raise ValueError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
-    return factor * _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor)
+    return factor * _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmup_exponent)
 
 
 def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120),
                     lr_decay=0.1, lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0,
-                    warmup_method='linear', warmup_start_factor=1e-3, lr_end_factor=None):
+                    warmup_method='linear', warmup_start_factor=1e-3, lr_end_factor=None, warmup_exponent=4.0,
+                    milestones_after_warmup=True):
     """A ``LambdaLR`` following ``lr_factor``, to be stepped once per iteration (not per epoch).
 
     The lambdas are closures, so the scheduler's state_dict holds only counters: a scheduler
@@ -680,8 +795,10 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
         raise ValueError(f'--warmup_epochs must be >= 0, got {warmup_epochs}')
     if warmup_epochs > 0 and not 0 <= warmup_start_factor <= 1:
         raise ValueError(f'--warmup_start_factor must be in [0, 1], got {warmup_start_factor}')
-    if warmup_epochs > 0 and warmup_method == 'exponential' and warmup_start_factor <= 0:
-        raise ValueError('--warmup_method exponential needs --warmup_start_factor > 0')
+    if warmup_epochs > 0 and warmup_method == 'geometric' and warmup_start_factor <= 0:
+        raise ValueError('--warmup_method geometric needs --warmup_start_factor > 0')
+    if warmup_epochs > 0 and warmup_method == 'exponential' and not warmup_exponent > 0:
+        raise ValueError(f'--warmup_exponent must be positive, got {warmup_exponent}')
     if scheduler == 'sgdr' and (T0 < 1 or T_mul < 1):
         raise ValueError(f'--T0 and --T_mul must be >= 1, got {T0} and {T_mul}')
     if scheduler == 'multistep' and list(milestones) != sorted(milestones):
@@ -693,7 +810,8 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
     schedule = dict(scheduler=scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     milestones=tuple(milestones), lr_decay=lr_decay, lr_min=lr_min, T0=T0, T_mul=T_mul,
                     poly_power=poly_power, warmup_epochs=warmup_epochs, warmup_method=warmup_method,
-                    warmup_start_factor=warmup_start_factor, lr_end_factor=lr_end_factor)
+                    warmup_start_factor=warmup_start_factor, lr_end_factor=lr_end_factor,
+                    warmup_exponent=warmup_exponent, milestones_after_warmup=milestones_after_warmup)
 
     def make_lambda(group):
         # lr_min is absolute, so each group's factor depends on that group's own starting lr;
@@ -844,7 +962,7 @@ def _steepest_descent_lr(lrs, losses):
 
 
 def lr_range_test(model, optimizer, batches, loss_fn, start_lr=1e-7, end_lr=10.0, num_steps=100, smoothing=0.98,
-                  divergence_factor=4.0):
+                  divergence_factor=4.0, forward=None):
     """Learning-rate range test (Smith, arXiv 1506.01186; fastai's LR finder).
 
     Trains on ``batches`` (an iterable of (inputs, targets)) while raising the lr geometrically from
@@ -853,6 +971,7 @@ def lr_range_test(model, optimizer, batches, loss_fn, start_lr=1e-7, end_lr=10.0
     one (or is not finite). The model's and optimizer's states are restored afterwards. Returns
     ``dict(lrs, losses, suggested_lr, diverged)``; suggested_lr is the lr of steepest descent of the
     smoothed loss (``start_lr`` when no step ran).
+    ``forward(inputs)``, when given, replaces ``model(inputs)`` (e.g. a regularizer's per-view forward).
     """
     if not 0 < start_lr < end_lr:
         raise ValueError(f'lr range test: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
@@ -875,7 +994,7 @@ def lr_range_test(model, optimizer, batches, loss_fn, start_lr=1e-7, end_lr=10.0
 
             def closure():
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(model(inputs) if forward is None else forward(inputs), targets)
                 loss.backward()
                 return loss.detach()
 
@@ -901,70 +1020,52 @@ def lr_range_test(model, optimizer, batches, loss_fn, start_lr=1e-7, end_lr=10.0
                 diverged=diverged)
 
 
-def _nice_ticks(low, high, count=5):
-    """Round tick values covering [low, high] for a linear axis."""
-    if high <= low:
-        return [low]
-    raw_step = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw_step))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw_step), default=10 * magnitude)
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-def _draw_lr_plot(lrs, losses, suggested_lr, width=720, height=450):
-    from PIL import Image, ImageDraw
-    image = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 80, width - 30, 40, height - 60
-    draw.text((left, 12), 'learning-rate range test, smoothed training loss', fill='black')
-    draw.rectangle([left, top, right, bottom], outline='black')
-    draw.text(((left + right) // 2 - 70, height - 25), 'learning rate (log scale)', fill='black')
-    draw.text((8, top - 20), 'loss', fill='black')
-    if not lrs:
-        draw.text((left + 20, (top + bottom) // 2), 'no steps recorded', fill='black')
-        return image
-    log_lo, log_hi = math.log10(min(lrs)), math.log10(max(lrs))
-    if log_hi - log_lo < 1e-12:
-        log_lo, log_hi = log_lo - 0.5, log_hi + 0.5
-    loss_lo = min(losses)
-    # the last points after divergence can be huge: cap the axis so the descent stays readable
-    loss_hi = min(max(losses), max(1.5 * losses[0], loss_lo) + 1e-12)
-    if loss_hi - loss_lo < 1e-12:
-        loss_lo, loss_hi = loss_lo - 0.5, loss_hi + 0.5
-
-    def to_xy(lr, loss):
-        x = left + (math.log10(lr) - log_lo) / (log_hi - log_lo) * (right - left)
-        y = bottom - (min(loss, loss_hi) - loss_lo) / (loss_hi - loss_lo) * (bottom - top)
-        return x, y
-
-    for exponent in range(math.ceil(log_lo - 1e-9), math.floor(log_hi + 1e-9) + 1):
-        x, _ = to_xy(10.0 ** exponent, loss_lo)
-        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
-        draw.line([(x, bottom), (x, bottom + 5)], fill='black')
-        draw.text((x - 12, bottom + 8), f'1e{exponent}', fill='black')
-    for tick in _nice_ticks(loss_lo, loss_hi):
-        _, y = to_xy(10.0 ** log_lo, tick)
-        draw.line([(left - 5, y), (left, y)], fill='black')
-        draw.text((8, y - 6), f'{tick:.3g}', fill='black')
-    if suggested_lr is not None and min(lrs) <= suggested_lr <= max(lrs):
-        x, _ = to_xy(suggested_lr, loss_lo)
-        draw.line([(x, top), (x, bottom)], fill=(220, 60, 60))
-        draw.text((x + 4, top + 4), f'suggested {suggested_lr:.2g}', fill=(220, 60, 60))
-    points = [to_xy(lr, loss) for lr, loss in zip(lrs, losses)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
+def _draw_lr_plot(lrs, losses, suggested_lr, path):
+    """Plot the smoothed loss against the learning rate (log scale), the suggested lr marked; needs matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(7.2, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_title('learning-rate range test, smoothed training loss', fontsize=10)
+    axes.set_xlabel('learning rate (log scale)')
+    axes.set_ylabel('loss')
+    axes.set_xscale('log')
+    if lrs:
+        axes.plot(lrs, losses, color='#1f77b4', linewidth=2, marker='o' if len(lrs) == 1 else None)
+        low = min(losses)
+        # the last points after divergence can be huge: cap the axis so the descent stays readable
+        high = min(max(losses), max(1.5 * losses[0], low))
+        margin = 0.05 * (high - low) or 0.5
+        axes.set_ylim(low - margin, high + margin)
+        if suggested_lr is not None and min(lrs) <= suggested_lr <= max(lrs):
+            axes.axvline(suggested_lr, color='#dc3c3c', linestyle='--', label=f'suggested lr {suggested_lr:.2g}')
+            axes.legend()
     else:
-        x, y = points[0]
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    return image
+        axes.text(0.5, 0.5, 'no steps recorded', transform=axes.transAxes, ha='center', va='center')
+    axes.grid(True, which='both', alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def save_lr_range_test(result, outdir):
-    """Write ``outdir/lr_finder.json`` (the result) and ``outdir/lr_finder.png`` (loss against log lr)."""
+    """Write ``outdir/lr_finder.json`` (the result) and, with matplotlib, ``outdir/lr_finder.png``.
+
+    Returns the paths written; without matplotlib only the JSON is written, and one line says so.
+    """
+    import sys
+
     import utils
     os.makedirs(outdir, exist_ok=True)
+    written = [os.path.join(outdir, 'lr_finder.json')]
     utils.save_json({key: result[key] for key in ('lrs', 'losses', 'suggested_lr', 'diverged') if key in result},
-                    os.path.join(outdir, 'lr_finder.json'))
-    image = _draw_lr_plot(result['lrs'], result['losses'], result.get('suggested_lr'))
-    image.save(os.path.join(outdir, 'lr_finder.png'))
+                    written[0])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f'lr range test: matplotlib is not installed, so no lr_finder.png; the curve is in {written[0]}',
+              file=sys.stderr)
+        return written
+    written.append(os.path.join(outdir, 'lr_finder.png'))
+    _draw_lr_plot(result['lrs'], result['losses'], result.get('suggested_lr'), written[1])
+    return written

@@ -256,22 +256,91 @@ def test_random_erasing_frequency_area_and_aspect_bounds():
     assert_within_sigma(any_erased.double().mean().item(), prob, math.sqrt(prob * (1 - prob) / batch))
 
     height, width = height[any_erased].double(), width[any_erased].double()
-    # Erased pixels are standard-normal noise almost surely != 7, so the mask is the full box.
+    # The default fill is the mean pixel, 0 after normalization, so the mask is the full box.
+    assert (output[:, 0][mask] == 0).all()
     assert (mask[any_erased].flatten(1).sum(dim=1) == height * width).all()
     assert ((height < extent) & (width < extent)).all()
-    # Sides are floors of sqrt(area * aspect) and sqrt(area / aspect), hence these exact bounds.
+    # Sides are sqrt(area * aspect) and sqrt(area / aspect) rounded, each within 1/2 of the real
+    # side: hence these exact bounds on area and aspect ratio.
     image_area = extent * extent
-    assert (height * width <= max_area * image_area).all()
-    assert ((height + 1) * (width + 1) >= min_area * image_area).all()
-    assert (height / (width + 1) <= 1 / min_aspect).all()
-    assert ((height + 1) / width >= min_aspect).all()
-    # Tall and wide boxes are equally likely (log-uniform aspect, symmetric fit condition).
-    orientation = (height > width).double() - (width > height).double()
-    assert_within_sigma(orientation.mean().item(), 0.0, orientation.std().item() / math.sqrt(len(orientation)))
+    assert ((height - 0.5) * (width - 0.5) <= max_area * image_area).all()
+    assert ((height + 0.5) * (width + 0.5) >= min_area * image_area).all()
+    assert ((height - 0.5) / (width + 0.5) <= 1 / min_aspect).all()
+    assert ((height + 0.5) / (width - 0.5) >= min_aspect).all()
+    # h/w uniform in [0.3, 3.33] makes tall boxes the majority (a log-uniform ratio would not).
+    assert (height > width).double().mean() > 0.6
 
-    noise = output[:, 0][mask]
-    assert_within_sigma(noise.mean().item(), 0.0, 1 / math.sqrt(noise.numel()))
-    assert_within_sigma(noise.var().item(), 1.0, math.sqrt(2 / noise.numel()))
+
+def test_random_erasing_aspect_ratio_and_area_are_uniform():
+    """The reference draws h/w ~ U(r1, 1/r1) and area/S ~ U(sl, sh) (paper section 3.1; its code and
+    hysts with np.random.uniform). Huge images make rounding negligible, and areas <= 5% mean the
+    first attempt always fits, so the accepted boxes show the drawn distributions themselves."""
+    torch.manual_seed(20)
+    n, extent, min_aspect, (min_area, max_area) = 20000, 40000, 0.3, (0.01, 0.05)
+    erase, top, left, height, width = augmentations._random_erasing_boxes(
+        n, extent, extent, 1.0, (min_area, max_area), min_aspect, 20, torch.device('cpu'))
+    assert erase.all()
+    assert ((top >= 0) & (top + height <= extent) & (left >= 0) & (left + width <= extent)).all()
+    aspect = (height.double() / width.double()).numpy()
+    low, high = min_aspect, 1 / min_aspect
+    # mean and variance of U(low, high); log-uniform's mean (high - low) / log(high / low) = 1.26
+    # lies 90 standard errors below 1.82
+    assert_within_sigma(aspect.mean(), (low + high) / 2, (high - low) / math.sqrt(12 * n))
+    fourth_moment = (high - low) ** 4 / 80 - ((high - low) ** 2 / 12) ** 2
+    assert_within_sigma(aspect.var(), (high - low) ** 2 / 12, math.sqrt(fourth_moment / n))
+    # ten equal-width bins each hold a tenth
+    assert_count_uniform(torch.from_numpy(((aspect - low) / (high - low) * 10).astype(np.int64)).clamp(0, 9), 10)
+    area = (height * width).double().numpy() / extent ** 2
+    assert_within_sigma(area.mean(), (min_area + max_area) / 2, (max_area - min_area) / math.sqrt(12 * n))
+    assert_count_uniform(torch.from_numpy(((area - min_area) / (max_area - min_area) * 10).astype(np.int64))
+                         .clamp(0, 9), 10)
+
+
+def test_random_erasing_box_by_hand():
+    """Area 0.44 of a 10x10 image at aspect 1: side round(sqrt(44)) = round(6.63) = 7 as in the
+    paper's code (hysts' int() would give 6), 49 pixels, at one of 4 x 4 positions, uniformly."""
+    torch.manual_seed(21)
+    images = torch.full((4000, 3, 10, 10), 7.0)
+    output = random_erasing(images, prob=1.0, area_ratio_range=(0.44, 0.44), min_aspect_ratio=1.0)
+    mask = output != 7.0
+    assert (mask == mask[:, :1]).all() and (output[mask] == 0).all()  # every channel, the mean pixel
+    any_erased, top, left, height, width = erased_boxes(mask[:, 0])
+    assert any_erased.all() and (height == 7).all() and (width == 7).all()
+    assert (mask[:, 0].flatten(1).sum(dim=1) == 49).all()
+    assert_count_uniform(top, 4)
+    assert_count_uniform(left, 4)
+
+
+def test_random_erasing_fills():
+    """mean: 0; random: N(0, 1) per pixel and channel; uniform (hysts): one U(0, 1) per rectangle."""
+    torch.manual_seed(22)
+    batch = 4000
+    images = torch.full((batch, 3, 16, 16), 7.0)
+    boxes = dict(prob=1.0, area_ratio_range=(0.1, 0.2), min_aspect_ratio=0.5)
+
+    mean_fill = random_erasing(images, fill='mean', **boxes)
+    assert ((mean_fill == 0) | (mean_fill == 7)).all() and (mean_fill == 0).flatten(1).any(1).all()
+
+    noise = random_erasing(images, fill='random', **boxes)
+    values = noise[noise != 7.0].double()
+    assert_within_sigma(values.mean().item(), 0.0, 1 / math.sqrt(values.numel()))
+    assert_within_sigma(values.var().item(), 1.0, math.sqrt(2 / values.numel()))
+    erased = noise[:, 0] != 7.0
+    assert (noise[:, 0][erased] != noise[:, 1][erased]).all()  # each channel draws its own values
+
+    uniform = random_erasing(images, fill='uniform', **boxes)
+    erased = uniform != 7.0
+    assert (erased == erased[:, :1]).all()
+    # one value per rectangle: the smallest and largest erased value of each image agree
+    value = torch.where(erased, uniform, math.inf).flatten(1).amin(dim=1)
+    assert torch.equal(value, torch.where(erased, uniform, -math.inf).flatten(1).amax(dim=1))
+    value = value.double()
+    assert ((value >= 0) & (value < 1)).all()
+    assert_within_sigma(value.mean().item(), 0.5, math.sqrt(1 / 12 / batch))
+    assert_within_sigma(value.var().item(), 1 / 12, math.sqrt((1 / 80 - 1 / 144) / batch))
+
+    with pytest.raises(ValueError, match='--random_erasing_fill'):
+        random_erasing(images, fill='black')
 
 
 def test_random_erasing_leaves_image_when_no_attempt_fits():
@@ -479,12 +548,14 @@ def test_dual_cutout_loss_reduces_to_cross_entropy_for_equal_views():
     second = torch.randn(6, 10)
     both = torch.cat([logits, second])
     cross_entropy = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(second, labels))
-    # default: squared L2 distance of the two softmax outputs, averaged over the batch
-    probability_gap = sum(((logits[i].softmax(0) - second[i].softmax(0)) ** 2).sum() for i in range(6)) / 6
-    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1), cross_entropy + 0.1 * probability_gap)
-    # the paper code's form: MSE of the logits, averaged over batch and classes
+    # default, the paper authors' code and hysts: MSE of the logits, averaged over batch and classes
     expected = cross_entropy + 0.1 * ((logits - second) ** 2).sum() / (6 * 10)
-    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1, distance='logits'), expected)
+    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1), expected)
+    assert torch.allclose(BatchRegularizer(10, use_dual_cutout=True).loss(both, targets), expected)
+    # the alternative: squared L2 distance of the two softmax outputs, averaged over the batch
+    probability_gap = sum(((logits[i].softmax(0) - second[i].softmax(0)) ** 2).sum() for i in range(6)) / 6
+    assert torch.allclose(dual_cutout_loss(both, targets, alpha=0.1, distance='softmax'),
+                          cross_entropy + 0.1 * probability_gap)
     with pytest.raises(ValueError):
         dual_cutout_loss(logits, targets)
     with pytest.raises(ValueError, match='--dual_cutout_distance'):
@@ -499,9 +570,13 @@ def test_weighted_accuracy_plain_mixed_and_dual_views():
     other = torch.tensor([1, 0, 2, 0])
     mixed = 0.7 * one_hot(labels, 3) + 0.3 * one_hot(other, 3)
     assert weighted_accuracy(logits, mixed).item() == pytest.approx((0.7 + 0.7 + 0.3 + 0.3) / 4)
-    # Dual-Cutout logits (2B, K): the first view is scored, whatever the second predicts.
-    wrong_view = torch.tensor([[0, 5.0, 0]] * 4)
-    assert weighted_accuracy(torch.cat([logits, wrong_view]), one_hot(labels, 3)).item() == pytest.approx(0.5)
+    # Dual-Cutout logits (2B, K) are scored on the mean of the two views (the paper authors' code and
+    # hysts): each view alone gets 2 of 4 right, their mean [2.5, 2, 0], [0, 2.5, 10], [10, 0, 2.5],
+    # [2.5, 0, 10] gets 3.
+    second_view = torch.tensor([[0, 4.0, 0], [0, 0, 20.0], [20.0, 0, 0], [0, 0, 20.0]])
+    assert weighted_accuracy(second_view, one_hot(labels, 3)).item() == pytest.approx(0.5)
+    both = torch.cat([logits, second_view])
+    assert weighted_accuracy(both, one_hot(labels, 3)).item() == pytest.approx(0.75)
 
 
 # ----------------------------------------------------------------------------- AutoAugment
@@ -536,6 +611,8 @@ def test_autoaugment_keeps_dtype_shape_and_changes_images(shape):
     (dict(use_cutout=True, cutout_prob=1.5), ['--cutout_prob']),
     (dict(use_random_erasing=True, random_erasing_area_ratio_range=(0.5, 0.1)),
      ['--random_erasing_area_ratio_range']),
+    (dict(use_random_erasing=True, random_erasing_fill='black'), ['--random_erasing_fill']),
+    (dict(use_dual_cutout=True, dual_cutout_distance='cosine'), ['--dual_cutout_distance']),
     (dict(use_label_smoothing=True, label_smoothing_epsilon=1.0), ['--label_smoothing_epsilon']),
 ])
 def test_batch_regularizer_rejects_bad_combinations(flags, named):
@@ -571,7 +648,8 @@ def test_batch_regularizer_pipeline_trains_a_tiny_model(flags, shape):
     assert targets.shape == (shape[0], num_classes)
     assert torch.allclose(targets.sum(dim=1), torch.ones(shape[0]))
     assert regularizer.mixes_labels == any(flags.get(name) for name in ('use_mixup', 'use_ricap', 'use_cutmix'))
-    logits = model(augmented)
+    logits = regularizer.forward(model, augmented)
+    assert logits.shape == (views * shape[0], num_classes)
     loss = regularizer.loss(logits, targets)
     loss.backward()
     assert torch.isfinite(loss)
@@ -584,6 +662,38 @@ def test_batch_regularizer_pipeline_trains_a_tiny_model(flags, shape):
     torch.manual_seed(18)
     second = regularizer(images, labels)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_batch_regularizer_splits_sub_batches_with_both_views_and_forwards_each_view_on_its_own():
+    torch.manual_seed(23)
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    regularizer = BatchRegularizer(10, use_dual_cutout=True, cutout_size=4)
+    views, targets = regularizer(images, labels)
+    assert regularizer.views == 2 and views.shape == (16, 3, 8, 8)
+    parts = regularizer.split(views, targets, 2)
+    assert len(parts) == 2
+    for index, (part_images, part_targets) in enumerate(parts):
+        rows = slice(4 * index, 4 * index + 4)  # images 4i..4i+3 of the first view, then of the second
+        assert torch.equal(part_images, torch.cat([views[:8][rows], views[8:][rows]]))
+        assert torch.equal(part_targets, targets[rows])
+    plain = BatchRegularizer(10)
+    assert plain.views == 1
+    for (part_images, part_targets), image_chunk, target_chunk in zip(
+            plain.split(images, targets, 4), images.chunk(4), targets.chunk(4)):
+        assert torch.equal(part_images, image_chunk) and torch.equal(part_targets, target_chunk)
+
+    passes = []
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    model.register_forward_pre_hook(lambda module, inputs: passes.append(inputs[0].shape[0]))
+    logits = regularizer.forward(model, views)
+    assert passes == [8, 8]  # one pass per view: BatchNorm statistics per view
+    assert torch.allclose(logits, torch.cat([model(views[:8]), model(views[8:])]))
+    passes.clear()
+    joint = BatchRegularizer(10, use_dual_cutout=True, dual_cutout_joint_forward=True)
+    assert torch.allclose(joint.forward(model, views), model(views)) and passes == [16, 16]
+    passes.clear()
+    plain.forward(model, images)
+    assert passes == [8]
 
 
 def test_batch_regularizer_without_options_is_plain_cross_entropy():
@@ -605,5 +715,13 @@ def test_batch_regularizer_from_args_reads_flags_and_defaults():
     assert regularizer.use_cutmix and regularizer.cutmix_alpha == 0.5 and regularizer.mixes_labels
     assert regularizer.random_erasing_area_ratio_range == (0.1, 0.2)
     assert regularizer.random_erasing_prob == 0.5 and not regularizer.use_mixup and regularizer.cutout_size == 16
+    # the references' defaults: the paper code's Random Erasing fill, the paper code's Dual-Cutout
+    assert regularizer.random_erasing_fill == 'mean'
+    assert regularizer.dual_cutout_distance == 'logits' and not regularizer.dual_cutout_joint_forward
+    chosen = BatchRegularizer.from_args(argparse.Namespace(
+        use_random_erasing=True, random_erasing_fill='uniform', use_dual_cutout=True,
+        dual_cutout_distance='softmax', dual_cutout_joint_forward=True), num_classes=10)
+    assert chosen.random_erasing_fill == 'uniform' and chosen.dual_cutout_distance == 'softmax'
+    assert chosen.dual_cutout_joint_forward
     with pytest.raises(ValueError, match='--use_mixup'):
         BatchRegularizer.from_args(argparse.Namespace(use_mixup=True, use_ricap=True), num_classes=10)

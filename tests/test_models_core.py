@@ -231,9 +231,32 @@ def test_wrn_dropout_only_in_training():
     assert torch.equal(plain(images), plain(images))
 
 
-def test_kaiming_fan_out_initialization():
+def test_wrn_initialization_is_the_authors():
+    """szagoruyko/wide-residual-networks (MSRinit, FCinit, bnparams) and hysts' models/wrn.py at 1d76092:
+    convolutions N(0, 2 / fan_in), BN scales U(0, 1) and shifts 0, classifier U(+-1/sqrt(fan_in)), bias 0."""
     torch.manual_seed(0)
     model = create_model('wrn', depth=10, widening_factor=4)
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert len(convs) == 1 + 3 * 2 + 3 and all(conv.bias is None for conv in convs.values())
+    # the stage-entry convs widen (fan_out = 2 fan_in): fan_in and fan_out stds differ by sqrt(2)
+    for name in ('stage2.block1.conv1', 'stage3.block1.conv1', 'stage3.block1.shortcut'):
+        conv = convs[name]
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.out_channels == 2 * conv.in_channels
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.03), name
+        assert conv.weight.mean().abs().item() < 0.1 * math.sqrt(2 / fan_in), name
+    scales = torch.cat([m.weight.detach() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+    shifts = torch.cat([m.bias.detach() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert 0 <= scales.min() and scales.max() < 1 and scales.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert scales.std().item() == pytest.approx(math.sqrt(1 / 12), rel=0.1) and torch.all(shifts == 0)
+    fc = model.head.fc
+    bound = 1 / math.sqrt(fc.in_features)
+    assert 0.9 * bound < fc.weight.abs().max() <= bound and torch.all(fc.bias == 0)
+
+
+def test_other_families_keep_kaiming_fan_out_and_unit_bn_scales():
+    torch.manual_seed(0)
+    model = create_model('resnet_preact', depth=20, base_channels=64)
     conv = model.stage3.block1.conv2
     fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.02)

@@ -1,10 +1,12 @@
 """Tests for optim.py: optimizer updates against hand computations, schedule curves against their
 closed forms, EMA, scheduler resume and the learning-rate range test."""
+import bisect
 import copy
 import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -42,19 +44,20 @@ def test_lars_first_and_second_step_match_closed_form():
     weight = torch.tensor([[3.0, -4.0], [1.0, 2.0]], dtype=torch.float64)
     grads = [torch.tensor([[0.5, 0.1], [-0.2, 0.3]], dtype=torch.float64),
              torch.tensor([[-1.0, 0.4], [0.2, 0.0]], dtype=torch.float64)]
-    lr, momentum, weight_decay = 0.2, 0.9, 0.01
+    lr, momentum, weight_decay, eps = 0.2, 0.9, 0.01, 1e-3  # an eps large enough to matter
     param = nn.Parameter(weight.clone())
-    optimizer = optim.LARS([param], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = optim.LARS([param], lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps)
 
     expected, buffer = weight.clone(), None
     for grad in grads:
         param.grad = grad.clone()
         optimizer.step()
-        trust_ratio = expected.norm() / (grad.norm() + weight_decay * expected.norm())
+        trust_ratio = expected.norm() / (eps + grad.norm() + weight_decay * expected.norm())
         update = lr * trust_ratio * (grad + weight_decay * expected)
         buffer = update if buffer is None else momentum * buffer + update
         expected = expected - buffer
         torch.testing.assert_close(param.detach(), expected)
+        assert torch.equal(param.grad, grad)  # hysts adds weight decay to p.grad in place; not here
 
 
 def test_lars_nesterov_step():
@@ -66,24 +69,125 @@ def test_lars_nesterov_step():
     for grad in grads:
         param.grad = grad.clone()
         optimizer.step()
-        update = 0.5 * expected.norm() / grad.norm() * grad
+        update = 0.5 * expected.norm() / (1e-9 + grad.norm()) * grad
         buffer = update if buffer is None else 0.8 * buffer + update
         expected = expected - (update + 0.8 * buffer)
     torch.testing.assert_close(param.detach(), expected)
 
 
-def test_lars_trust_ratio_is_one_when_a_norm_is_zero():
-    # zero weights (a fresh bias): plain SGD step
-    zero_weight = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    zero_weight.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    optim.LARS([zero_weight], lr=0.1, momentum=0.0, weight_decay=0.1).step()
-    torch.testing.assert_close(zero_weight.detach(), -0.1 * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
-    # zero gradient: only weight decay acts, at the global lr
+def test_lars_trust_ratio_is_one_below_thresh():
+    """hysts: local_lr = 1 where ||w|| < thresh (1e-2), whatever the gradient."""
+    grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    for start in (torch.zeros(3, dtype=torch.float64), torch.tensor([3e-3, 0.0, -4e-3], dtype=torch.float64)):
+        param = nn.Parameter(start.clone())  # a fresh bias, a BN shift near 0: ||w|| = 0 and 5e-3
+        param.grad = grad.clone()
+        optim.LARS([param], lr=0.1, momentum=0.0, weight_decay=0.1).step()
+        torch.testing.assert_close(param.detach(), start - 0.1 * (grad + 0.1 * start))
+    # above thresh the ratio applies: ||w|| = 0.05, ||g|| = sqrt(5.25)
+    start = torch.tensor([0.03, 0.0, -0.04], dtype=torch.float64)
+    param = nn.Parameter(start.clone())
+    param.grad = grad.clone()
+    optim.LARS([param], lr=0.1, momentum=0.0, weight_decay=0.1).step()
+    ratio = 0.05 / (1e-9 + math.sqrt(5.25) + 0.1 * 0.05)
+    torch.testing.assert_close(param.detach(), start - 0.1 * ratio * (grad + 0.1 * start))
+    # --lars_thresh 0.1 puts it below
+    param = nn.Parameter(start.clone())
+    param.grad = grad.clone()
+    optim.LARS([param], lr=0.1, momentum=0.0, weight_decay=0.1, thresh=0.1).step()
+    torch.testing.assert_close(param.detach(), start - 0.1 * (grad + 0.1 * start))
+
+
+def test_lars_zero_gradient_and_zero_denominator():
+    # zero gradient, weight decay: local_lr = ||w|| / (eps + wd ||w||) ~ 1 / wd, so the step is ~ lr * w
     weight = torch.tensor([2.0, -1.0], dtype=torch.float64)
     param = nn.Parameter(weight.clone())
     param.grad = torch.zeros(2, dtype=torch.float64)
     optim.LARS([param], lr=0.1, momentum=0.0, weight_decay=0.5).step()
-    torch.testing.assert_close(param.detach(), weight - 0.1 * 0.5 * weight)
+    ratio = math.sqrt(5) / (1e-9 + 0.5 * math.sqrt(5))
+    torch.testing.assert_close(param.detach(), weight - 0.1 * ratio * 0.5 * weight)
+    # eps 0, no weight decay, zero gradient: 0 / 0 in the reference (then inf * 0 = NaN); ratio 1 here
+    param = nn.Parameter(weight.clone())
+    param.grad = torch.zeros(2, dtype=torch.float64)
+    optimizer = optim.LARS([param], lr=0.1, momentum=0.9, weight_decay=0.0, eps=0.0)
+    optimizer.step()
+    assert torch.equal(param.detach(), weight)
+    assert torch.equal(optimizer.state[param]['momentum_buffer'], torch.zeros(2, dtype=torch.float64))
+
+
+class HystsLARSOptimizer(torch.optim.Optimizer):
+    """hysts/pytorch_image_classification, pytorch_image_classification/optim/lars.py (993089a), with
+    ``add_(alpha * t)`` written as ``add_(t, alpha=alpha)`` (the old signature is gone from torch)."""
+
+    def __init__(self, params, lr, momentum=0, weight_decay=0, eps=1e-9, thresh=1e-2):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, thresh=thresh)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            weight_decay = group['weight_decay']
+            momentum = group['momentum']
+            lr = group['lr']
+            eps = group['eps']
+            thresh = group['thresh']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                d_p = p.grad.data
+                weight_norm = torch.norm(p.data)
+                grad_norm = torch.norm(d_p)
+                local_lr = weight_norm / (eps + grad_norm + weight_decay * weight_norm)
+                local_lr = torch.where(weight_norm < thresh, torch.ones_like(local_lr), local_lr)
+                if weight_decay != 0:
+                    d_p.add_(p.data, alpha=weight_decay)
+                param_state = self.state[p]
+                if 'momentum_buffer' not in param_state:
+                    buf = param_state['momentum_buffer'] = torch.zeros_like(p.data)
+                else:
+                    buf = param_state['momentum_buffer']
+                buf.mul_(momentum).add_(d_p, alpha=lr * local_lr)
+                p.data.add_(buf, alpha=-1.0)
+
+
+def test_lars_matches_hysts_lars_optimizer_over_steps_and_groups():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (7, 5), (5,)]
+    starts = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    starts[1].zero_()
+    starts[3].mul_(1e-3)  # ||w|| < thresh
+    params = [nn.Parameter(start.clone()) for start in starts]
+    reference_params = [nn.Parameter(start.clone()) for start in starts]
+
+    def param_groups(params_):
+        return [{'params': params_[:2], 'weight_decay': 5e-4}, {'params': params_[2:], 'weight_decay': 0.0}]
+
+    optimizer = optim.LARS(param_groups(params), lr=0.02, momentum=0.9, nesterov=False)
+    reference = HystsLARSOptimizer(param_groups(reference_params), lr=0.02, momentum=0.9)
+    for step in range(5):
+        grads = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+        for param, reference_param, grad in zip(params, reference_params, grads):
+            param.grad, reference_param.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        reference.step()
+        if step == 2:
+            for opt in (optimizer, reference):
+                opt.param_groups[0]['lr'] *= 0.5  # as a scheduler: the buffers keep lr-scaled updates
+        for param, reference_param in zip(params, reference_params):
+            torch.testing.assert_close(param.detach(), reference_param.detach())
+            torch.testing.assert_close(optimizer.state[param]['momentum_buffer'],
+                                       reference.state[reference_param]['momentum_buffer'])
+
+
+def test_lars_checkpoint_without_eps_and_thresh_loads_with_the_defaults():
+    param = nn.Parameter(torch.ones(3))
+    optimizer = optim.LARS([param], lr=0.1, eps=1e-7, thresh=0.5)
+    state = optimizer.state_dict()
+    for group in state['param_groups']:  # as written before issue 11
+        del group['eps'], group['thresh']
+    optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]['eps'] == 1e-7 and optimizer.param_groups[0]['thresh'] == 0.5
+    param.grad = torch.ones(3)
+    optimizer.step()
 
 
 # ---------------------------------------------------------------- AdaBound
@@ -152,8 +256,9 @@ def test_sam_two_step_update_matches_hand_computation(adaptive):
 
     weight = torch.tensor(start, dtype=torch.float64)
     grad = quadratic_grad(weight)
-    if adaptive:
-        perturbation = rho * weight.abs() ** 2 * grad / (weight.abs() * grad).norm()
+    if adaptive:  # ASAM as SamsungLabs/ASAM: T = |w| + eta, eta 0.01
+        scale = weight.abs() + 0.01
+        perturbation = rho * scale ** 2 * grad / (scale * grad).norm()
     else:
         perturbation = rho * grad / grad.norm()
     torch.testing.assert_close(model.weight.detach(), weight + perturbation)
@@ -212,6 +317,108 @@ def test_sam_delegates_param_groups_and_state_dict():
     assert fresh.param_groups[0]['lr'] == pytest.approx(0.01)
 
 
+class WeightAndBias(nn.Module):
+    """A 'weight' and a 'bias' vector: ASAM scales only the parameter whose name contains 'weight'."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
+        self.bias = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+
+    def loss(self):
+        return quadratic_loss(self.weight) + (self.bias ** 3).sum() + 0.5 * self.bias.sum()
+
+
+@pytest.mark.parametrize('eta', [0.01, 0.0, 0.5])
+def test_asam_scales_weights_only_with_eta(eta):
+    """SamsungLabs/ASAM asam.py: T_w = |w| + eta for names containing 'weight', T = 1 for the rest;
+    e = rho T (T g) / ||T g|| with the norm over all parameters."""
+    model = WeightAndBias()
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.0, weight_decay=0.0,
+                                      use_sam=True, sam_adaptive=True, asam_eta=eta)
+    assert optimizer.rho == 0.5 and optimizer.eta == eta  # the authors' CIFAR-10 rho for ASAM
+    model.loss().backward()
+    optimizer.first_step(zero_grad=True)
+    grad_weight, grad_bias = quadratic_grad(weight), 3 * bias ** 2 + 0.5
+    scale = weight.abs() + eta
+    norm = torch.cat([scale * grad_weight, grad_bias]).norm()
+    torch.testing.assert_close(model.weight.detach(), weight + 0.5 * scale ** 2 * grad_weight / norm)
+    torch.testing.assert_close(model.bias.detach(), bias + 0.5 * grad_bias / norm)
+
+
+def test_sam_rho_defaults_and_explicit_rho():
+    for adaptive, rho in ((False, 0.05), (True, 0.5)):
+        assert optim.build_optimizer(VectorModel([1.0]), use_sam=True, sam_adaptive=adaptive).rho == rho
+    assert optim.build_optimizer(VectorModel([1.0]), use_sam=True, sam_adaptive=True, sam_rho=2.0).rho == 2.0
+    with pytest.raises(ValueError, match='--asam_eta'):
+        optim.build_optimizer(VectorModel([1.0]), use_sam=True, asam_eta=-1.0)
+
+
+def bn_model(momentum):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+def bn_buffers(model):
+    return {name: value.clone() for name, value in model.state_dict().items()
+            if 'running' in name or 'num_batches' in name}
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_frozen_bn_statistics_normalize_as_usual_and_write_no_buffer(momentum):
+    model = bn_model(momentum)
+    images = torch.randn(8, 3, 8, 8)
+    model(torch.randn(8, 3, 8, 8))  # one update, so the statistics are not the initial ones
+    before = bn_buffers(model)
+    reference = copy.deepcopy(model)
+    with optim.frozen_bn_statistics(model):
+        output = model(images)
+        assert model[1].track_running_stats is False
+    torch.testing.assert_close(output, reference(images))  # batch statistics, as a normal training pass
+    for name, value in bn_buffers(model).items():
+        assert torch.equal(value, before[name]), name
+    assert model[1].track_running_stats is True and model[1].momentum == momentum
+    # the next normal pass is the second one counted: a cumulative average (momentum None) weights it
+    # 1/2, which momentum 0 in the frozen pass (davda54's bypass_bn) would have made 1/3
+    model(images)
+    assert model[1].num_batches_tracked.item() == 2
+    with torch.no_grad():
+        batch_mean = model[0](images).mean(dim=(0, 2, 3))
+    factor = 0.5 if momentum is None else momentum
+    torch.testing.assert_close(model[1].running_mean, (1 - factor) * before['1.running_mean'] + factor * batch_mean)
+
+
+def test_frozen_bn_statistics_disabled_restores_and_survives_errors():
+    model = bn_model(0.1)
+    before = bn_buffers(model)
+    with optim.frozen_bn_statistics(model, enabled=False):
+        model(torch.randn(8, 3, 8, 8))
+    assert not torch.equal(bn_buffers(model)['1.running_mean'], before['1.running_mean'])
+    untracked = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(RuntimeError, match='inside'):
+        with optim.frozen_bn_statistics(nn.Sequential(model, untracked)):
+            raise RuntimeError('inside')
+    assert model[1].track_running_stats is True and untracked.track_running_stats is False
+
+
+def test_sam_with_frozen_second_pass_updates_bn_statistics_once():
+    """SAM's two passes with the second one frozen leave the statistics of one pass (davda54/sam)."""
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    single = bn_model(0.1)
+    model = bn_model(0.1)
+    single(images)
+    optimizer = optim.build_optimizer(model, optimizer='sgd', base_lr=0.1, use_sam=True)
+    nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.first_step(zero_grad=True)
+    with optim.frozen_bn_statistics(model):
+        nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.second_step(zero_grad=True)
+    for name, value in bn_buffers(single).items():
+        assert torch.equal(bn_buffers(model)[name], value), name
+
+
 # ---------------------------------------------------------------- build_optimizer
 
 def norm_model():
@@ -260,6 +467,15 @@ def test_build_optimizer_types_and_hyperparameters(name, cls):
         assert group['final_lr'] == 0.05 and group['gamma'] == 2e-3
 
 
+def test_build_optimizer_passes_lars_eps_and_thresh():
+    default = optim.build_optimizer(norm_model(), optimizer='lars')
+    assert all(group['eps'] == 1e-9 and group['thresh'] == 1e-2 for group in default.param_groups)
+    custom = optim.build_optimizer(norm_model(), optimizer='lars', lars_eps=1e-6, lars_thresh=0.0)
+    assert all(group['eps'] == 1e-6 and group['thresh'] == 0.0 for group in custom.param_groups)
+    with pytest.raises(ValueError, match='--lars_eps'):
+        optim.build_optimizer(norm_model(), optimizer='lars', lars_eps=-1.0)
+
+
 def test_bad_names_raise_value_error_naming_the_flag():
     with pytest.raises(ValueError, match='--optimizer.*rmsprop.*sgd'):
         optim.build_optimizer(norm_model(), optimizer='rmsprop')
@@ -280,7 +496,7 @@ def test_multistep_milestones_in_epochs():
         assert lrs[step] == pytest.approx(expected), step
 
 
-@pytest.mark.parametrize('warmup_method', ['linear', 'exponential'])
+@pytest.mark.parametrize('warmup_method', ['linear', 'exponential', 'geometric'])
 def test_cosine_with_warmup(warmup_method):
     base_lr, lr_min, start_factor = 0.4, 0.01, 0.01
     schedule = dict(scheduler='cosine', epochs=10, steps_per_epoch=4, lr_min=lr_min, warmup_epochs=2,
@@ -290,6 +506,9 @@ def test_cosine_with_warmup(warmup_method):
     if warmup_method == 'linear':
         warmup_mid = base_lr * (start_factor + (1 - start_factor) * 0.5)
         warmup_step2 = base_lr * (start_factor + (1 - start_factor) * 2 / 8)
+    elif warmup_method == 'exponential':  # the original tool's: s + (1 - s) t^4
+        warmup_mid = base_lr * (start_factor + (1 - start_factor) * 0.5 ** 4)
+        warmup_step2 = base_lr * (start_factor + (1 - start_factor) * (2 / 8) ** 4)
     else:
         warmup_mid = base_lr * math.sqrt(start_factor)
         warmup_step2 = base_lr * start_factor ** (6 / 8)
@@ -302,6 +521,133 @@ def test_cosine_with_warmup(warmup_method):
     # stepped per iteration: the lr changes within an epoch, during warmup and during the decay
     assert len(set(lrs[0:4])) == 4 and len(set(lrs[12:16])) == 4
     assert all(a < b for a, b in zip(lrs[:8], lrs[1:9])) and all(a > b for a, b in zip(lrs[8:40], lrs[9:41]))
+
+
+# hysts/pytorch_image_classification at 993089a, pytorch_image_classification/scheduler/: the
+# classes the original tool combines into its LambdaLR multiplier (components.py, combined_scheduler.py,
+# multistep_scheduler.py), copied with their names; ExponentialScheduler gets base_lr=1 (the original
+# passes train.base_lr, which LambdaLR multiplies in a second time).
+
+class ConstantScheduler:
+    def __init__(self, steps, lr):
+        self.steps = steps
+        self.lr = lr
+
+    def __call__(self, step):
+        return self.lr
+
+
+class CosineScheduler:
+    def __init__(self, steps, base_lr, lr_min_factor=1e-3):
+        self.steps = steps
+        self.base_lr = base_lr
+        self.lr_min_factor = lr_min_factor
+
+    def __call__(self, step):
+        return self.base_lr * (self.lr_min_factor + (1 - self.lr_min_factor) * 0.5 *
+                               (1 + np.cos(step / self.steps * np.pi)))
+
+
+class ExponentialScheduler:
+    def __init__(self, steps, base_lr, exponent, lr_start_factor=1e-3):
+        self.steps = steps
+        self.base_lr = base_lr
+        self.exponent = exponent
+        self.lr_start_factor = lr_start_factor
+
+    def __call__(self, step):
+        return self.base_lr * (self.lr_start_factor + (1 - self.lr_start_factor) * (step / self.steps)**self.exponent)
+
+
+class LinearScheduler:
+    def __init__(self, steps, lr_start, lr_end):
+        self.steps = steps
+        self.lr_start = lr_start
+        self.lr_end = lr_end
+
+    def __call__(self, step):
+        return self.lr_start + (self.lr_end - self.lr_start) * step / self.steps
+
+
+class CombinedScheduler:
+    def __init__(self, schedulers=None):
+        self.schedulers = []
+        for scheduler in schedulers or []:
+            if scheduler is None:
+                continue
+            elif hasattr(scheduler, 'schedulers'):
+                self.schedulers += scheduler.schedulers
+            else:
+                self.schedulers.append(scheduler)
+
+    def __call__(self, step):
+        index = bisect.bisect_left(self._offsets, step) - 1
+        index = max(0, min(index, len(self.schedulers) - 1))
+        return self.schedulers[index](step - self._offsets[index])
+
+    @property
+    def _offsets(self):
+        return np.cumsum(np.concatenate([[0], [scheduler.steps for scheduler in self.schedulers]]))
+
+    def multiply_steps(self, val):
+        for scheduler in self.schedulers:
+            scheduler.steps *= val
+
+
+class MultistepScheduler(CombinedScheduler):
+    def __init__(self, steps, base_lr, gamma, milestones):
+        lrs = [base_lr * gamma**index for index in range(len(milestones) + 1)]
+        step_list = [step1 - step0 for step0, step1 in zip([0] + milestones, milestones + [steps])]
+        super().__init__([ConstantScheduler(step, lr) for step, lr in zip(step_list, lrs)])
+
+
+def original_tool_factors(warmup, main, steps_per_epoch, num_steps):
+    """create_scheduler's multiplier (scheduler/__init__.py): warmup then main, epochs times steps."""
+    combined = CombinedScheduler([warmup, main])
+    combined.multiply_steps(steps_per_epoch)
+    return [float(combined(step)) for step in range(num_steps)]
+
+
+@pytest.mark.parametrize('warmup_method', ['linear', 'exponential'])
+def test_warmup_then_cosine_is_the_original_tools_curve(warmup_method):
+    epochs, warmup_epochs, steps_per_epoch, start_factor, min_factor = 10, 3, 4, 1e-3, 1e-3
+    if warmup_method == 'linear':
+        warmup = LinearScheduler(warmup_epochs, start_factor, 1)
+    else:
+        warmup = ExponentialScheduler(warmup_epochs, 1, 4, start_factor)
+    expected = original_tool_factors(warmup, CosineScheduler(epochs - warmup_epochs, 1, min_factor),
+                                     steps_per_epoch, epochs * steps_per_epoch)
+    ours = [optim.lr_factor(step, scheduler='cosine', epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            warmup_epochs=warmup_epochs, warmup_method=warmup_method,
+                            warmup_start_factor=start_factor, lr_end_factor=min_factor)
+            for step in range(epochs * steps_per_epoch)]
+    assert ours == pytest.approx(expected, rel=1e-12)
+    assert ours[0] == start_factor and ours[12] == pytest.approx(1.0)
+
+
+def test_multistep_milestones_count_from_the_end_of_warmup():
+    epochs, warmup_epochs, steps_per_epoch, milestones = 10, 2, 4, [3, 6]
+    schedule = dict(scheduler='multistep', epochs=epochs, steps_per_epoch=steps_per_epoch, milestones=milestones,
+                    lr_decay=0.1, warmup_epochs=warmup_epochs, warmup_start_factor=0.5)
+    after = schedule_lrs(40, base_lr=1.0, **schedule)
+    # warmup over steps 0-7, then drops at (2 + 3) * 4 = 20 and (2 + 6) * 4 = 32
+    assert after[:8] == pytest.approx([0.5 + 0.5 * step / 8 for step in range(8)])
+    assert after[8:20] == pytest.approx([1.0] * 12) and after[20:32] == pytest.approx([0.1] * 12)
+    assert after[32:] == pytest.approx([0.01] * 8)
+    # --milestones_after_warmup false: at 3 * 4 = 12 and 6 * 4 = 24, as torch's MultiStepLR
+    before = schedule_lrs(40, base_lr=1.0, milestones_after_warmup=False, **schedule)
+    assert before[:8] == after[:8]
+    assert before[8:12] == pytest.approx([1.0] * 4) and before[12:24] == pytest.approx([0.1] * 12)
+    assert before[24:] == pytest.approx([0.01] * 16)
+    # the original tool's MultistepScheduler: the same, but the first step at each milestone still
+    # has the previous lr (bisect_left in CombinedScheduler), a one-step lag not reproduced
+    expected = original_tool_factors(LinearScheduler(warmup_epochs, 0.5, 1),
+                                     MultistepScheduler(epochs - warmup_epochs, 1, 0.1, milestones),
+                                     steps_per_epoch, 40)
+    lagged = {20, 32}
+    assert [a for step, a in enumerate(after) if step not in lagged] == pytest.approx(
+        [e for step, e in enumerate(expected) if step not in lagged])
+    assert [expected[step] for step in sorted(lagged)] == pytest.approx([after[step - 1] for step in sorted(lagged)])
 
 
 @pytest.mark.parametrize('T_mul, restarts', [(1, [8, 16, 24, 32]), (2, [8, 24])])

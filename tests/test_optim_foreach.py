@@ -2,7 +2,10 @@
 fp16 hand-off (GradScaler's ``_step_supports_amp_scaling``) of LARS, AdaBound and Muon (issue 10).
 
 The reference classes below are verbatim copies of optim.py's per-tensor implementations as of commit
-06ff7ce, before the rewrite, renamed; the rewrite must reproduce their parameters and state.
+06ff7ce, before the rewrite, renamed; the rewrite must reproduce their parameters and state. One
+intentional change since (issue 11): ReferenceLARS's trust ratio is now hysts' (``eps``, ``thresh``:
+``||w|| / (eps + ||g|| + wd ||w||)``, 1 where ``||w|| < thresh``) instead of 1 where either norm is 0,
+the three lines marked below; the rest is as at 06ff7ce.
 """
 import copy
 import math
@@ -19,14 +22,14 @@ import optim
 class ReferenceLARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling (arXiv 1708.03888) in the form of hysts' LARSOptimizer.
 
-    Per parameter tensor: ``local_lr = ||w|| / (||g|| + weight_decay * ||w||)`` (1 when either norm
-    is 0), ``d = local_lr * lr * (g + weight_decay * w)``, ``buf = momentum * buf + d`` and
+    Per parameter tensor: ``local_lr = ||w|| / (eps + ||g|| + weight_decay * ||w||)`` (1 where
+    ``||w|| < thresh``), ``d = local_lr * lr * (g + weight_decay * w)``, ``buf = momentum * buf + d`` and
     ``w -= buf`` (or ``w -= d + momentum * buf`` with nesterov). There is no LARS coefficient: the
     trust ratio multiplies the global lr directly. Parameters in a group with weight_decay 0 are
     still scaled by ``||w|| / ||g||``, as in hysts.
     """
 
-    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False):
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, eps=1e-9, thresh=1e-2):
         if lr < 0:
             raise ValueError(f'LARS: invalid learning rate {lr}')
         if momentum < 0:
@@ -35,7 +38,8 @@ class ReferenceLARS(torch.optim.Optimizer):
             raise ValueError(f'LARS: invalid weight_decay {weight_decay}')
         if nesterov and momentum <= 0:
             raise ValueError('LARS: nesterov momentum requires momentum > 0')
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      eps=eps, thresh=thresh))  # issue 11: eps, thresh
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,9 +57,9 @@ class ReferenceLARS(torch.optim.Optimizer):
                 weight_norm = torch.linalg.vector_norm(param)
                 grad_norm = torch.linalg.vector_norm(grad)
                 # torch.where keeps the ratio on the device: no host sync per tensor
-                local_lr = torch.where((weight_norm > 0) & (grad_norm > 0),
-                                       weight_norm / (grad_norm + weight_decay * weight_norm),
-                                       torch.ones_like(weight_norm))
+                # issue 11: hysts' trust ratio (was: 1 where either norm is 0, no eps)
+                local_lr = torch.where(weight_norm < group['thresh'], torch.ones_like(weight_norm),
+                                       weight_norm / (group['eps'] + grad_norm + weight_decay * weight_norm))
                 update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
                 update.mul_(local_lr * group['lr'])
                 if momentum != 0:

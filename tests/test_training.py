@@ -71,6 +71,133 @@ def test_subdivision_4_gives_bn_per_sub_batch_statistics_and_accumulated_gradien
     assert not all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(model.parameters(), whole.parameters()))
 
 
+def record_bn_batch_sizes(model):
+    """The batch size of every forward pass, as the model's first BatchNorm sees it."""
+    seen = []
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
+    return seen
+
+
+def step_without_update(trainer, images, labels):
+    """One train_step whose optimizer leaves the weights alone, so gradients can be compared."""
+    trainer.optimizer.step = lambda *a, **k: None
+    with pytest.warns(UserWarning, match='optimizer.step'):
+        return trainer.train_step(images, labels)
+
+
+def assert_same_gradients_and_buffers(model, reference):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(b.float(), c.float(), atol=1e-6), name
+
+
+@pytest.mark.parametrize('subdivision', [1, 2])
+def test_dual_cutout_step_is_the_reference_one_forward_pass_per_view(subdivision):
+    """Default Dual-Cutout = the paper authors' code (Analytical-Learning-Theory, cifar10/resnext/main.py)
+    and hysts' train.py: per (sub-)batch model(view 1) then model(view 2), loss
+    0.5 (CE_1 + CE_2) + 0.1 MSE(logits_1, logits_2), train accuracy on (logits_1 + logits_2) / 2;
+    with --subdivision both views of the same images share a sub-batch."""
+    images, labels = batch(16)
+    model = small_model()
+    reference = copy.deepcopy(model)
+    seen = record_bn_batch_sizes(model)
+    trainer = make_trainer(model, '--use_dual_cutout', '--subdivision', str(subdivision))
+    torch.manual_seed(3)
+    loss, accuracy = step_without_update(trainer, images, labels)
+    assert seen == [16 // subdivision] * (2 * subdivision)
+
+    torch.manual_seed(3)
+    views = augmentations.dual_cutout(images, size=16)  # the flags' defaults
+    reference.train()
+    expected_loss, correct = 0.0, 0
+    for first, second, chunk_labels in zip(views[:16].chunk(subdivision), views[16:].chunk(subdivision),
+                                           labels.chunk(subdivision)):
+        out1, out2 = reference(first), reference(second)
+        chunk_loss = (0.5 * (F.cross_entropy(out1, chunk_labels) + F.cross_entropy(out2, chunk_labels))
+                      + 0.1 * F.mse_loss(out1, out2))
+        (chunk_loss / subdivision).backward()
+        expected_loss += chunk_loss.item() / subdivision
+        correct += (((out1 + out2) / 2).argmax(1) == chunk_labels).sum().item()
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    assert accuracy.item() == pytest.approx(correct / 16)
+    assert_same_gradients_and_buffers(model, reference)  # BN running statistics: the same passes, in order
+
+
+def test_dual_cutout_joint_forward_runs_both_views_in_one_pass():
+    images, labels = batch(16)
+    model = small_model()
+    reference = copy.deepcopy(model)
+    seen = record_bn_batch_sizes(model)
+    trainer = make_trainer(model, '--use_dual_cutout', '--dual_cutout_joint_forward',
+                           '--dual_cutout_distance', 'softmax')
+    torch.manual_seed(3)
+    loss, _ = step_without_update(trainer, images, labels)
+    assert seen == [32]
+    torch.manual_seed(3)
+    views = augmentations.dual_cutout(images, size=16)
+    reference.train()
+    out1, out2 = reference(views).split(16)
+    expected = (0.5 * (F.cross_entropy(out1, labels) + F.cross_entropy(out2, labels))
+                + 0.1 * (out1.softmax(1) - out2.softmax(1)).pow(2).sum(1).mean())
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert_same_gradients_and_buffers(model, reference)
+
+
+def record_forward_inputs_and_targets(trainer):
+    images, targets = [], []
+    trainer.model.register_forward_pre_hook(lambda module, inputs: images.append(inputs[0].detach().clone()))
+    loss = trainer.regularizer.loss
+    def recording_loss(logits, soft_targets):
+        targets.append(soft_targets)
+        return loss(logits, soft_targets)
+    trainer.regularizer.loss = recording_loss
+    return images, targets
+
+
+@pytest.mark.parametrize('method, parameter', [('mixup', 1.0), ('ricap', 0.3), ('cutmix', 1.0)])
+def test_subdivision_mixes_the_whole_batch_then_splits_it(method, parameter):
+    """As the original tool's train.py (mixup/ricap before the ghost-batch chunking): the sub-batches
+    of a step are the chunks of the whole batch mixed once."""
+    images, labels = batch(16)
+    trainer = make_trainer(small_model(), f'--use_{method}', '--subdivision', '4')
+    seen_images, seen_targets = record_forward_inputs_and_targets(trainer)
+    torch.manual_seed(4)
+    trainer.train_step(images, labels)
+    torch.manual_seed(4)
+    mixed, targets = getattr(augmentations, method)(images, augmentations.one_hot(labels, 10), parameter)
+    assert len(seen_images) == len(seen_targets) == 4
+    for seen, expected in zip(seen_images, mixed.chunk(4)):
+        assert torch.equal(seen, expected)
+    for seen, expected in zip(seen_targets, targets.chunk(4)):
+        assert torch.equal(seen, expected)
+
+
+def test_subdivision_mixup_draws_one_lambda_and_one_permutation_for_the_batch():
+    images, labels = batch(16)
+    trainer = make_trainer(small_model(), '--use_mixup', '--subdivision', '4')
+    seen_images, seen_targets = record_forward_inputs_and_targets(trainer)
+    torch.manual_seed(5)
+    trainer.train_step(images, labels)
+    mixed, targets = torch.cat(seen_images), torch.cat(seen_targets)
+    # target_i = lam * onehot(y_i) + (1 - lam) * onehot(y_partner): where the labels differ the
+    # weight of y_i is lam, one number for all four sub-batches
+    own = targets[torch.arange(16), labels]
+    lam = own[own < 1]
+    assert len(lam) >= 8 and torch.allclose(lam, lam[0].expand_as(lam))
+    lam = lam[0]
+    # image_i = lam * x_i + (1 - lam) * x_partner: the partners form one permutation of the whole
+    # batch, some of them in another sub-batch (per sub-batch mixing keeps them inside)
+    residual = (mixed - lam * images).flatten(1)
+    distance = (residual[:, None] - (1 - lam) * images.flatten(1)[None]).norm(dim=2)
+    partner = distance.argmin(dim=1)
+    assert (distance.amin(dim=1) < 1e-4).all()
+    assert sorted(partner.tolist()) == list(range(16))
+    assert (partner // 4 != torch.arange(16) // 4).any()
+
+
 @pytest.mark.parametrize('precision,dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16)])
 def test_mixed_precision_step_on_cpu(precision, dtype):
     images, labels = batch()
@@ -229,14 +356,18 @@ def test_compile_ahead_with_a_full_first_test_batch_keeps_the_compiled_functions
 
 
 @pytest.mark.slow
-def test_compile_matches_eager(capsys):
-    """A --compile Trainer's training step and padded evaluation give the eager Trainer's numbers."""
+@pytest.mark.parametrize('flags', [[], ['--use_dual_cutout', '--subdivision', '2']], ids=['plain', 'dual_cutout-ghost'])
+def test_compile_matches_eager(flags, capsys):
+    """A --compile Trainer's training step and padded evaluation give the eager Trainer's numbers
+    (Dual-Cutout: the per-view forward passes of each ghost batch compile into the step)."""
     if not compile_works():
         pytest.skip('torch.compile unavailable here')
     model, eager_model = tiny_bn_model(), tiny_bn_model()
-    trainer, eager = make_trainer(model, '--compile'), make_trainer(eager_model)
+    trainer, eager = make_trainer(model, '--compile', *flags), make_trainer(eager_model, *flags)
     images, labels = batch(16, seed=3)
+    torch.manual_seed(0)
     compiled_loss, compiled_accuracy = trainer.train_step(images, labels)
+    torch.manual_seed(0)
     eager_loss, eager_accuracy = eager.train_step(images, labels)
     assert '--compile' not in capsys.readouterr().err, 'the compiled step fell back to eager'
     assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-4, abs=1e-5)
