@@ -5,6 +5,11 @@ from its standard on-disk files into a uint8 tensor and kept on the training dev
 ``DeviceLoader`` then shuffles, crops, flips and normalizes whole batches with tensor
 operations.  ``WorkersLoader`` is the classic per-sample DataLoader with worker processes:
 the path for image-folder datasets and the reference the batched path is checked against.
+
+In a distributed run (``shard=(rank, world_size)``) every rank holds the whole dataset and takes
+its part of each batch: the training batches are those of one process with the global batch,
+cut into consecutive per-rank slices, and the evaluation batches are dealt out whole, so that each
+test image is scored exactly once and in the batch it would have in a single process.
 """
 import gzip
 import os
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 import augmentations
-from utils import UsageError
+from utils import UsageError, derived_seed
 
 
 @dataclass(frozen=True)
@@ -162,13 +167,26 @@ class DeviceLoader:
     (random, or alternating per image across epochs), optional AutoAugment, then normalized to
     float32. Evaluation batches are only normalized. ``set_epoch`` tells the loader which epoch
     comes next (alternating flip depends on it, so a resumed run flips as an uninterrupted one).
+
+    ``shard=(rank, world_size)``: ``batch_size`` is this rank's part of a global batch of
+    ``batch_size * world_size``. Training: each epoch's permutation is drawn from a generator
+    seeded with (``seed``, epoch), the same on every rank and for any number of ranks, and global
+    batch k is cut into consecutive slices, rank r taking slice r; every image is seen once per
+    epoch across the ranks (the tail that does not fill a global batch is dropped, as in one
+    process). The alternating-flip phases belong to the images, so an image flips on every other
+    epoch whichever rank it goes to. Evaluation: the single-process batches of ``batch_size`` are
+    dealt out, rank r taking batches r, r + world_size, ... (:func:`merge_sharded_batches` puts
+    per-batch results back in order). With ``seed`` None (a plain single-process run) the
+    permutation comes from the global generator, as it always has.
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, random_crop_padding=0,
                  horizontal_flip=False, use_autoaugment=False, drop_last=None, padding_mode='zeros',
-                 flip_mode='random'):
+                 flip_mode='random', shard=(0, 1), seed=None):
         if flip_mode not in ('random', 'alternating'):
             raise ValueError(f'flip_mode {flip_mode!r}: choose random or alternating')
+        self.rank, self.world_size = shard
+        self.seed = seed
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.info = info
@@ -183,30 +201,47 @@ class DeviceLoader:
         # drawn from the CPU generator so that a given --seed fixes it on every device
         self.flip_phase = (torch.rand(len(labels)) < 0.5).to(device) if flip_mode == 'alternating' else None
         self.epoch = 1
+        global_batch = batch_size * self.world_size if train else batch_size
         # A last batch of one image breaks BatchNorm in training, so full batches only there.
-        self.drop_last = train and len(labels) > batch_size if drop_last is None else drop_last
+        self.drop_last = train and len(labels) > global_batch if drop_last is None else drop_last
+        if train and self.world_size > 1 and len(labels) < global_batch:
+            raise UsageError(f'--batch_size {global_batch}: the {len(labels)} training images do not fill one '
+                             f'global batch')
 
     @property
     def num_samples(self):
         return len(self.labels)
 
     def __len__(self):
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+        return len(self._batch_starts())
+
+    def _batch_starts(self):
+        """Where this rank's batches start in the epoch's order of images."""
+        if self.train:
+            global_batch = self.batch_size * self.world_size
+            count = self.num_samples // global_batch if self.drop_last else -(-self.num_samples // global_batch)
+            return range(self.rank * self.batch_size, count * global_batch, global_batch)
+        count = -(-self.num_samples // self.batch_size)
+        return range(self.rank * self.batch_size, count * self.batch_size, self.world_size * self.batch_size)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def epoch_order(self):
+        """The order in which the coming epoch visits the images (all ranks' batches)."""
+        if not self.train:
+            return torch.arange(self.num_samples, device=self.device)
+        if self.seed is None:
+            return torch.randperm(self.num_samples, device=self.device)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        return torch.randperm(self.num_samples, generator=generator).to(self.device)
+
     def __iter__(self):
-        if self.train:
-            order = torch.randperm(self.num_samples, device=self.device)
-        else:
-            order = torch.arange(self.num_samples, device=self.device)
+        order = self.epoch_order()
         epoch_flip = None
         if self.train and self.horizontal_flip and self.flip_phase is not None:
             epoch_flip = augmentations.alternating_flip(self.flip_phase, self.epoch)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in self._batch_starts():
             index = order[start:start + self.batch_size]
             images = self.images[index]
             if self.train:
@@ -255,12 +290,32 @@ def build_sample_transform(info, train, random_crop_padding=0, horizontal_flip=F
 
 
 class WorkersLoader(torch.utils.data.DataLoader):
-    """A DataLoader that moves each batch to ``device`` (pinned, non-blocking on CUDA)."""
+    """A DataLoader that moves each batch to ``device`` (pinned, non-blocking on CUDA).
 
-    def __init__(self, dataset, batch_size, device, train, num_workers):
-        super().__init__(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                         num_workers=num_workers, pin_memory=device.type == 'cuda',
-                         persistent_workers=num_workers > 0)
+    ``shard=(rank, world_size)``: training samples through ``DistributedSampler`` (shuffled with
+    ``seed`` + epoch, ``set_epoch`` each epoch, the tail that does not divide among the ranks
+    dropped, never padded with repeats); evaluation deals out whole batches as DeviceLoader does.
+    """
+
+    def __init__(self, dataset, batch_size, device, train, num_workers, shard=(0, 1), seed=0):
+        rank, world_size = shard
+        options = dict(num_workers=num_workers, pin_memory=device.type == 'cuda', persistent_workers=num_workers > 0)
+        if world_size == 1:
+            super().__init__(dataset, batch_size=batch_size, shuffle=train,
+                             drop_last=train and len(dataset) > batch_size, **options)
+        elif train:
+            if len(dataset) // world_size < batch_size:
+                raise UsageError(f'--batch_size {batch_size * world_size}: the {len(dataset)} training images do '
+                                 f'not fill one global batch')
+            sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
+                                                          drop_last=True)
+            super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **options)
+        else:
+            # this rank's batches one after another: consecutive groups of batch_size are exactly
+            # those batches, because only the last batch of the test set can be short
+            batches = range(rank, -(-len(dataset) // batch_size), world_size)
+            indices = [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))]
+            super().__init__(dataset, batch_size=batch_size, sampler=indices, **options)
         self.device = device
 
     @property
@@ -268,7 +323,9 @@ class WorkersLoader(torch.utils.data.DataLoader):
         return len(self.dataset)
 
     def set_epoch(self, epoch):
-        """Nothing depends on the epoch here (DeviceLoader's alternating flip does)."""
+        """Reshuffle a distributed run's shards (DeviceLoader's alternating flip depends on it too)."""
+        if isinstance(self.sampler, torch.utils.data.DistributedSampler):
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         for images, labels in super().__iter__():
@@ -312,17 +369,34 @@ class Data:
     test_split_name: str
 
 
+def merge_sharded_batches(per_rank):
+    """Per-batch results of the ranks (lists, as the evaluation loaders deal the batches out) in the
+    order of the single-process batches."""
+    world_size = len(per_rank)
+    total = sum(len(results) for results in per_rank)
+    return [per_rank[batch % world_size][batch // world_size] for batch in range(total)]
+
+
+def fetch_dataset(dataset, dataset_dir):
+    """Download a missing built-in dataset (one process per machine, before the others read it)."""
+    if dataset in DATASETS:
+        for train in (True, False):
+            load_split(dataset_dir, dataset, train, download=True)
+
+
 def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,
                use_random_crop=True, random_crop_padding=4, use_horizontal_flip=True,
                use_autoaugment=False, val_ratio=0.0, download=False, image_size=None,
-               test_batch_size=None, padding_mode='zeros', flip_mode='random'):
+               test_batch_size=None, padding_mode='zeros', flip_mode='random', shard=(0, 1), seed=None):
     """Training and evaluation loaders for ``dataset`` (evaluation on the held-out
-    validation split when ``val_ratio`` > 0, else on the test set)."""
+    validation split when ``val_ratio`` > 0, else on the test set). In a distributed run
+    ``batch_size`` is the batch of one rank and ``shard`` is (rank, world size)."""
     test_batch_size = test_batch_size or max(batch_size, 256)
+    sharding = dict(shard=shard, seed=seed)
     if dataset == 'ImageFolder':
         return _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers,
                                         use_random_crop, random_crop_padding, use_horizontal_flip,
-                                        use_autoaugment, image_size)
+                                        use_autoaugment, image_size, sharding)
     if dataset not in DATASETS:
         raise UsageError(f'--dataset {dataset!r}: unknown; choose from {", ".join(DATASET_CHOICES)}')
     info = DATASETS[dataset]
@@ -337,27 +411,29 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
                    use_autoaugment=use_autoaugment)
     if data_pipeline == 'device':
         train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment,
-                                    padding_mode=padding_mode, flip_mode=flip_mode)
-        test_loader = DeviceLoader(test_images, test_labels, info, test_batch_size, device, False)
+                                    padding_mode=padding_mode, flip_mode=flip_mode, **sharding)
+        test_loader = DeviceLoader(test_images, test_labels, info, test_batch_size, device, False, **sharding)
     elif data_pipeline == 'workers':
         if padding_mode != 'zeros' or flip_mode != 'random':
             raise UsageError('--padding_mode reflect and --alternating_flip need --data_pipeline device')
         train_set = TensorImageDataset(train_images, train_labels, build_sample_transform(info, True, **augment))
         test_set = TensorImageDataset(test_images, test_labels, build_sample_transform(info, False))
-        train_loader = WorkersLoader(train_set, batch_size, device, True, num_workers)
-        test_loader = WorkersLoader(test_set, test_batch_size, device, False, num_workers)
+        workers = dict(shard=shard, seed=seed or 0)
+        train_loader = WorkersLoader(train_set, batch_size, device, True, num_workers, **workers)
+        test_loader = WorkersLoader(test_set, test_batch_size, device, False, num_workers, **workers)
     else:
         raise UsageError(f'--data_pipeline {data_pipeline!r}: choose device or workers')
     return Data(info, train_loader, test_loader, 'val' if val_ratio > 0 else 'test')
 
 
 def _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers, use_random_crop,
-                             random_crop_padding, use_horizontal_flip, use_autoaugment, image_size):
+                             random_crop_padding, use_horizontal_flip, use_autoaugment, image_size, sharding):
     info, splits = _image_folder_info(dataset_dir, image_size)
     augment = dict(random_crop_padding=random_crop_padding if use_random_crop else 0,
                    horizontal_flip=use_horizontal_flip, use_autoaugment=use_autoaugment)
     splits['train'].transform = build_sample_transform(info, True, from_pil=True, image_size=info.image_size,
                                                        **augment)
     splits['test'].transform = build_sample_transform(info, False, from_pil=True, image_size=info.image_size)
-    return Data(info, WorkersLoader(splits['train'], batch_size, device, True, num_workers),
-                WorkersLoader(splits['test'], test_batch_size, device, False, num_workers), 'test')
+    workers = dict(shard=sharding['shard'], seed=sharding['seed'] or 0)
+    return Data(info, WorkersLoader(splits['train'], batch_size, device, True, num_workers, **workers),
+                WorkersLoader(splits['test'], test_batch_size, device, False, num_workers, **workers), 'test')

@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,6 +42,19 @@ def _switch(group, name, help, default=False):
     group.add_argument(name, type=str2bool, nargs='?', const=True, default=default, metavar='BOOL', help=help)
 
 
+# How each kind of generated model flag parses (models.registry.FlagSpec.kind).
+_MODEL_FLAG_TYPES = {'bool': dict(type=str2bool, nargs='?', const=True), 'int': dict(type=int),
+                     'float': dict(type=float), 'list': dict(type=json_list), 'str': {}}
+
+
+def add_model_flags(group):
+    """One flag per keyword-only argument of the registered builders (``models.model_flags``): the type
+    from the builder's annotation or default, the help from ``models.registry.FLAG_HELP`` or the
+    builder's docstring; default None, so that the builder's own default applies unless it is given."""
+    for name, flag in models.model_flags().items():
+        group.add_argument(f'--{name}', choices=flag.choices, help=flag.help, **_MODEL_FLAG_TYPES[flag.kind])
+
+
 def get_args_parser():
     parser = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
@@ -48,44 +62,16 @@ def get_args_parser():
     group.add_argument('--arch', default='resnet_preact', help='architecture name')
     group.add_argument('--config', help='JSON file of flag defaults; explicit flags override it')
     group.add_argument('--list_archs', action='store_true', help='list architectures and their flags, then exit')
-    group.add_argument('--depth', type=int, help='number of layers')
-    group.add_argument('--base_channels', type=int, help='channels of the first stage')
-    group.add_argument('--block_type', choices=['basic', 'bottleneck'])
-    group.add_argument('--n_channels', type=json_list, help="vgg: channels per stage, e.g. '[64,128,256,512,512]'")
-    group.add_argument('--n_layers', type=json_list, help="vgg: conv layers per stage, e.g. '[2,2,3,3,3]'")
-    group.add_argument('--use_bn', type=str2bool, nargs='?', const=True, help='vgg: batch norm after each conv')
-    group.add_argument('--remove_first_relu', type=str2bool, nargs='?', const=True, help='resnet_preact')
-    group.add_argument('--add_last_bn', type=str2bool, nargs='?', const=True, help='resnet_preact')
-    group.add_argument('--preact_stage', type=json_list, help="resnet_preact, e.g. '[true,false,false]'")
-    group.add_argument('--widening_factor', type=int, help='wrn, resnet_preact')
-    group.add_argument('--drop_rate', type=float, help='dropout (wrn, densenet)')
-    group.add_argument('--growth_rate', type=int, help='densenet k')
-    group.add_argument('--compression_rate', type=float, help='densenet-BC transition compression')
-    group.add_argument('--memory_efficient', type=str2bool, nargs='?', const=True,
-                       help='densenet: recompute concatenations in backward (less memory)')
-    group.add_argument('--pyramid_alpha', type=int, help='pyramidnet widening')
-    group.add_argument('--cardinality', type=int, help='resnext groups')
-    group.add_argument('--shake_forward', type=str2bool, nargs='?', const=True, help='shake_shake: random alpha')
-    group.add_argument('--shake_backward', type=str2bool, nargs='?', const=True, help='shake_shake: random beta')
-    group.add_argument('--shake_image', type=str2bool, nargs='?', const=True,
-                       help='shake_shake: per image (true) or per batch')
-    group.add_argument('--se_reduction', type=int, help='squeeze-and-excitation reduction ratio')
-    group.add_argument('--activation', choices=['relu', 'celu'],
-                       help='resnet9: activation (celu: Page\'s final recipe)')
-    group.add_argument('--celu_alpha', type=float, help='resnet9 with --activation celu: CELU alpha (0.3)')
-    group.add_argument('--ghost_bn_splits', type=int,
-                       help='resnet9: ghost batch norm, BN statistics per 1/N of each training batch inside one '
-                            'forward pass (unlike --subdivision: no extra passes, no gradient accumulation)')
-    group.add_argument('--head_scale', type=float,
-                       help='resnet9: logit scale (0.125; Page\'s final recipe 1/16); airbench: default-initialized '
-                            'head times this (airbench94: 1/9) instead of a unit-variance head / width')
+    add_model_flags(group)
 
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=number, default=160,
                        help='training epochs; may be fractional (e.g. 9.9: the last epoch stops early)')
     group.add_argument('--total_steps', type=int, default=None,
                        help='train for exactly this many steps instead of --epochs')
-    group.add_argument('--batch_size', type=int, default=128)
+    group.add_argument('--batch_size', type=int, default=128,
+                       help='global batch: under torchrun each of the N ranks takes batch_size / N images of '
+                            'every step (the learning rate is not rescaled)')
     group.add_argument('--optimizer', default='sgd', choices=list(optim.OPTIMIZER_CHOICES),
                        help='muon: Muon (torch.optim.Muon, torch 2.9+) for the convolution filters, SGD with '
                             '--base_lr/--momentum for the other parameters')
@@ -238,6 +224,17 @@ def get_args_parser():
     _switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
     group.add_argument('--compile_mode', default=None, choices=['default', 'reduce-overhead', 'max-autotune'],
                        help='torch.compile mode (needs --compile)')
+    _switch(group, '--sync_bn', 'under torchrun: BatchNorm statistics over the batch of all ranks (SyncBatchNorm, '
+            'GPUs only); without it each rank normalizes its own images and every rank takes rank 0\'s running '
+            'statistics at the end of each epoch')
+    _switch(group, '--find_unused_parameters', 'under torchrun: DistributedDataParallel looks for parameters a step '
+            'did not use (architectures that skip layers at random, such as resnet_stochastic_depth, need it; '
+            'it costs a little time per step)')
+    group.add_argument('--dist_backend', default='auto', choices=['auto', 'nccl', 'gloo'],
+                       help='under torchrun: the process group backend (auto: nccl on GPUs, gloo on CPUs)')
+    group.add_argument('--dist_timeout', type=float, default=600,
+                       help='under torchrun: seconds a rank waits for the others in a collective operation '
+                            'before the job fails (a rank that stopped answering)')
     return parser
 
 
@@ -249,12 +246,12 @@ class _Parser(argparse.ArgumentParser):
 # Flags that never change what a run computes, so a resumed run may give them anew.
 RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
                   'download', 'dry_run', 'evaluate', 'list_archs', 'config', 'epochs', 'eval_every',
-                  'save_every', 'compile', 'compile_mode'}
-MODEL_FLAGS = ['depth', 'base_channels', 'block_type', 'n_channels', 'n_layers', 'use_bn',
-               'remove_first_relu', 'add_last_bn', 'preact_stage', 'widening_factor', 'drop_rate',
-               'growth_rate', 'compression_rate', 'memory_efficient', 'pyramid_alpha', 'cardinality',
-               'shake_forward', 'shake_backward', 'shake_image', 'se_reduction', 'activation', 'celu_alpha',
-               'ghost_bn_splits', 'head_scale']
+                  'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
+                  'find_unused_parameters'}
+# Settings that may differ between the machines of a multi-node run; all others must be the same on every rank.
+MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download')
+# Every builder keyword argument is a flag (add_model_flags); these are their names.
+MODEL_FLAGS = list(models.model_flags())
 
 
 def parse_args(argv=None):
@@ -371,6 +368,42 @@ def resolve_device(name):
     return device
 
 
+def check_distributed(args, dist, device):
+    """Flags that depend on the launch (the same verdict on every rank), and the same settings on all ranks."""
+    if args.sync_bn and not dist.enabled:
+        raise UsageError('--sync_bn needs a distributed launch (torchrun --nproc_per_node N main.py ...)')
+    if args.sync_bn and device.type != 'cuda':
+        raise UsageError(f'--sync_bn: torch\'s SyncBatchNorm runs on GPUs only, not on {device.type}; '
+                         f'without --sync_bn each rank normalizes its own images')
+    ghost_bn_splits = getattr(args, 'ghost_bn_splits', None)  # a model flag (resnet9)
+    if args.sync_bn and ghost_bn_splits and ghost_bn_splits > 1:
+        raise UsageError('--sync_bn with --ghost_bn_splits: ghost batch norm normalizes small groups on purpose; '
+                         'choose one')
+    if dist.enabled and args.lr_finder:
+        raise UsageError('--lr_finder runs in one process: start it without torchrun')
+    if not args.dist_timeout > 0:
+        raise UsageError(f'--dist_timeout must be positive, got {args.dist_timeout}')
+    utils.check_same_settings(dist, vars(args), machine_local=MACHINE_LOCAL_FLAGS)
+
+
+def rank_batch_size(args, dist):
+    """This rank's part of the global --batch_size, which must split evenly into ranks x sub-batches."""
+    if not dist.enabled:
+        return args.batch_size
+    parts = dist.world_size * args.subdivision
+    if args.batch_size % parts:
+        by = f'{dist.world_size} ranks' + (f' x --subdivision {args.subdivision}' if args.subdivision > 1 else '')
+        raise UsageError(f'--batch_size {args.batch_size} is the global batch: it must split evenly into {by} '
+                         f'(use a multiple of {parts})')
+    per_rank = args.batch_size // dist.world_size
+    ghost_bn_splits = getattr(args, 'ghost_bn_splits', None)  # a model flag (resnet9)
+    if ghost_bn_splits and (per_rank // args.subdivision) % ghost_bn_splits:
+        raise UsageError(f'--ghost_bn_splits {ghost_bn_splits} must divide the {per_rank // args.subdivision} '
+                         f'images each forward pass of a rank sees (--batch_size {args.batch_size} over '
+                         f'{dist.world_size} ranks, --subdivision {args.subdivision})')
+    return per_rank
+
+
 def model_kwargs(args):
     return {name: getattr(args, name) for name in MODEL_FLAGS}
 
@@ -393,10 +426,19 @@ class Trainer:
 
     Nothing in a step reads a device value on the host: losses and accuracies are summed on the
     device and read once per epoch, so the host queues steps ahead of the GPU.
+
+    Distributed (``dist`` enabled): the step runs ``network``, the model in DistributedDataParallel,
+    whose backward averages the gradients of the ranks (once per step: the sub-batches before the
+    last accumulate under ``no_sync``); ``model`` is the same module unwrapped, which the EMA,
+    lookahead, evaluation and checkpoints use. The epoch's metrics are summed over the ranks and
+    every rank takes rank 0's buffers at the end of each epoch (see :meth:`end_epoch`).
     """
 
-    def __init__(self, model, optimizer, scheduler, regularizer, args, device, total_steps=None):
+    def __init__(self, model, optimizer, scheduler, regularizer, args, device, total_steps=None, network=None,
+                 dist=utils.SINGLE_PROCESS):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.network = model if network is None else network
+        self.dist = dist
         self.total_steps = total_steps
         self.regularizer, self.args, self.device = regularizer, args, device
         self.amp_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(args.precision)
@@ -414,7 +456,7 @@ class Trainer:
                 self.eval_forward = torch.compile(model, mode=args.compile_mode)
                 self._compile_pending = {'train': True, 'eval': True}
             except Exception as error:  # no compiler toolchain, unsupported platform or python
-                _compile_fallback_message(error, 'unavailable')
+                _compile_fallback_message(error, 'unavailable', dist)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -428,7 +470,7 @@ class Trainer:
 
     def _forward_loss(self, images, targets):
         with self.autocast():
-            logits = self.regularizer.forward(self.model, images)
+            logits = self.regularizer.forward(self.network, images)
         logits = logits.float()
         return logits, self.regularizer.loss(logits, targets)
 
@@ -442,7 +484,7 @@ class Trainer:
             return compiled_call()
         except Exception as error:  # dynamo, inductor or a missing compiler toolchain
             result = eager_call()
-            _compile_fallback_message(error, f'failed at the first {kind} step')
+            _compile_fallback_message(error, f'failed at the first {kind} step', self.dist)
             self.forward_loss, self.eval_forward = self._forward_loss, self.model
             self._compile_pending = {'train': False, 'eval': False}
             return result
@@ -454,18 +496,20 @@ class Trainer:
         epoch's time includes compilation; returns the seconds it took.
 
         One batch of each loader goes through them; the model's weights and buffers, the gradients
-        and the random generators are restored afterwards, so training starts as without it.
+        and the random generators are restored afterwards, so training starts as without it. (A
+        rank that holds no test batch has nothing to evaluate and compiles nothing for it.)
         """
         rng_state = utils.get_rng_state()
         model_state = {key: value.clone() for key, value in self.model.state_dict().items()}
         self._synchronize()
         start = time.perf_counter()
-        self.model.train()
+        self.network.train()
         images, labels = next(iter(train_loader))
         self._forward_backward(self._sub_batches(images, labels)[:1])
         self.optimizer.zero_grad(set_to_none=True)
-        test_images, test_labels = next(iter(test_loader))
-        self.evaluate(_FixedBatch(test_images, test_labels, test_loader.batch_size))
+        test_batch = next(iter(test_loader), None)
+        if test_batch is not None:
+            self.evaluate(_FixedBatch(*test_batch, test_loader.batch_size), gather=False)
         self._synchronize()
         elapsed = time.perf_counter() - start
         self.model.load_state_dict(model_state)
@@ -476,14 +520,18 @@ class Trainer:
         """Accumulate gradients over ghost sub-batches; returns (loss, accuracy) of the batch."""
         batch_size = sum(len(targets) for _, targets in chunks)
         total_loss, total_correct = 0.0, 0.0
-        for images, targets in chunks:
+        for index, (images, targets) in enumerate(chunks):
             images = self._prepare(images)
-            if self._compile_pending['train']:
-                logits, loss = self._first_call('train', lambda: self.forward_loss(images, targets),
-                                                lambda: self._forward_loss(images, targets))
-            else:
-                logits, loss = self.forward_loss(images, targets)
-            self.scaler.scale(loss * (len(targets) / batch_size)).backward()
+            # DDP averages the gradients once per step, in the backward pass of the last sub-batch
+            accumulate = self.network.no_sync() if index < len(chunks) - 1 and self.network is not self.model \
+                else contextlib.nullcontext()
+            with accumulate:
+                if self._compile_pending['train']:
+                    logits, loss = self._first_call('train', lambda: self.forward_loss(images, targets),
+                                                    lambda: self._forward_loss(images, targets))
+                else:
+                    logits, loss = self.forward_loss(images, targets)
+                self.scaler.scale(loss * (len(targets) / batch_size)).backward()
             total_loss += loss.detach() * len(targets)
             total_correct += self.regularizer.accuracy(logits.detach(), targets) * len(targets)
         return total_loss / batch_size, total_correct / batch_size
@@ -524,7 +572,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def train_one_epoch(self, loader, epoch, progress):
-        self.model.train()
+        self.network.train()
         loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
         self._synchronize()
         start = last_shown = time.perf_counter()
@@ -542,19 +590,41 @@ class Trainer:
                 last_shown = time.perf_counter()
         self._synchronize()
         elapsed = time.perf_counter() - start
-        if not math.isfinite(loss_meter.average):
-            raise FloatingPointError(f'training loss became {loss_meter.average} in epoch {epoch}')
-        return {'train_loss': loss_meter.average, 'train_accuracy': accuracy_meter.average,
-                'train_time': elapsed, 'train_images_per_sec': loss_meter.count / elapsed}
+        loss, accuracy, count = self.end_epoch(loss_meter, accuracy_meter)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f'training loss became {loss} in epoch {epoch}')
+        return {'train_loss': loss, 'train_accuracy': accuracy, 'train_time': elapsed,
+                'train_images_per_sec': count / elapsed}
 
-    def evaluate(self, loader, model=None, progress=None, description='test'):
-        """:func:`evaluate` of ``model`` (default: the trained model, compiled with --compile)."""
+    def end_epoch(self, loss_meter, accuracy_meter):
+        """The epoch's mean loss, accuracy and image count over all ranks; then every rank takes rank
+        0's buffers (BatchNorm statistics, which each rank gathered from its own images; the EMA's
+        and the lookahead copies' too), so that what is evaluated and saved is defined, and a run
+        resumed from the checkpoint continues exactly as the uninterrupted one."""
+        if not self.dist.enabled:
+            return loss_meter.average, accuracy_meter.average, loss_meter.count
+        totals = torch.stack([torch.as_tensor(meter.total, dtype=torch.float64, device=self.device)
+                              for meter in (loss_meter, accuracy_meter)]
+                             + [torch.tensor(float(loss_meter.count), dtype=torch.float64, device=self.device)])
+        loss_total, accuracy_total, count = self.dist.all_reduce_sum_(totals).tolist()
+        buffers = list(self.model.buffers())
+        if self.ema is not None:
+            buffers += list(self.ema.module.buffers())
+        if self.lookahead is not None:
+            buffers += self.lookahead.slow
+        self.dist.broadcast_tensors_(buffers)
+        return loss_total / max(count, 1), accuracy_total / max(count, 1), int(count)
+
+    def evaluate(self, loader, model=None, progress=None, description='test', gather=True):
+        """:func:`evaluate` of ``model`` (default: the trained model, compiled with --compile), over
+        the test images of all ranks (``gather=False``: this rank's only)."""
         model = self.model if model is None else model
         forward = self.eval_forward if model is self.model else model
 
         def run(forward_fn, pad):
             return evaluate(model, loader, self.device, self.args.tta, self.autocast, self.args.channels_last,
-                            progress, description, forward=forward_fn, pad_batches=pad)
+                            progress, description, forward=forward_fn, pad_batches=pad,
+                            dist=self.dist if gather else utils.SINGLE_PROCESS)
         if forward is not model and self._compile_pending['eval']:
             return self._first_call('eval', lambda: run(forward, True), lambda: run(model, False))
         return run(forward, forward is not model)
@@ -568,10 +638,10 @@ class _FixedBatch(list):
         self.batch_size = batch_size
 
 
-def _compile_fallback_message(error, what):
+def _compile_fallback_message(error, what, dist=utils.SINGLE_PROCESS):
     first_line = (str(error).strip().splitlines() or [''])[0][:200]
-    print(f'--compile: torch.compile {what} ({type(error).__name__}: {first_line}); running eager',
-          file=sys.stderr)
+    dist.print(f'--compile: torch.compile {what} ({type(error).__name__}: {first_line}); running eager',
+               file=sys.stderr)
 
 
 def tta_logits(forward, images, tta):
@@ -593,16 +663,21 @@ def tta_logits(forward, images, tta):
 
 @torch.no_grad()
 def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext, channels_last=False,
-             progress=None, description='test', forward=None, pad_batches=False):
+             progress=None, description='test', forward=None, pad_batches=False, dist=utils.SINGLE_PROCESS):
     """Mean cross-entropy and accuracy of ``model`` (run through ``forward``, e.g. its compiled form),
     with the test-time augmentation ``tta`` (see :func:`tta_logits`).
 
     ``pad_batches`` pads a short last batch to the loader's batch size, so a compiled forward
     sees one shape only; the padding rows are dropped before scoring.
+
+    Distributed: each rank scores the batches its loader deals it (every test image once, none
+    padded or repeated); the per-batch sums of all ranks are put back in single-process batch
+    order and added up in float32 as one process adds them, so the result equals a one-process
+    evaluation of the same weights with the same test batch size.
     """
     model.eval()
     forward = model if forward is None else forward
-    total_loss, total_correct, count = 0.0, 0, 0
+    batch_losses, batch_correct, count = [], [], 0
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -615,12 +690,21 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = tta_logits(forward, images, tta)[:batch_size]
-        total_loss += F.cross_entropy(logits, labels, reduction='sum')
-        total_correct += (logits.argmax(1) == labels).sum()
+        batch_losses.append(F.cross_entropy(logits, labels, reduction='sum'))
+        batch_correct.append((logits.argmax(1) == labels).sum())
         count += batch_size
-    total_loss, total_correct = float(total_loss), int(total_correct)
+    # one read of the device per evaluation
+    losses = torch.stack(batch_losses).cpu().numpy() if batch_losses else np.zeros(0, np.float32)
+    correct = torch.stack(batch_correct).cpu().numpy() if batch_correct else np.zeros(0, np.int64)
+    per_rank = dist.all_gather_object((losses, correct, count))
+    losses = dataloader.merge_sharded_batches([list(rank_losses) for rank_losses, _, _ in per_rank])
+    correct = dataloader.merge_sharded_batches([list(rank_correct) for _, rank_correct, _ in per_rank])
+    count = sum(rank_count for _, _, rank_count in per_rank)
+    total_loss = np.float32(0.0)
+    for batch_loss in losses:  # in batch order, in float32: the sum one process computes
+        total_loss = np.float32(total_loss + batch_loss)
     elapsed = time.perf_counter() - start
-    return {'loss': total_loss / count, 'accuracy': total_correct / count,
+    return {'loss': float(total_loss) / count, 'accuracy': int(sum(correct)) / count,
             'time': elapsed, 'images_per_sec': count / elapsed}
 
 
@@ -653,16 +737,25 @@ def make_progress(enabled=True):
 # ----------------------------------------------------------------------------- run directory
 
 class RunDirectory:
-    """The files of one run: refuses to overwrite another run, writes atomically."""
+    """The files of one run: refuses to overwrite another run, writes atomically.
 
-    def __init__(self, outdir, resume):
+    In a distributed run rank 0 alone checks the directory (its verdict reaches every rank) and
+    writes; on the other ranks the ``save_*`` methods write nothing, so a run has one set of files.
+    """
+
+    def __init__(self, outdir, resume, dist=utils.SINGLE_PROCESS):
         self.outdir = outdir
         self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
+        self.writes = dist.is_main
+        self.has_checkpoint = dist.run_on_main(lambda: self._prepare(resume))
+
+    def _prepare(self, resume):
+        outdir = self.outdir
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
-        self.has_checkpoint = os.path.isfile(self.checkpoint_path)
+        has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
-            if not self.has_checkpoint:
+            if not has_checkpoint:
                 # the run stopped before its first checkpoint (inside epoch 1, or before the first
                 # --save_every epoch): nothing to restore, so it starts again and rewrites its log
                 print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
@@ -677,9 +770,23 @@ class RunDirectory:
             os.remove(probe)
         except OSError as error:
             raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
+        return has_checkpoint
 
     def path(self, name):
         return os.path.join(self.outdir, name)
+
+    def save_json(self, obj, name):
+        if self.writes:
+            utils.save_json(obj, self.path(name))
+
+    def save_checkpoint(self, state):
+        """checkpoint.pth, atomically (torch.save to a temporary file, then rename)."""
+        if self.writes:
+            utils.save_checkpoint(state, self.checkpoint_path)
+
+    def save_weights(self, state_dict, name):
+        if self.writes:
+            torch.save(state_dict, self.path(name))
 
 
 def summarize(log, split):
@@ -702,7 +809,7 @@ def summarize(log, split):
 def build_model(args, info, device):
     try:
         model = models.create_model(args.arch, num_classes=info.num_classes, in_channels=info.in_channels,
-                                    **model_kwargs(args))
+                                    image_size=info.image_size, **model_kwargs(args))
     except models.ModelConfigError as error:
         raise UsageError(str(error)) from None
     model = model.to(device)
@@ -713,26 +820,38 @@ def build_model(args, info, device):
     return model
 
 
-def run_evaluation(args, device):
-    """--evaluate: rebuild the model from the config.json beside the weights and test it."""
+def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
+    """--evaluate: rebuild the model from the config.json beside the weights and test it.
+
+    MODEL_STATE is a model_state.pth or a checkpoint.pth, of a single-process or a distributed run
+    (or another tool's state_dict with DistributedDataParallel's ``module.`` prefix). Under torchrun
+    the ranks share the test set and rank 0 prints the result of all of them.
+    """
     config_path = os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), 'config.json')
     if os.path.isfile(config_path):
         saved = utils.load_json(config_path, what='config').get('settings', {})
         for name in ['arch', 'dataset', *MODEL_FLAGS]:
             if name not in args.explicit and name in saved:
                 setattr(args, name, saved[name])
-    state = utils.load_checkpoint(args.evaluate, map_location=device)
-    data = dataloader.build_data(args.dataset, args.dataset_dir, args.batch_size, device, args.data_pipeline,
-                                 args.num_workers, download=args.download, test_batch_size=args.test_batch_size)
-    model = build_model(args, data.info, device)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise UsageError(f'--evaluate {args.evaluate}: weights do not fit --arch {args.arch} '
-                         f'({str(error).splitlines()[0]})') from None
-    result = evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last)
-    print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
-          f'({data.test_loader.num_samples} images, tta={args.tta})')
+    state = dist.run_on_main(lambda: utils.load_checkpoint(args.evaluate))
+    if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
+        state = state['model']  # a checkpoint.pth: its model
+    if isinstance(state, dict):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
+    with dist.agree():
+        data = dataloader.build_data(args.dataset, args.dataset_dir, max(1, args.batch_size // dist.world_size),
+                                     device, args.data_pipeline, args.num_workers, download=args.download,
+                                     test_batch_size=args.test_batch_size, shard=(dist.rank, dist.world_size),
+                                     seed=args.seed)
+        model = build_model(args, data.info, device)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise UsageError(f'--evaluate {args.evaluate}: weights do not fit --arch {args.arch} '
+                             f'({str(error).splitlines()[0]})') from None
+    result = evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last, dist=dist)
+    dist.print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
+               f'({data.test_loader.num_samples} images, tta={args.tta})')
     return result
 
 
@@ -741,42 +860,58 @@ def main(argv=None):
     if args.list_archs:
         list_archs()
         return
-    device = resolve_device(args.device)
+    # under torchrun: join the process group, one device per rank (a single process otherwise)
+    dist, device = utils.init_distributed(resolve_device(args.device), args.dist_backend, args.dist_timeout)
+    check_distributed(args, dist, device)
     if args.evaluate:
-        run_evaluation(args, device)
+        run_evaluation(args, device, dist)
         return
 
     run = None
     if not args.dry_run:
-        run = RunDirectory(args.outdir, args.resume)
+        run = RunDirectory(args.outdir, args.resume, dist)
         args.resume = args.resume and run.has_checkpoint
         if args.resume:
-            checkpoint = utils.load_checkpoint(run.checkpoint_path)
+            checkpoint = dist.run_on_main(lambda: utils.load_checkpoint(run.checkpoint_path))
             args = restore_args(args, checkpoint)
-    utils.set_seed(args.seed)
+    batch_size = rank_batch_size(args, dist)
+    utils.set_seed(args.seed)  # the same on every rank: the model's initialization, the flip phases
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
-    data = dataloader.build_data(
-        args.dataset, args.dataset_dir, args.batch_size, device, args.data_pipeline, args.num_workers,
-        args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip, args.use_autoaugment,
-        args.val_ratio, args.download, args.image_size, args.test_batch_size, args.padding_mode,
-        'alternating' if args.alternating_flip else 'random')
-    model = build_model(args, data.info, device)
-    initialize_from_data(model, data.train_loader)
+    if args.download and dist.enabled:
+        with dist.agree():  # one process per machine fetches the files, before the others read them
+            if dist.local_rank == 0:
+                dataloader.fetch_dataset(args.dataset, args.dataset_dir)
+    with dist.agree():  # bad input that one rank finds (its copy of the dataset) stops them all
+        data = dataloader.build_data(
+            args.dataset, args.dataset_dir, batch_size, device, args.data_pipeline, args.num_workers,
+            args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip, args.use_autoaugment,
+            args.val_ratio, args.download, args.image_size, args.test_batch_size, args.padding_mode,
+            'alternating' if args.alternating_flip else 'random', shard=(dist.rank, dist.world_size),
+            seed=args.seed if dist.enabled else None)
+        model = build_model(args, data.info, device)
+        initialize_from_data(model, data.train_loader)
+        try:
+            regularizer = augmentations.BatchRegularizer.from_args(args, data.info.num_classes)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     n_params = utils.count_parameters(model)
-    try:
-        regularizer = augmentations.BatchRegularizer.from_args(args, data.info.num_classes)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
     if args.dry_run:
         settings = {k: v for k, v in vars(args).items() if k != 'explicit'}
-        print(json.dumps(settings, indent=2, default=str))
-        print(f'{args.arch}: {n_params:,} parameters; {data.info.name}: '
-              f'{data.train_loader.num_samples} train / {data.test_loader.num_samples} {data.test_split_name} images, '
-              f'{len(data.train_loader)} steps per epoch on {device}')
+        dist.print(json.dumps(settings, indent=2, default=str))
+        dist.print(f'{args.arch}: {n_params:,} parameters; {data.info.name}: '
+                   f'{data.train_loader.num_samples} train / {data.test_loader.num_samples} {data.test_split_name} '
+                   f'images, {len(data.train_loader)} steps per epoch on {device}'
+                   + (f' ({dist.world_size} ranks of {batch_size} images)' if dist.enabled else ''))
         return
+
+    # the one place where the model meets DistributedDataParallel (and SyncBatchNorm)
+    model, network = utils.distribute(model, dist, device, sync_bn=args.sync_bn,
+                                      find_unused_parameters=args.find_unused_parameters)
+    if dist.enabled:
+        utils.set_seed(args.seed + dist.rank)  # each rank augments (and drops out) with its own stream
 
     steps_per_epoch = len(data.train_loader)
     total_steps = args.total_steps or math.ceil(args.epochs * steps_per_epoch - 1e-9)
@@ -796,24 +931,24 @@ def main(argv=None):
     if args.lr_finder:
         return run_lr_finder(model, optimizer, data, regularizer, run)
 
-    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device, total_steps)
+    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device, total_steps, network=network, dist=dist)
     log, start_epoch = [], 1
     if args.resume:
         log, start_epoch = restore_state(checkpoint, model, trainer)
-    write_config(run, args, n_params, device)
+    write_config(run, args, n_params, device, dist)
     if start_epoch > n_epochs:
-        print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
+        dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
         return
     compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
     if compile_time is not None:
-        print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
+        dist.print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
 
-    progress = make_progress()
+    progress = make_progress(enabled=dist.is_main)
     writer = make_tensorboard_writer(run, args.tensorboard)
     split = data.test_split_name
     if args.test_first and start_epoch == 1:
         result = trainer.evaluate(data.test_loader, progress=progress, description=split)
-        print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
+        dist.print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
         log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
 
     for epoch in range(start_epoch, n_epochs + 1):
@@ -830,12 +965,12 @@ def main(argv=None):
         log.append(record)
         save_epoch(run, log, writer, checkpoint_state(model, trainer, epoch, args, log)
                    if last or epoch % args.save_every == 0 else None)
-        print(epoch_line(record, n_epochs, split), flush=True)
+        dist.print(epoch_line(record, n_epochs, split), flush=True)
 
-    torch.save(model.state_dict(), run.path('model_state.pth'))
+    run.save_weights(model.state_dict(), 'model_state.pth')
     if trainer.ema is not None:
-        torch.save(trainer.ema.module.state_dict(), run.path('model_state_ema.pth'))
-    utils.save_json(summarize([r for r in log if r['epoch'] > 0], split), run.path('summary.json'))
+        run.save_weights(trainer.ema.module.state_dict(), 'model_state_ema.pth')
+    run.save_json(summarize([r for r in log if r['epoch'] > 0], split), 'summary.json')
     if writer is not None:
         writer.close()
 
@@ -855,9 +990,9 @@ def evaluation_record(trainer, loader, split, log, record, progress):
 
 def save_epoch(run, log, writer, checkpoint):
     """The end-of-epoch writes: log.json, the checkpoint (when one is due) and TensorBoard scalars."""
-    utils.save_json(log, run.path('log.json'))
+    run.save_json(log, 'log.json')
     if checkpoint is not None:
-        utils.save_checkpoint(checkpoint, run.checkpoint_path)
+        run.save_checkpoint(checkpoint)
     if writer is not None:
         record = log[-1]
         for key, value in record.items():
@@ -930,6 +1065,10 @@ def checkpoint_state(model, trainer, epoch, args, log):
         'args': {k: v for k, v in vars(args).items()},
         'log': log,
     }
+    if trainer.dist.enabled:
+        # every rank's random stream (its augmentation), so that a resumed run draws what this one would
+        state['rng_ranks'] = trainer.dist.all_gather_object(state['rng'])
+        state['world_size'] = trainer.dist.world_size
     if trainer.ema is not None:
         state['ema'] = trainer.ema.state_dict()
     if trainer.lookahead is not None:
@@ -953,6 +1092,11 @@ def restore_args(args, checkpoint):
 
 
 def restore_state(checkpoint, model, trainer):
+    """Load a checkpoint of this run into the model and trainer; returns (log, first epoch to run).
+
+    Each rank continues the random stream of the saved run's rank of the same number (a single
+    process's is rank 0's); a rank the saved run did not have starts a stream of its own.
+    """
     try:
         model.load_state_dict(checkpoint['model'])
         trainer.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -962,22 +1106,35 @@ def restore_state(checkpoint, model, trainer):
             trainer.ema.load_state_dict(checkpoint['ema'])
         if trainer.lookahead is not None:
             trainer.lookahead.load_state_dict(checkpoint['lookahead'])
-        utils.set_rng_state(checkpoint['rng'])
+        rng_states = checkpoint.get('rng_ranks') or [checkpoint['rng']]
+        if trainer.dist.rank < len(rng_states):
+            utils.set_rng_state(rng_states[trainer.dist.rank])
+        else:
+            utils.set_seed(utils.derived_seed(trainer.args.seed, trainer.dist.rank, checkpoint['epoch']))
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '
                          f'{str(error).splitlines()[0] if str(error) else ""})') from None
     return list(checkpoint['log']), checkpoint['epoch'] + 1
 
 
-def write_config(run, args, n_params, device):
-    utils.save_json({
+def write_config(run, args, n_params, device, dist=utils.SINGLE_PROCESS):
+    config = {
         'settings': {k: v for k, v in vars(args).items() if k != 'explicit'},
         'explicit_flags': args.explicit,
         'n_params': n_params,
         'model_flags': {k: getattr(args, k) for k in models.model_params(args.arch) if getattr(args, k) is not None},
         'command_line': ' '.join(shlex.quote(a) for a in sys.argv),
         'environment': utils.environment_info(device),
-    }, run.path('config.json'))
+    }
+    if dist.enabled:
+        per_rank = args.batch_size // dist.world_size
+        config['distributed'] = {
+            'world_size': dist.world_size, 'backend': dist.backend, 'launcher': 'torchrun',
+            'global_batch_size': args.batch_size, 'per_rank_batch_size': per_rank, 'sync_bn': args.sync_bn,
+            # the images each BatchNorm layer normalizes over in a training forward pass
+            'bn_batch_size': (args.batch_size if args.sync_bn else per_rank) // args.subdivision,
+        }
+    run.save_json(config, 'config.json')
 
 
 def make_tensorboard_writer(run, enabled):
@@ -986,7 +1143,7 @@ def make_tensorboard_writer(run, enabled):
     torch.utils.tensorboard needs the tensorboard package; with neither installed the run goes
     on without scalars and says so once (log.json holds the same figures).
     """
-    if not enabled:
+    if not enabled or not run.writes:
         return None
     try:
         from tensorboardX import SummaryWriter
@@ -1013,19 +1170,41 @@ def run_lr_finder(model, optimizer, data, regularizer, run):
 
 
 def cli(argv=None):
+    """Run main(); bad input exits with 2, divergence with 1, each with one line on stderr.
+
+    Under torchrun these errors reach every rank alike (the checks depend on the command line, or
+    their verdict is shared), so rank 0 alone prints the line and every rank exits with the status.
+    Any other exception ends its rank with a traceback, and torchrun stops the other ranks; a rank
+    that finds itself alone in a collective operation (its peer died, or --dist_timeout passed)
+    says so in one line instead of a second traceback.
+    """
     program = os.path.basename(sys.argv[0]) or 'main.py'
+    rank = utils.env_rank()
+    speaks = rank == 0
     try:
         main(argv)
     except UsageError as error:
-        print(f'{program}: error: {error}', file=sys.stderr)
-        sys.exit(2)
+        _exit(2, f'{program}: error: {error}', speaks)
     except KeyboardInterrupt:
-        print('interrupted; resume with the same command plus --resume', file=sys.stderr)
-        sys.exit(130)
+        _exit(130, 'interrupted; resume with the same command plus --resume', speaks, leave_group=False)
     except FloatingPointError as error:
-        print(f'{program}: diverged: {error}; checkpoint.pth keeps the last completed epoch, if any '
-              f'(try a lower --base_lr, warmup or --gradient_clip)', file=sys.stderr)
-        sys.exit(1)
+        _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last completed epoch, if any '
+                 f'(try a lower --base_lr, warmup or --gradient_clip)', speaks)
+    except Exception as error:  # only a distributed run's lost peer is handled here
+        if not (utils.launched_by_torchrun() and utils.is_collective_failure(error)):
+            raise
+        first_line = (str(error).strip().splitlines() or [''])[0][:300]
+        _exit(1, f'{program}: rank {rank} stopped: another rank failed or stopped answering ({first_line})', True,
+              leave_group=False)
+    utils.close_distributed()
+
+
+def _exit(status, message, speaks, leave_group=True):
+    if leave_group:
+        utils.close_distributed()
+    if speaks:
+        print(message, file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == '__main__':

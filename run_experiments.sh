@@ -337,6 +337,12 @@ cpu_regularization_check() {
     row cpu_reg/label_smoothing "${CPU_REG[@]}" --use_label_smoothing
     row cpu_reg/autoaugment "${CPU_REG[@]}" --use_autoaugment
 }
+# Three seeds of three rows: the table summarize.py makes from runs of this machine.
+cpu_seeds_check() {
+    row cpu_seeds/plain "${CPU_REG[@]}"
+    row cpu_seeds/cutout "${CPU_REG[@]}" --use_cutout --cutout_size 16
+    row cpu_seeds/label_smoothing "${CPU_REG[@]}" --use_label_smoothing
+}
 CPU_LB=(--arch resnet_preact --depth 8 --base_channels 8 --epochs 8 --batch_size 1024 --scheduler cosine
         --warmup_epochs 1 --device cpu --no-tensorboard)
 cpu_large_batch_check() {
@@ -346,7 +352,7 @@ cpu_large_batch_check() {
 
 TABLES=(architectures regularization_resnet_preact20_w4 regularization_wrn28_10 regularization_shake_shake
         regularization_resnet_preact20 resnet_preact56_ablation batch_size_lr wrn28_10_ricap_batch512 datasets
-        fast_training cpu_regularization_check cpu_large_batch_check)
+        fast_training cpu_regularization_check cpu_seeds_check cpu_large_batch_check)
 
 # ----------------------------------------------------------------------------- the runner
 

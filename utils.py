@@ -1,13 +1,20 @@
-"""Small shared helpers: argument types, seeding, atomic JSON and checkpoint I/O, meters."""
+"""Small shared helpers: argument types, seeding, atomic JSON and checkpoint I/O, meters, and the
+process group of a torchrun launch."""
+import contextlib
+import datetime
+import inspect
 import json
 import os
 import platform
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
 
 
 class UsageError(Exception):
@@ -58,6 +65,13 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derived_seed(*values):
+    """A 63-bit seed mixed from integers (numpy's SeedSequence): (seed, epoch) pairs never collide
+    the way ``seed + epoch`` does (seed 0's epoch 2 would be seed 1's epoch 1)."""
+    entropy = [int(value) % 2**64 for value in values]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def get_rng_state():
@@ -166,3 +180,213 @@ class AverageMeter:
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- distributed
+
+_TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+
+
+def launched_by_torchrun(environ=None):
+    """True in a process started by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK)."""
+    environ = os.environ if environ is None else environ
+    return all(name in environ for name in _TORCHRUN_VARIABLES)
+
+
+def env_rank(environ=None):
+    """This process's rank from torchrun's variables (0 outside torchrun), known before any setup."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get('RANK', 0)) if launched_by_torchrun(environ) else 0
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a run: rank, number of ranks, rank on its machine, and the
+    collective operations main.py needs, which do nothing in a single process (``backend`` None)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = None
+
+    @property
+    def enabled(self):
+        return self.backend is not None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def print(self, *values, **kwargs):
+        """print() on rank 0 only: progress and results appear once however many ranks run."""
+        if self.is_main:
+            print(*values, **kwargs)
+
+    def all_reduce_sum_(self, tensor):
+        if self.enabled:
+            torch_dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, value):
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @torch.no_grad()
+    def broadcast_tensors_(self, tensors):
+        """Overwrite ``tensors`` with rank 0's, one flat broadcast per dtype and device."""
+        if not self.enabled:
+            return
+        groups = {}
+        for tensor in tensors:
+            groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for group in groups.values():
+            flat = torch.cat([tensor.reshape(-1) for tensor in group])
+            torch_dist.broadcast(flat, src=0)
+            for tensor, value in zip(group, flat.split([tensor.numel() for tensor in group])):
+                tensor.copy_(value.view_as(tensor))
+
+    def run_on_main(self, function):
+        """``function()`` on rank 0 only (a check or a read of the run directory); its result, or
+        the UsageError it raised, reaches every rank, so that all of them go on or all exit."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = function()
+            except UsageError as raised:
+                error = str(raised)
+        if self.enabled:
+            result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise UsageError(error)
+        return result
+
+    @contextlib.contextmanager
+    def agree(self):
+        """A UsageError that any rank raises inside the block is raised on every rank at its end
+        (prefixed with the rank that found it), so that bad input seen by one rank (a dataset
+        missing on one machine) stops all of them with exit status 2. The block must not itself
+        communicate: the ranks meet once, at its end."""
+        if not self.enabled:
+            yield
+            return
+        error = None
+        try:
+            yield
+        except UsageError as raised:
+            error = str(raised)
+        errors = self.all_gather_object(error)
+        for rank, message in enumerate(errors):
+            if message is not None:
+                raise UsageError(message if rank == 0 else f'rank {rank}: {message}')
+
+
+SINGLE_PROCESS = Distributed()
+
+
+def is_collective_failure(error):
+    """True for the error a rank gets when another rank died or stopped answering in a collective
+    operation (gloo: connection closed by peer, timed out; NCCL: a DistBackendError)."""
+    if isinstance(error, getattr(torch_dist, 'DistError', ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in (
+        'Connection closed by peer', 'Connection reset by peer', 'Timed out waiting', 'NCCL communicator was aborted',
+        'ProcessGroupNCCL', 'ProcessGroupGloo'))
+
+
+def close_distributed():
+    """Leave the process group, if this process joined one."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def init_distributed(device, backend='auto', timeout_s=600, environ=None):
+    """The Distributed of this process and the device it trains on.
+
+    Outside torchrun: a single process on ``device``. Under torchrun (its RANK, WORLD_SIZE and
+    LOCAL_RANK variables; no --local_rank flag): joins the process group with NCCL on GPUs and gloo
+    on CPUs (``backend='auto'``), each rank on cuda:LOCAL_RANK. A collective that waits longer than
+    ``timeout_s`` raises (gloo) or aborts the process (NCCL's watchdog), so a rank that stops
+    answering ends the job even where no launcher kills the others. Every check here depends on the
+    command line and the machine only, so all ranks fail it alike (exit status 2 everywhere).
+    """
+    environ = os.environ if environ is None else environ
+    if not launched_by_torchrun(environ):
+        if backend != 'auto':
+            raise UsageError(f'--dist_backend {backend}: needs a distributed launch '
+                             f'(torchrun --nproc_per_node N main.py ...)')
+        return SINGLE_PROCESS, device
+    rank, world_size = int(environ['RANK']), int(environ['WORLD_SIZE'])
+    local_rank = int(environ['LOCAL_RANK'])
+    local_world_size = int(environ.get('LOCAL_WORLD_SIZE', 1))
+    if device.type == 'cuda':
+        if device.index is not None:
+            raise UsageError(f'--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device '
+                             f'cuda (and choose GPUs with CUDA_VISIBLE_DEVICES)')
+        if local_world_size > torch.cuda.device_count():
+            raise UsageError(f'torchrun started {local_world_size} processes on this machine but it has '
+                             f'{torch.cuda.device_count()} GPU(s); use --nproc_per_node {torch.cuda.device_count()}')
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    if backend == 'auto':
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    if backend == 'nccl' and device.type != 'cuda':
+        raise UsageError(f'--dist_backend nccl needs GPUs, but the device is {device}; '
+                         f'CPU ranks communicate with --dist_backend gloo (the default on CPU)')
+    if not torch_dist.is_available() or not getattr(torch_dist, f'is_{backend}_available')():
+        raise UsageError(f'--dist_backend {backend}: not available in this torch build')
+    torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return Distributed(rank, world_size, local_rank, backend), device
+
+
+def check_same_settings(dist, settings, machine_local=()):
+    """Every rank must run the same command: a setting that differs between ranks (an --outdir per
+    rank, a different --seed) is bad input on all of them. ``machine_local`` settings (paths that
+    may differ between machines) are not compared."""
+    if not dist.enabled:
+        return
+    mine = {name: value for name, value in settings.items() if name not in machine_local}
+    everyone = dist.all_gather_object(mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for name in sorted(set(everyone[0]) | set(theirs)):
+            if everyone[0].get(name) != theirs.get(name):
+                raise UsageError(f'--{name} differs between ranks (rank 0: {everyone[0].get(name)!r}, rank {rank}: '
+                                 f'{theirs.get(name)!r}); start every rank with the same command (one --outdir '
+                                 f'for the run: only rank 0 writes to it)')
+
+
+def distribute(model, dist, device, sync_bn=False, find_unused_parameters=False):
+    """(model, network) for training: ``network`` runs the training step, ``model`` is the module
+    itself (evaluated, averaged and saved: its state_dict has no ``module.`` prefix).
+
+    In a single process both are ``model``. In a distributed run, ``sync_bn`` first turns the
+    BatchNorm layers into SyncBatchNorm (statistics over the batch of all ranks); then ``network``
+    is ``model`` in DistributedDataParallel, which averages the gradients of the ranks in the
+    backward pass. Buffers (BatchNorm statistics) are not synchronized at each forward pass: each
+    rank keeps its own during an epoch, and :meth:`Distributed.broadcast_tensors_` gives every rank
+    rank 0's at the end of each epoch, before evaluation and saving. ``find_unused_parameters``
+    is DDP's: needed when a step may leave parameters out of the loss (layers skipped at random).
+    """
+    if not dist.enabled:
+        return model, model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    parallel = nn.parallel.DistributedDataParallel
+    # torch 2.11+ names the switch forward_sync_buffers (and deprecates broadcast_buffers)
+    no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(parallel).parameters
+                      else {'broadcast_buffers': False})
+    network = parallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                       find_unused_parameters=find_unused_parameters, **no_buffer_sync)
+    # older torch leaves the buffers unsynchronized at construction with broadcast_buffers=False
+    dist.broadcast_tensors_(list(model.buffers()))
+    return model, network

@@ -1,13 +1,14 @@
 """Model families, one module each; importing the package registers every builder.
 
-Adding a model is one file in this folder: every public module is imported here, and
-its ``@register_model`` builders become ``--arch`` choices.
+Adding a model is one file in this folder: every public module is imported here, its
+``@register_model`` builders become ``--arch`` choices and their keyword-only arguments main.py's
+model flags, and the registry-driven tests build each with its registered ``test_config``.
 """
 import importlib
 import pkgutil
 
-from models.registry import (ModelConfigError, create_model, list_models, model_params,
-                             register_model, train_defaults)
+from models.registry import (FlagSpec, ModelConfigError, create_model, get_test_config, list_models,
+                             model_flags, model_params, register_model, train_defaults)
 
 _SUPPORT_MODULES = {'registry', 'common'}
 
@@ -15,5 +16,5 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES and not _module.name.startswith('_'):
         importlib.import_module(f'{__name__}.{_module.name}')
 
-__all__ = ['ModelConfigError', 'create_model', 'list_models', 'model_params',
-           'register_model', 'train_defaults']
+__all__ = ['FlagSpec', 'ModelConfigError', 'create_model', 'get_test_config', 'list_models', 'model_flags',
+           'model_params', 'register_model', 'train_defaults']

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import check_positive_int
+from models.common import check_int_list, check_positive_number
 from models.registry import ModelConfigError, register_model
 
 
@@ -122,8 +122,8 @@ class AirbenchNet(nn.Module):
         return self.fc(x) * self.head_scale
 
 
-@register_model('airbench', epochs=8, batch_size=2000)
-def airbench(*, n_channels=(64, 256, 256), head_scale=None, num_classes=10, in_channels=3):
+@register_model('airbench', test_config=dict(n_channels=[8, 16, 16]), epochs=8, batch_size=2000)
+def airbench(*, n_channels=(64, 256, 256), head_scale: float = None, num_classes=10, in_channels=3):
     """airbench94's network (about 1.97 M parameters at widths 64/256/256).
 
     The full recipes (Muon or SGD with lookahead, label smoothing 0.2, alternating flip, reflect
@@ -133,9 +133,7 @@ def airbench(*, n_channels=(64, 256, 256), head_scale=None, num_classes=10, in_c
     widths = list(n_channels)
     if len(widths) != 3:
         raise ModelConfigError(f'--n_channels {widths}: airbench needs three widths, e.g. [64,256,256]')
-    for width in widths:
-        check_positive_int('--n_channels', width, 'airbench')
-    if head_scale is not None and (isinstance(head_scale, bool) or not isinstance(head_scale, (int, float))
-                                   or not 0 < head_scale < float('inf')):
-        raise ModelConfigError(f'--head_scale {head_scale}: airbench needs a positive number')
+    check_int_list('--n_channels', widths, 'airbench')
+    if head_scale is not None:
+        check_positive_number('--head_scale', head_scale, 'airbench')
     return AirbenchNet(tuple(widths), num_classes=num_classes, in_channels=in_channels, head_scale=head_scale)

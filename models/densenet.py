@@ -4,16 +4,21 @@ Huang, Liu, van der Maaten and Weinberger, "Densely Connected Convolutional Netw
 arXiv 1608.06993. The memory-efficient variant recomputes the concatenation, BN, ReLU and
 first convolution of every layer in the backward pass, as in Pleiss et al.,
 "Memory-Efficient Implementation of DenseNets", arXiv 1707.06990.
+
+``densenet``: the paper's CIFAR networks (three dense blocks, depth 3n+4 or 6n+4 for DenseNet-BC);
+``densenet121``: the ImageNet DenseNet-121 with a CIFAR stem.
 """
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.common import ClassifierHead, blocks_per_stage, conv1x1, conv3x3, initialize_weights
-from models.registry import ModelConfigError, register_model
-
-BLOCK_TYPES = ('basic', 'bottleneck')
+from models.common import (CNN_RECIPE, ClassifierHead, StagedNetwork, blocks_per_stage, check_choice,
+                           check_int_list, check_positive_int, check_probability, check_range, conv1x1, conv3x3,
+                           initialize_weights)
+from models.registry import register_model
 
 
 class DenseLayer(nn.Module):
@@ -117,32 +122,28 @@ class DenseStage(nn.Module):
         return x
 
 
-class DenseNet(nn.Module):
-    """DenseNet (``block_type='basic'``) or DenseNet-BC (``'bottleneck'``) with three dense blocks."""
+class DenseNet(StagedNetwork):
+    """Stem conv, dense stages with transitions between them, BN-ReLU, global pooling, linear.
 
-    def __init__(self, depth=100, block_type='bottleneck', growth_rate=12, compression_rate=0.5,
+    ``layers_per_stage[i]`` dense layers in stage i; every transition compresses to
+    floor(``compression_rate`` x its input width) and halves the resolution.
+    """
+
+    def __init__(self, layers_per_stage, growth_rate, bottleneck, compression_rate, stem_channels,
                  drop_rate=0.0, memory_efficient=False, num_classes=10, in_channels=3):
         super().__init__()
-        bottleneck = block_type == 'bottleneck'
-        layers_per_stage = blocks_per_stage(depth, 2 if bottleneck else 1, extra_layers=4,
-                                            arch=f'densenet with {block_type} blocks')
-        if bottleneck:
-            # DenseNet-BC: 2k stem channels and compressed transitions (section 3, "Implementation Details")
-            channels = 2 * growth_rate
-        else:
-            # DenseNet: 16 stem channels and no compression
-            channels, compression_rate = 16, 1.0
-
-        self.conv = conv3x3(in_channels, channels)
-        for index in range(3):
+        self.conv = conv3x3(in_channels, stem_channels)
+        channels = stem_channels
+        for index, n_layers in enumerate(layers_per_stage):
             transition_channels = None
-            if index < 2:
+            if index < len(layers_per_stage) - 1:
                 # floor(theta * m), as in the authors' Lua code (math.floor(nChannels * reduction))
-                transition_channels = max(1, int((channels + layers_per_stage * growth_rate) * compression_rate))
-            stage = DenseStage(channels, layers_per_stage, growth_rate, bottleneck, drop_rate,
+                transition_channels = max(1, int((channels + n_layers * growth_rate) * compression_rate))
+            stage = DenseStage(channels, n_layers, growth_rate, bottleneck, drop_rate,
                                memory_efficient, transition_channels)
             self.add_module(f'stage{index + 1}', stage)
             channels = stage.out_channels
+        self.num_stages = len(layers_per_stage)
         self.norm = nn.BatchNorm2d(channels)
         self.head = ClassifierHead(channels, num_classes)
         self.num_features = channels
@@ -150,30 +151,21 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x):
         x = self.conv(x)
-        x = self.stage1(x)
-        x = self.stage2(x)
-        x = self.stage3(x)
+        x = self.forward_stages(x)
         return F.relu(self.norm(x), inplace=True)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+
+def check_densenet_flags(arch, growth_rate, compression_rate, drop_rate):
+    check_positive_int('--growth_rate', growth_rate, arch)
+    check_range('--compression_rate', compression_rate, arch, 0, 1, include_low=False, include_high=True)
+    check_probability('--drop_rate', drop_rate, arch)
 
 
-def _check_densenet_flags(block_type, growth_rate, compression_rate, drop_rate):
-    if block_type not in BLOCK_TYPES:
-        raise ModelConfigError(f'--block_type {block_type}: densenet supports {", ".join(BLOCK_TYPES)}')
-    if growth_rate < 1:
-        raise ModelConfigError(f'--growth_rate {growth_rate}: must be a positive integer')
-    if not 0 < compression_rate <= 1:
-        raise ModelConfigError(f'--compression_rate {compression_rate}: must be in (0, 1]')
-    if not 0 <= drop_rate < 1:
-        raise ModelConfigError(f'--drop_rate {drop_rate}: must be in [0, 1)')
-
-
-@register_model('densenet', epochs=300, batch_size=64, base_lr=0.1, weight_decay=1e-4,
+@register_model('densenet', test_config=dict(depth=10, block_type='bottleneck', growth_rate=4),
+                epochs=300, batch_size=64, base_lr=0.1, weight_decay=1e-4,
                 scheduler='multistep', milestones=[150, 225], lr_decay=0.1)
-def densenet(*, depth=100, block_type='bottleneck', growth_rate=12, compression_rate=0.5,
-             drop_rate=0.0, memory_efficient=False, num_classes=10, in_channels=3):
+def densenet(*, depth=100, block_type: Literal['basic', 'bottleneck'] = 'bottleneck', growth_rate=12,
+             compression_rate=0.5, drop_rate=0.0, memory_efficient=False, num_classes=10, in_channels=3):
     """DenseNet-BC (``block_type='bottleneck'``, depth = 6n+4) or DenseNet (``'basic'``, 3n+4).
 
     As in the paper, ``compression_rate`` (theta) applies to DenseNet-BC only: the basic
@@ -181,8 +173,31 @@ def densenet(*, depth=100, block_type='bottleneck', growth_rate=12, compression_
     transitions. ``memory_efficient`` trades compute for memory (arXiv 1707.06990) and gives
     the same outputs, gradients and BN statistics.
     """
-    _check_densenet_flags(block_type, growth_rate, compression_rate, drop_rate)
-    return DenseNet(depth=depth, block_type=block_type, growth_rate=growth_rate,
-                    compression_rate=compression_rate, drop_rate=drop_rate,
-                    memory_efficient=bool(memory_efficient), num_classes=num_classes,
-                    in_channels=in_channels)
+    check_choice('--block_type', block_type, ('basic', 'bottleneck'), 'densenet')
+    check_densenet_flags('densenet', growth_rate, compression_rate, drop_rate)
+    bottleneck = block_type == 'bottleneck'
+    # three dense blocks of n layers, 1 (basic) or 2 (bottleneck) convolutions each, plus the stem
+    # conv, two transition convs and the classifier: depth = 3n+4 or 6n+4
+    n_layers = blocks_per_stage(depth, 2 if bottleneck else 1, extra_layers=4,
+                                arch=f'densenet with {block_type} blocks')
+    if bottleneck:
+        # DenseNet-BC: 2k stem channels and compressed transitions (section 3, "Implementation Details")
+        stem_channels = 2 * growth_rate
+    else:
+        # DenseNet: 16 stem channels and no compression
+        stem_channels, compression_rate = 16, 1.0
+    return DenseNet([n_layers] * 3, growth_rate, bottleneck, compression_rate, stem_channels, drop_rate,
+                    bool(memory_efficient), num_classes, in_channels)
+
+
+@register_model('densenet121', test_config=dict(growth_rate=4, n_blocks=[1, 2, 1, 1]), **CNN_RECIPE)
+def densenet121(*, growth_rate=32, n_blocks=(6, 12, 24, 16), compression_rate=0.5, drop_rate=0.0,
+                memory_efficient=False, num_classes=10, in_channels=3):
+    """DenseNet-121 of the paper's Table 1 (k = 32, dense blocks of 6/12/24/16 bottleneck layers,
+    2 x 58 + stem + 3 transitions + classifier = 121 layers) with a CIFAR stem: one 3x3 convolution
+    to 2k channels instead of the 7x7 stride-2 convolution and max-pool, as kuangliu/pytorch-cifar's
+    DenseNet121 (7.0 M parameters)."""
+    check_int_list('--n_blocks', n_blocks, 'densenet121')
+    check_densenet_flags('densenet121', growth_rate, compression_rate, drop_rate)
+    return DenseNet(list(n_blocks), growth_rate, True, compression_rate, 2 * growth_rate, drop_rate,
+                    bool(memory_efficient), num_classes, in_channels)

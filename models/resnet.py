@@ -1,24 +1,27 @@
-"""CIFAR ResNet from "Deep Residual Learning for Image Recognition" (He et al., arXiv 1512.03385).
+"""ResNets from "Deep Residual Learning for Image Recognition" (He et al., arXiv 1512.03385).
 
-Three stages of 16/32/64 channels (times 4 for bottlenecks) at strides 1/2/2, post-activation
-blocks (ReLU after the addition). Where a block changes the width or resolution its shortcut is
-a 1x1 convolution followed by BN (the paper's option B, as hysts/pytorch_image_classification
-does); the paper's CIFAR networks used parameter-free zero-padding shortcuts (option A), so their
-parameter counts are ours minus those two or three projections.
+``resnet``: the paper's CIFAR networks (section 4.2). Three stages of 16/32/64 channels (times 4 for
+bottlenecks) at strides 1/2/2, post-activation blocks (ReLU after the addition); with the stem conv
+and the classifier, depth = 6n+2 (basic blocks, two weighted layers) or 9n+2 (bottlenecks, three).
+Where a block changes the width or resolution its shortcut is a 1x1 convolution followed by BN (the
+paper's option B, as hysts/pytorch_image_classification does); the paper's CIFAR networks used
+parameter-free zero-padding shortcuts (option A), so their parameter counts are ours minus those two
+or three projections.
+
+``resnet18/34/50``: the ImageNet networks of the paper's Table 1, four stages of 64/128/256/512
+channels (times 4 for bottlenecks) with [2,2,2,2], [3,4,6,3] and [3,4,6,3] blocks, so depth =
+2 * 8 + 2 = 18, 2 * 16 + 2 = 34 and 3 * 16 + 2 = 50; with a CIFAR stem, one 3x3 convolution at
+stride 1 and no max-pool in place of the 7x7 stride-2 convolution and pooling, as in
+kuangliu/pytorch-cifar (whose ResNet18/34/50 the CIFAR tricks collection trains).
 """
+from typing import Literal
+
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ClassifierHead, SqueezeExcite, check_positive_int, conv1x1, conv3x3,
-                           initialize_weights, residual_blocks_per_stage)
-from models.registry import ModelConfigError, register_model
-
-
-def projection_shortcut(in_channels, out_channels, stride):
-    """Identity when shapes match, else 1x1 conv + BN (option B of arXiv 1512.03385)."""
-    if in_channels == out_channels and stride == 1:
-        return nn.Identity()
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+from models.common import (CNN_RECIPE, ConvStemNetwork, SqueezeExcite, check_positive_int, check_se_reduction,
+                           conv1x1, conv3x3, projection_shortcut, residual_blocks_per_stage)
+from models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -68,56 +71,51 @@ class BottleneckBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    """Stem conv-BN-ReLU, three stages of ``blocks_per_stage`` blocks, global pooling, linear."""
-
-    def __init__(self, block, blocks_per_stage, base_channels, num_classes, in_channels,
-                 se_reduction=None):
-        super().__init__()
-        self.conv = conv3x3(in_channels, base_channels)
-        self.bn = nn.BatchNorm2d(base_channels)
-        # stage widths (16, 32, 64) x expansion, so ResNet-164's stages end in 64/128/256 channels
-        stage_channels = [base_channels * block.expansion * 2 ** index for index in range(3)]
-        channels = base_channels
-        for index, out_channels in enumerate(stage_channels):
-            stride = 1 if index == 0 else 2
-            stage = nn.Sequential()
-            for block_index in range(blocks_per_stage):
-                stage.add_module(f'block{block_index + 1}',
-                                 block(channels, out_channels, stride if block_index == 0 else 1,
-                                       se_reduction=se_reduction))
-                channels = out_channels
-            self.add_module(f'stage{index + 1}', stage)
-        self.num_features = channels
-        self.head = ClassifierHead(channels, num_classes)
-        initialize_weights(self)
-
-    def forward_features(self, x):
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.stage1(x)
-        x = self.stage2(x)
-        return self.stage3(x)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+class ResNet(ConvStemNetwork):
+    """Stem conv-BN-ReLU, stages of ``blocks_per_stage[i]`` blocks ``stage_channels[i]`` wide (strides
+    1, 2, 2, ...), global pooling, linear; ``se_reduction`` adds SE gates to every block."""
 
 
-def check_se_reduction(se_reduction, arch):
-    """None or 0 switches squeeze-and-excitation off; otherwise a positive reduction ratio."""
-    if se_reduction:
-        check_positive_int('--se_reduction', se_reduction, arch)
-    elif se_reduction not in (None, 0):
-        raise ModelConfigError(f'--se_reduction {se_reduction}: {arch} needs a positive integer '
-                               'or 0 (off)')
+BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 
 
-@register_model('resnet', epochs=160, batch_size=128, base_lr=0.1, weight_decay=1e-4,
+@register_model('resnet', test_config=dict(depth=8, base_channels=4),
+                epochs=160, batch_size=128, base_lr=0.1, weight_decay=1e-4,
                 scheduler='multistep', milestones=[80, 120], lr_decay=0.1)
-def resnet(*, depth=110, base_channels=16, block_type='basic', se_reduction=None,
-           num_classes=10, in_channels=3):
+def resnet(*, depth=110, base_channels=16, block_type: Literal['basic', 'bottleneck'] = 'basic',
+           se_reduction: int = None, num_classes=10, in_channels=3):
     """CIFAR ResNet-``depth`` (6n+2 basic or 9n+2 bottleneck); se_reduction adds SE gates."""
     n_blocks = residual_blocks_per_stage(depth, block_type, 'resnet')
     check_positive_int('--base_channels', base_channels, 'resnet')
     check_se_reduction(se_reduction, 'resnet')
-    block = BasicBlock if block_type == 'basic' else BottleneckBlock
-    return ResNet(block, n_blocks, base_channels, num_classes, in_channels, se_reduction)
+    block = BLOCKS[block_type]
+    # stage widths (16, 32, 64) x expansion, so ResNet-164's stages end in 64/128/256 channels
+    stage_channels = [base_channels * block.expansion * 2 ** index for index in range(3)]
+    return ResNet(block, [n_blocks] * 3, stage_channels, base_channels, num_classes, in_channels,
+                  se_reduction=se_reduction)
+
+
+def imagenet_resnet(arch, block_type, blocks_per_stage, base_channels, num_classes, in_channels):
+    """ResNet-18/34/50 of Table 1 with a CIFAR stem: stages ``base_channels`` x (1, 2, 4, 8) x expansion."""
+    check_positive_int('--base_channels', base_channels, arch)
+    block = BLOCKS[block_type]
+    stage_channels = [base_channels * block.expansion * 2 ** index for index in range(4)]
+    return ResNet(block, blocks_per_stage, stage_channels, base_channels, num_classes, in_channels)
+
+
+@register_model('resnet18', test_config=dict(base_channels=4), **CNN_RECIPE)
+def resnet18(*, base_channels=64, num_classes=10, in_channels=3):
+    """ResNet-18 with a CIFAR stem (11.2 M parameters): basic blocks [2,2,2,2]."""
+    return imagenet_resnet('resnet18', 'basic', [2, 2, 2, 2], base_channels, num_classes, in_channels)
+
+
+@register_model('resnet34', test_config=dict(base_channels=4), **CNN_RECIPE)
+def resnet34(*, base_channels=64, num_classes=10, in_channels=3):
+    """ResNet-34 with a CIFAR stem (21.3 M parameters): basic blocks [3,4,6,3]."""
+    return imagenet_resnet('resnet34', 'basic', [3, 4, 6, 3], base_channels, num_classes, in_channels)
+
+
+@register_model('resnet50', test_config=dict(base_channels=4), **CNN_RECIPE)
+def resnet50(*, base_channels=64, num_classes=10, in_channels=3):
+    """ResNet-50 with a CIFAR stem (23.5 M parameters): bottleneck blocks [3,4,6,3]."""
+    return imagenet_resnet('resnet50', 'bottleneck', [3, 4, 6, 3], base_channels, num_classes, in_channels)

@@ -6,12 +6,13 @@ Part 8 "Bag of tricks" adds CELU activations, ghost batch norm and a smaller out
 training changes, for 94.1% in 10 epochs (26 s); those are options here (reference code: myrtle.ai's
 cifar10-fast, ``bag_of_tricks.ipynb`` and ``new_dawn.py``).
 """
-import math
+from typing import Literal
 
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import GhostBatchNorm2d, check_choice, check_positive_int, conv3x3
+from models.common import (GhostBatchNorm2d, check_choice, check_positive_int, check_positive_number,
+                           conv3x3)
 from models.registry import ModelConfigError, register_model
 
 # Page scales the logits by 1/8, keeping them small at initialization (his tuned value); his
@@ -90,12 +91,12 @@ class ResNet9(nn.Module):
         return self.fc(x) * self.head_scale
 
 
-@register_model('resnet9', epochs=24, batch_size=512, base_lr=0.4, weight_decay=5e-4,
-                momentum=0.9, nesterov=True, scheduler='linear', warmup_epochs=5,
-                warmup_method='linear', warmup_start_factor=0.0, lr_min=0.0,
+@register_model('resnet9', test_config=dict(base_channels=4),
+                epochs=24, batch_size=512, base_lr=0.4, weight_decay=5e-4, momentum=0.9, nesterov=True,
+                scheduler='linear', warmup_epochs=5, warmup_method='linear', warmup_start_factor=0.0, lr_min=0.0,
                 use_cutout=True, cutout_size=8)
-def resnet9(*, base_channels=64, activation='relu', celu_alpha=CELU_ALPHA, ghost_bn_splits=1,
-            head_scale=HEAD_SCALE, num_classes=10, in_channels=3):
+def resnet9(*, base_channels=64, activation: Literal['relu', 'celu'] = 'relu', celu_alpha=CELU_ALPHA,
+            ghost_bn_splits=1, head_scale=HEAD_SCALE, num_classes=10, in_channels=3):
     """ResNet-9 (Page's DAWNBench network, about 6.57 M parameters at ``base_channels=64``).
 
     Training defaults are Page's published recipe restated for a batch-mean loss: 24 epochs,
@@ -111,17 +112,13 @@ def resnet9(*, base_channels=64, activation='relu', celu_alpha=CELU_ALPHA, ghost
     ``run_experiments.sh fast_resnet9`` has the whole recipe. None of them changes the parameters.
     """
     arch = 'resnet9'
-    if base_channels < 1:
-        raise ModelConfigError(f'--base_channels {base_channels}: must be a positive integer')
+    check_positive_int('--base_channels', base_channels, arch)
     check_choice('--activation', activation, ACTIVATIONS, arch)
-    if isinstance(celu_alpha, bool) or not isinstance(celu_alpha, (int, float)) or not celu_alpha > 0:
-        raise ModelConfigError(f'--celu_alpha {celu_alpha}: {arch} needs a positive number')
+    check_positive_number('--celu_alpha', celu_alpha, arch)
     if activation != 'celu' and celu_alpha != CELU_ALPHA:
         raise ModelConfigError(f'--celu_alpha {celu_alpha}: applies only with --activation celu')
     check_positive_int('--ghost_bn_splits', ghost_bn_splits, arch)
-    if isinstance(head_scale, bool) or not isinstance(head_scale, (int, float)) \
-            or not (head_scale > 0 and math.isfinite(head_scale)):
-        raise ModelConfigError(f'--head_scale {head_scale}: {arch} needs a positive number')
+    check_positive_number('--head_scale', head_scale, arch)
     return ResNet9(base_channels=base_channels, num_classes=num_classes, in_channels=in_channels,
                    activation=activation, celu_alpha=celu_alpha, ghost_bn_splits=ghost_bn_splits,
                    head_scale=head_scale)

@@ -6,8 +6,9 @@ Networks", arXiv 1611.05431.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import ClassifierHead, blocks_per_stage, conv1x1, conv3x3, initialize_weights
-from models.registry import ModelConfigError, register_model
+from models.common import (ClassifierHead, StagedNetwork, blocks_per_stage, check_positive_int, conv1x1, conv3x3,
+                           initialize_weights)
+from models.registry import register_model
 
 # Stem and stage widths of the CIFAR template (section 5.3): a 64-channel 3x3 conv, then
 # stages ending in 256, 512 and 1024 channels whatever the cardinality and bottleneck width.
@@ -18,7 +19,7 @@ STAGE_OUT_CHANNELS = (256, 512, 1024)
 class BottleneckBlock(nn.Module):
     """conv1x1-BN-ReLU, grouped conv3x3-BN-ReLU, conv1x1-BN, add, ReLU (Fig. 3(c))."""
 
-    def __init__(self, in_channels, out_channels, group_width, cardinality, stride):
+    def __init__(self, in_channels, out_channels, stride, group_width, cardinality):
         super().__init__()
         inner_channels = group_width * cardinality
         self.conv1 = conv1x1(in_channels, inner_channels)
@@ -41,40 +42,32 @@ class BottleneckBlock(nn.Module):
         return F.relu(y + self.shortcut(x), inplace=True)  # ReLU after the addition
 
 
-class ResNeXt(nn.Module):
-    """Stem, three stages of ``n`` bottleneck blocks (depth = 9n+2), global pooling, linear."""
+class ResNeXt(StagedNetwork):
+    """Stem, stages of bottleneck blocks, global pooling, linear.
 
-    def __init__(self, depth=29, cardinality=8, base_channels=64, num_classes=10, in_channels=3):
+    Stage i has ``blocks_per_stage[i]`` blocks ending in ``stage_channels[i]`` channels, whose grouped
+    convolutions have ``cardinality`` groups of ``group_widths[i]`` channels.
+    """
+
+    def __init__(self, blocks_per_stage, stage_channels, group_widths, cardinality, num_classes=10, in_channels=3):
         super().__init__()
-        n_blocks = blocks_per_stage(depth, 3, arch='resnext')
         self.conv = conv3x3(in_channels, STEM_CHANNELS)
         self.bn = nn.BatchNorm2d(STEM_CHANNELS)
-        channels = STEM_CHANNELS
-        for stage_index, out_channels in enumerate(STAGE_OUT_CHANNELS):
-            # the bottleneck width d doubles with every stage, like the output width
-            group_width = base_channels * 2 ** stage_index
-            stage = nn.Sequential()
-            for block_index in range(n_blocks):
-                stride = 2 if stage_index > 0 and block_index == 0 else 1
-                stage.add_module(f'block{block_index + 1}',
-                                 BottleneckBlock(channels, out_channels, group_width, cardinality, stride))
-                channels = out_channels
-            self.add_module(f'stage{stage_index + 1}', stage)
+        widths = [dict(group_width=width) for width, n_blocks in zip(group_widths, blocks_per_stage)
+                  for _ in range(n_blocks)]
+        channels = self.add_stages(BottleneckBlock, STEM_CHANNELS, stage_channels, blocks_per_stage,
+                                   per_block_kwargs=widths, cardinality=cardinality)
         self.head = ClassifierHead(channels, num_classes)
         self.num_features = channels
         initialize_weights(self)
 
     def forward_features(self, x):
         x = F.relu(self.bn(self.conv(x)), inplace=True)
-        x = self.stage1(x)
-        x = self.stage2(x)
-        return self.stage3(x)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_stages(x)
 
 
-@register_model('resnext', epochs=300, batch_size=128, base_lr=0.1, weight_decay=5e-4,
+@register_model('resnext', test_config=dict(depth=11, cardinality=2, base_channels=4),
+                epochs=300, batch_size=128, base_lr=0.1, weight_decay=5e-4,
                 scheduler='multistep', milestones=[150, 225], lr_decay=0.1)
 def resnext(*, depth=29, cardinality=8, base_channels=64, num_classes=10, in_channels=3):
     """ResNeXt-{depth} ``cardinality`` x ``base_channels``d, e.g. 29 8x64d (depth = 9n+2).
@@ -84,9 +77,9 @@ def resnext(*, depth=29, cardinality=8, base_channels=64, num_classes=10, in_cha
     doubling per stage), while the stem (64) and stage outputs (256, 512, 1024) are fixed.
     hysts' version ties those to ``base_channels`` too; both agree at d = 64.
     """
-    if cardinality < 1:
-        raise ModelConfigError(f'--cardinality {cardinality}: must be a positive integer')
-    if base_channels < 1:
-        raise ModelConfigError(f'--base_channels {base_channels}: must be a positive integer')
-    return ResNeXt(depth=depth, cardinality=cardinality, base_channels=base_channels,
-                   num_classes=num_classes, in_channels=in_channels)
+    check_positive_int('--cardinality', cardinality, 'resnext')
+    check_positive_int('--base_channels', base_channels, 'resnext')
+    n_blocks = blocks_per_stage(depth, 3, arch='resnext')
+    # the bottleneck width d doubles with every stage, like the output width
+    group_widths = [base_channels * 2 ** index for index in range(3)]
+    return ResNeXt([n_blocks] * 3, STAGE_OUT_CHANNELS, group_widths, cardinality, num_classes, in_channels)

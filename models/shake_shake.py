@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import ClassifierHead, blocks_per_stage, conv1x1, conv3x3, initialize_weights
+from models.common import (ClassifierHead, StagedNetwork, blocks_per_stage, check_bool, conv1x1, conv3x3,
+                           initialize_weights)
 from models.registry import ModelConfigError, register_model
 
 # Width of the first convolution in the author's code, whatever the network width.
@@ -116,43 +117,31 @@ class ShakeShakeBlock(nn.Module):
         return self.shortcut(x) + mixed
 
 
-class ShakeShakeNet(nn.Module):
-    """conv3x3(16)-BN stem, three stages of ``n`` blocks (depth = 6n+2), ReLU, pooling, linear."""
+class ShakeShakeNet(StagedNetwork):
+    """conv3x3(16)-BN stem, stages of Shake-Shake blocks, ReLU, global pooling, linear."""
 
-    def __init__(self, depth=26, base_channels=96, shake_forward=True, shake_backward=True,
+    def __init__(self, blocks_per_stage, stage_channels, shake_forward=True, shake_backward=True,
                  shake_image=True, num_classes=10, in_channels=3):
         super().__init__()
-        n_blocks = blocks_per_stage(depth, 2, arch='shake_shake')
         # The author's code has no ReLU after the stem BN (each branch and the shortcut start
         # with one) but one before pooling; hysts does the opposite and its stem is base_channels wide.
         self.conv = conv3x3(in_channels, STEM_CHANNELS)
         self.bn = nn.BatchNorm2d(STEM_CHANNELS)
-        channels = STEM_CHANNELS
-        for stage_index in range(3):
-            out_channels = base_channels * 2 ** stage_index
-            stage = nn.Sequential()
-            for block_index in range(n_blocks):
-                stride = 2 if stage_index > 0 and block_index == 0 else 1
-                stage.add_module(f'block{block_index + 1}', ShakeShakeBlock(
-                    channels, out_channels, stride, shake_forward, shake_backward, shake_image))
-                channels = out_channels
-            self.add_module(f'stage{stage_index + 1}', stage)
+        channels = self.add_stages(ShakeShakeBlock, STEM_CHANNELS, stage_channels, blocks_per_stage,
+                                   shake_forward=shake_forward, shake_backward=shake_backward,
+                                   shake_image=shake_image)
         self.head = ClassifierHead(channels, num_classes)
         self.num_features = channels
         initialize_weights(self)
 
     def forward_features(self, x):
         x = self.bn(self.conv(x))
-        x = self.stage1(x)
-        x = self.stage2(x)
-        x = self.stage3(x)
+        x = self.forward_stages(x)
         return F.relu(x)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
 
-
-@register_model('shake_shake', epochs=1800, batch_size=128, base_lr=0.2, weight_decay=1e-4,
+@register_model('shake_shake', test_config=dict(depth=8, base_channels=4),
+                epochs=1800, batch_size=128, base_lr=0.2, weight_decay=1e-4,
                 scheduler='cosine', lr_min=0.0)
 def shake_shake(*, depth=26, base_channels=96, shake_forward=True, shake_backward=True,
                 shake_image=True, num_classes=10, in_channels=3):
@@ -162,9 +151,15 @@ def shake_shake(*, depth=26, base_channels=96, shake_forward=True, shake_backwar
     ("Even"); ``shake_image``: a coefficient per image, else one per mini-batch. The paper's
     S-S-I is (True, True, True), S-E-I (True, False, True), E-E-E (False, False, any).
     """
-    if base_channels < 2 or base_channels % 2:
+    if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 2 \
+            or base_channels % 2:
         raise ModelConfigError(f'--base_channels {base_channels}: shake_shake needs a positive even '
                                'width (the projection shortcut concatenates two halves)')
-    return ShakeShakeNet(depth=depth, base_channels=base_channels, shake_forward=bool(shake_forward),
-                         shake_backward=bool(shake_backward), shake_image=bool(shake_image),
-                         num_classes=num_classes, in_channels=in_channels)
+    for flag, value in (('--shake_forward', shake_forward), ('--shake_backward', shake_backward),
+                        ('--shake_image', shake_image)):
+        check_bool(flag, value, 'shake_shake')
+    # two 3x3 convolutions per block (both branches run in parallel), plus stem and classifier
+    n_blocks = blocks_per_stage(depth, 2, arch='shake_shake')
+    stage_channels = [base_channels * 2 ** index for index in range(3)]
+    return ShakeShakeNet([n_blocks] * 3, stage_channels, bool(shake_forward), bool(shake_backward),
+                         bool(shake_image), num_classes, in_channels)

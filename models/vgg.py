@@ -8,7 +8,7 @@ layer: on 32x32 inputs the last map is 1x1, so this equals hysts' flatten + line
 """
 import torch.nn as nn
 
-from models.common import ClassifierHead, check_positive_int, conv3x3, initialize_weights
+from models.common import ClassifierHead, StagedNetwork, check_bool, check_int_list, conv3x3, initialize_weights
 from models.registry import ModelConfigError, register_model
 
 
@@ -28,43 +28,35 @@ def make_vgg_stage(in_channels, out_channels, n_layers, use_bn):
     return stage
 
 
-class VGG(nn.Module):
+class VGG(StagedNetwork):
     """Stages of 3x3 convolutions separated by max-pooling, then a linear classifier."""
 
     def __init__(self, n_channels, n_layers, use_bn, num_classes, in_channels):
         super().__init__()
-        self.num_stages = len(n_channels)
         channels = in_channels
         for index, (out_channels, layers) in enumerate(zip(n_channels, n_layers)):
             self.add_module(f'stage{index + 1}', make_vgg_stage(channels, out_channels, layers, use_bn))
             channels = out_channels
+        self.num_stages = len(n_channels)
         self.num_features = channels
         self.head = ClassifierHead(channels, num_classes)
         initialize_weights(self)
 
     def forward_features(self, x):
-        for index in range(1, self.num_stages + 1):
-            x = getattr(self, f'stage{index}')(x)
-        return x
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_stages(x)
 
 
-@register_model('vgg', epochs=160, batch_size=128, base_lr=0.1, weight_decay=1e-4,
-                scheduler='multistep', milestones=[80, 120], lr_decay=0.1)
+@register_model('vgg', test_config=dict(n_channels=[4, 8, 8, 16, 16], n_layers=[1, 1, 1, 1, 1]),
+                epochs=160, batch_size=128, base_lr=0.1, weight_decay=1e-4, scheduler='multistep',
+                milestones=[80, 120], lr_decay=0.1)
 def vgg(*, n_channels=(64, 128, 256, 512, 512), n_layers=(2, 2, 3, 3, 3), use_bn=True,
         num_classes=10, in_channels=3):
     """VGG with ``n_layers[i]`` convs of ``n_channels[i]`` channels in stage i."""
-    for flag, values in (('--n_channels', n_channels), ('--n_layers', n_layers)):
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ModelConfigError(f'{flag} {values}: vgg needs a non-empty list of integers')
-        for value in values:
-            check_positive_int(flag, value, 'vgg')
+    check_int_list('--n_channels', n_channels, 'vgg')
+    check_int_list('--n_layers', n_layers, 'vgg')
     if len(n_channels) != len(n_layers):
         raise ModelConfigError(
             f'--n_channels {list(n_channels)}: vgg needs one entry per stage, as many as '
             f'--n_layers {list(n_layers)} ({len(n_channels)} != {len(n_layers)})')
-    if use_bn not in (True, False):
-        raise ModelConfigError(f'--use_bn {use_bn}: vgg needs true or false')
+    check_bool('--use_bn', use_bn, 'vgg')
     return VGG(list(n_channels), list(n_layers), bool(use_bn), num_classes, in_channels)
