@@ -132,11 +132,14 @@ def _summary_error(run, which):
 def collect(roots, report):
     """Experiments under ``roots``: dicts of name, path, group and runs, sorted by group and name.
 
-    ``report(line)`` receives one line per folder that could not be read.
+    A run folder named by a number is a seed of the experiment its parent folder holds
+    (``results/NAME/<seed>/``, as run_experiments.sh writes); any other run folder is an experiment
+    of its own. ``report(line)`` receives one line per folder that could not be read.
     """
     experiments = {}
     seen = set()
     for root in roots:
+        base = _naming_base(root)
         for folder in find_run_folders(root):
             real = os.path.realpath(folder)
             if real in seen:
@@ -147,24 +150,40 @@ def collect(roots, report):
             except ValueError as error:
                 report(f'{folder}: skipped: {error}')
                 continue
-            parent = os.path.dirname(os.path.normpath(folder))
-            key = os.path.realpath(parent or '.')
+            run_folder = os.path.normpath(folder)
+            experiment_folder = os.path.dirname(run_folder) if os.path.basename(run_folder).isdigit() else run_folder
+            key = os.path.realpath(experiment_folder or '.')
             if key not in experiments:
-                experiments[key] = dict(_experiment_names(root, parent), path=parent or '.', runs=[])
+                experiments[key] = dict(_experiment_names(base, experiment_folder), path=experiment_folder or '.',
+                                        runs=[])
             experiments[key]['runs'].append(run)
     for experiment in experiments.values():
         experiment['runs'].sort(key=lambda run: _natural_key(os.path.basename(run['path'])))
     return sorted(experiments.values(), key=lambda e: (_natural_key(e['group']), _natural_key(e['name'])))
 
 
-def _experiment_names(root, parent):
-    """The experiment's name (its path relative to ``root``) and its top-level folder under ``root``."""
-    relative = os.path.relpath(parent or '.', root)
+def _naming_base(root):
+    """The folder experiment names are relative to: the nearest ``results`` folder at or above
+    ``root`` (so ``results/rp56`` and ``results/cpu_reg`` name their experiments ``rp56/...`` and
+    ``cpu_reg/...``, as run_experiments.sh does), else ``root`` itself."""
+    path = os.path.normpath(root)
+    while True:
+        if os.path.basename(path) == 'results':
+            return path
+        parent = os.path.dirname(path)
+        if parent == path or not parent:
+            return os.path.normpath(root)
+        path = parent
+
+
+def _experiment_names(base, folder):
+    """The experiment's name (its path relative to ``base``) and its top-level folder under ``base``."""
+    relative = os.path.relpath(folder or '.', base)
     if relative == '.' or relative.startswith('..'):
-        name = os.path.normpath(os.path.join(root, relative))  # runs directly in the given folder
+        name = os.path.normpath(os.path.join(base, relative))  # runs directly in the given folder
         return {'name': name, 'group': name}
     parts = relative.split(os.sep)
-    group = os.path.join(root, parts[0]) if len(parts) > 1 else root
+    group = os.path.join(base, parts[0]) if len(parts) > 1 else base
     return {'name': '/'.join(parts), 'group': os.path.normpath(group)}
 
 

@@ -279,3 +279,19 @@ def test_lr_finder_without_matplotlib_writes_only_json(tmp_path, capsys, monkeyp
     assert json.loads((tmp_path / 'lr_finder.json').read_text())['suggested_lr'] == lr_result()['suggested_lr']
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and 'matplotlib is not installed' in err
+
+
+def test_experiment_names_are_relative_to_the_results_folder(tmp_path, capsys):
+    """Seed folders (numbers) are runs of their parent's experiment; other run folders are experiments
+    of their own; names are relative to the nearest results/ folder whichever subfolders are given."""
+    write_run(tmp_path / 'results' / 'cpu_reg' / 'plain' / '0', 0)
+    write_run(tmp_path / 'results' / 'cpu_seeds' / 'plain' / '0', 0)
+    write_run(tmp_path / 'results' / 'cpu_seeds' / 'plain' / '1', 1)
+    write_run(tmp_path / 'results' / 'cpu_distributed' / 'ranks1', 0)
+    write_run(tmp_path / 'results' / 'cpu_distributed' / 'ranks2', 0)
+    write_run(tmp_path / 'results' / 'single_run', 0)
+    rows, _ = as_json(capsys, tmp_path / 'results' / 'cpu_reg', tmp_path / 'results' / 'cpu_seeds',
+                      tmp_path / 'results' / 'cpu_distributed', tmp_path / 'results' / 'single_run')
+    assert sorted(rows) == ['cpu_distributed/ranks1', 'cpu_distributed/ranks2', 'cpu_reg/plain',
+                            'cpu_seeds/plain', 'single_run']
+    assert rows['cpu_seeds/plain']['finished'] == 2 and rows['cpu_distributed/ranks2']['finished'] == 1
