@@ -415,6 +415,11 @@ POLICY_SWITCHES = {'use_autoaugment': 'autoaugment', 'use_randaugment': 'randaug
 AUTOAUGMENT_POLICIES = ('cifar10', 'svhn', 'imagenet')
 
 
+def _exclusive_policies_error(flags):
+    return ValueError(f'{" and ".join("--" + flag for flag in flags)} cannot be combined: AutoAugment, '
+                      'RandAugment, TrivialAugment and AugMix are mutually exclusive')
+
+
 def resolve_policy_switches(args, given):
     """Leave at most one policy switch on in ``args``; ``given`` names the settings the user gave.
 
@@ -425,8 +430,7 @@ def resolve_policy_switches(args, given):
     if len(chosen) > 1:
         by_user = [flag for flag in chosen if flag in given]
         if len(by_user) != 1:
-            raise ValueError(f'{" and ".join("--" + flag for flag in chosen)} cannot be combined: AutoAugment, '
-                             'RandAugment, TrivialAugment and AugMix are mutually exclusive')
+            raise _exclusive_policies_error(chosen)
         for flag in chosen:
             setattr(args, flag, flag in by_user)
 
@@ -478,10 +482,9 @@ class AugmentPolicy:
     @classmethod
     def from_args(cls, args):
         """The policy the flags switch on, or None; two switches on raise ValueError."""
-        chosen = [name for flag, name in POLICY_SWITCHES.items() if getattr(args, flag, False)]
+        chosen = [flag for flag in POLICY_SWITCHES if getattr(args, flag, False)]
         if len(chosen) > 1:
-            raise ValueError(f'{" and ".join("--use_" + name for name in chosen)} cannot be combined: '
-                             'AutoAugment, RandAugment, TrivialAugment and AugMix are mutually exclusive')
+            raise _exclusive_policies_error(chosen)
         if not chosen:
             return None
         options = {}
@@ -489,7 +492,7 @@ class AugmentPolicy:
             if name not in ('self', 'name'):
                 value = getattr(args, 'policy_group_size' if name == 'group_size' else name, None)
                 options[name] = parameter.default if value is None else value
-        return cls(chosen[0], **options)
+        return cls(POLICY_SWITCHES[chosen[0]], **options)
 
     def _transform(self, module):
         """The policy as a transform of ``module``: torchvision.transforms (per image) or its v2."""

@@ -366,6 +366,14 @@ def _image_folder_info(dataset_dir, image_size):
     return info, splits
 
 
+def dataset_info(dataset, dataset_dir, image_size=None):
+    """The DatasetInfo of a built-in dataset, or of the ImageFolder in ``dataset_dir`` (its class count,
+    image size and normalization statistics, read from its training images)."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    return _image_folder_info(dataset_dir, image_size)[0]
+
+
 @dataclass
 class Data:
     info: DatasetInfo

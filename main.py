@@ -484,8 +484,11 @@ def model_cost(arch, info, **model_kwargs):
 def list_archs(args):
     """--list_archs: every arch (or the --arch given, with the model flags given) with its parameters and
     forward multiply-adds at the --dataset's input size, its model flags and its training defaults."""
-    info = dataloader.DATASETS.get(args.dataset) or dataloader.DatasetInfo(
-        'ImageFolder', 3, args.image_size or 32, 10, (), (), True)
+    info = dataloader.DATASETS.get(args.dataset)
+    if info is None:  # an ImageFolder: its own classes and size where --dataset_dir holds one
+        has_folder = os.path.isdir(os.path.join(args.dataset_dir, 'train'))
+        info = (dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size) if has_folder else
+                dataloader.DatasetInfo('ImageFolder', 3, args.image_size or 32, 10, (), (), True))
     given = {k: v for k, v in model_kwargs(args).items() if v is not None}
     names = [args.arch] if 'arch' in args.explicit else models.list_models()
     if 'arch' in args.explicit and args.arch not in models.list_models():
@@ -976,14 +979,6 @@ def load_weights(model, state, flag, path, arch):
         raise UsageError(f'{flag} {path}: weights do not fit --arch {arch} ({str(error).splitlines()[0]})') from None
 
 
-def dataset_info(dataset, dataset_dir, image_size=None):
-    """The DatasetInfo of a built-in dataset, or of the ImageFolder in ``dataset_dir`` (its class count
-    and normalization statistics, which need the training images)."""
-    if dataset in dataloader.DATASETS:
-        return dataloader.DATASETS[dataset]
-    return dataloader._image_folder_info(dataset_dir, image_size)[0]
-
-
 def build_teacher(args, device):
     """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
     weights (as --evaluate rebuilds a model), in eval mode, its parameters frozen.
@@ -999,7 +994,7 @@ def build_teacher(args, device):
     arch = settings['arch']
     try:
         flags = {name: settings.get(name) for name in models.model_params(arch)}
-        info = dataset_info(args.dataset, args.dataset_dir, args.image_size)
+        info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size)
         teacher = models.create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels,
                                       image_size=info.image_size, **flags)
     except KeyError:
@@ -1073,7 +1068,7 @@ def predict(args):
             raise UsageError('--predict with an ImageFolder model needs --dataset_dir (its class folders and '
                              'normalization statistics)')
         args.dataset_dir = directory
-    info = dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
+    info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
     device = resolve_device(args.device)
     model = build_model(args, info, device)
     load_weights(model, load_model_state(args.weights), '--weights', args.weights, args.arch)

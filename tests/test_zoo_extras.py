@@ -16,7 +16,7 @@ import augmentations
 import dataloader
 import main
 import models
-from conftest import TINY_RUN, run_main
+from conftest import TINY_RUN, run_main, write_image_folder
 from models.common import ShakeDrop, linear_survival_probabilities, reinitialize
 
 CIFAR10 = dataloader.DATASETS['CIFAR10']
@@ -415,6 +415,24 @@ def test_predict_prints_topk_classes_with_the_models_probabilities(trained_run, 
     expected = model.eval()(x[None]).softmax(1)[0].topk(3)
     assert [name for name, _ in ranked] == [str(i) for i in expected.indices.tolist()]
     assert probabilities == pytest.approx(expected.values.tolist(), abs=1e-3)
+
+
+def test_predict_names_an_image_folders_classes_and_list_archs_its_size(tmp_path, capsys):
+    root = write_image_folder(str(tmp_path / 'folder'), size=24)
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset', 'ImageFolder', '--dataset_dir', root,
+                     '--outdir', str(outdir), '--num_workers', '0']) == 0
+    capsys.readouterr()
+    image = write_png(tmp_path / 'x.png', np.full((50, 30, 3), 128, dtype=np.uint8))
+    assert run_main(['--predict', image, '--weights', str(outdir / 'model_state.pth'), '--device', 'cpu']) == 0
+    line = capsys.readouterr().out.strip()
+    assert sorted(re.findall(r'(cat|dog|frog) [01]\.\d{3}', line)) == ['cat', 'dog', 'frog'], line
+    assert run_main(['--list_archs', '--arch', 'resnet', '--depth', '20', '--dataset', 'ImageFolder',
+                     '--dataset_dir', root]) == 0
+    out = capsys.readouterr().out
+    assert 'ImageFolder: 3x24x24 images, 3 classes' in out
+    _, macs_24 = main.model_cost('resnet', dataloader.DatasetInfo('', 3, 24, 3, (), (), True), depth=20)
+    assert f'{macs_24 / 1e6:.1f} M multiply-adds' in out
 
 
 def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
