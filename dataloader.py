@@ -166,7 +166,8 @@ class DeviceLoader:
     Training batches: shuffled, an optional augmentation policy (``policy``, an
     :class:`augmentations.AugmentPolicy`: AutoAugment, RandAugment, TrivialAugment or AugMix, on
     groups of images), padded random crop (zero or reflect padding), horizontal flip (random, or
-    alternating per image across epochs), then normalized to float32. Evaluation batches are only normalized. ``set_epoch`` tells the loader which epoch
+    alternating per image across epochs), then normalized to float32. Evaluation batches are only
+    normalized. ``set_epoch`` tells the loader which epoch
     comes next (alternating flip depends on it, so a resumed run flips as an uninterrupted one).
 
     ``shard=(rank, world_size)``: ``batch_size`` is this rank's part of a global batch of

@@ -177,6 +177,24 @@ def test_trainer_mixes_distillation_and_hard_target_loss(trained_run, cifar10_di
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_teacher_runs_under_the_students_bf16_autocast(trained_run, monkeypatch):
+    args = main.parse_args(['--arch', 'resnet', '--depth', '8', '--base_channels', '4', '--outdir', 'x',
+                            '--teacher', os.path.join(trained_run, 'model_state.pth'), '--precision', 'bf16'])
+    student = main.build_model(args, CIFAR10, torch.device('cpu'))
+    optimizer = main.build_optimizer(student, args)
+    scheduler = main.optim.build_scheduler(optimizer, scheduler='none', epochs=1, steps_per_epoch=10)
+    trainer = main.Trainer(student, optimizer, scheduler, augmentations.BatchRegularizer.from_args(args, 10),
+                           args, torch.device('cpu'))
+    seen = []
+    monkeypatch.setattr(augmentations, 'distillation_loss',
+                        lambda s, t, temperature: seen.append((s.dtype, t.dtype)) or (s - t).square().mean())
+    logits, loss = trainer.forward_loss(torch.randn(4, 3, 32, 32), augmentations.one_hot(torch.arange(4), 10))
+    assert torch.isfinite(loss) and seen == [(torch.float32, torch.float32)]
+    # the teacher's own output under that autocast is bf16 before the loss takes it in float32
+    with trainer.autocast():
+        assert trainer.teacher(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+
+
 def test_run_with_a_teacher_of_another_arch(trained_run, cifar10_dir, tmp_path):
     student = ['--arch', 'vgg', '--n_channels', '[4,8,8,16,16]', '--epochs', '1', '--batch_size', '20',
                '--device', 'cpu', '--no-tensorboard', '--scheduler', 'none', '--dataset_dir', cifar10_dir]
