@@ -3,7 +3,8 @@
 Every function here takes a batch ``images`` of shape (B, C, H, W) on any device and
 draws its randomness per image from torch's global generator, so the same code runs on
 the GPU next to the model and a resumed run replays it once the RNG state is restored.
-No function loops over images in Python except :func:`autoaugment`.
+No function loops over images in Python; the augmentation policies (:class:`AugmentPolicy`) call
+torchvision once per group of images.
 
 Papers:
   Cutout: "Improved Regularization of Convolutional Neural Networks with Cutout", arXiv 1708.04552
@@ -15,12 +16,18 @@ Papers:
     arXiv 1905.04899
   Label smoothing: "Rethinking the Inception Architecture for Computer Vision", arXiv 1512.00567
   AutoAugment: "AutoAugment: Learning Augmentation Policies from Data", arXiv 1805.09501
+  RandAugment: "RandAugment: Practical automated data augmentation with a reduced search space",
+    arXiv 1909.13719
+  TrivialAugment: "TrivialAugment: Tuning-free Yet State-of-the-Art Data Augmentation", arXiv 2103.10158
+  AugMix: "AugMix: A Simple Data Processing Method to Improve Robustness and Uncertainty", arXiv 1912.02781
+  Knowledge distillation: "Distilling the Knowledge in a Neural Network", arXiv 1503.02531
 """
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torchvision import transforms
+from torchvision.transforms import v2
 
 
 def _reflect(index, size):
@@ -400,20 +407,154 @@ def weighted_accuracy(logits, targets):
     return targets.gather(1, predicted).squeeze(1).mean()
 
 
-def autoaugment(images_uint8):
-    """AutoAugment, CIFAR-10 policy (Cubuk et al., arXiv 1805.09501), on a uint8 batch.
+# ----------------------------------------------------------------------------- augmentation policies
 
-    Every image draws its own sub-policy (torchvision's AutoAugment samples one per call), so
-    this loops over the images; it runs before normalization and returns uint8. The policy draws
-    on the host, but on a GPU some of torchvision's operations read device values (Equalize masks
-    its histogram and tests ``step == 0``): one or two synchronizations per image in CUDA runs.
+# The policy switches, mutually exclusive, and the policy each selects.
+POLICY_SWITCHES = {'use_autoaugment': 'autoaugment', 'use_randaugment': 'randaugment',
+                   'use_trivialaugment': 'trivialaugment', 'use_augmix': 'augmix'}
+AUTOAUGMENT_POLICIES = ('cifar10', 'svhn', 'imagenet')
+
+
+def _exclusive_policies_error(flags):
+    return ValueError(f'{" and ".join("--" + flag for flag in flags)} cannot be combined: AutoAugment, '
+                      'RandAugment, TrivialAugment and AugMix are mutually exclusive')
+
+
+def resolve_policy_switches(args, given):
+    """Leave at most one policy switch on in ``args``; ``given`` names the settings the user gave.
+
+    A policy the user gives (command line or --config) replaces one the architecture's training
+    defaults switch on (the transformers' RandAugment); two that the user gives are an error.
     """
-    if images_uint8.dtype != torch.uint8:
-        raise TypeError(f'autoaugment expects uint8 images, got {images_uint8.dtype}')
-    if len(images_uint8) == 0:
-        return images_uint8.clone()
-    policy = transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10)
-    return torch.stack([policy(image) for image in images_uint8])
+    chosen = [flag for flag in POLICY_SWITCHES if getattr(args, flag, False)]
+    if len(chosen) > 1:
+        by_user = [flag for flag in chosen if flag in given]
+        if len(by_user) != 1:
+            raise _exclusive_policies_error(chosen)
+        for flag in chosen:
+            setattr(args, flag, flag in by_user)
+
+
+class AugmentPolicy:
+    """One of torchvision's learned or random augmentation policies, on uint8 images.
+
+    AutoAugment (Cubuk et al., arXiv 1805.09501; its CIFAR-10, SVHN or ImageNet policy), RandAugment
+    (arXiv 1909.13719: ``randaugment_ops`` operations of magnitude ``randaugment_magnitude`` of 30),
+    TrivialAugment (arXiv 2103.10158: torchvision's TrivialAugmentWide, one operation of random
+    magnitude) and AugMix (arXiv 1912.02781, severity ``augmix_severity`` of 10).
+
+    :meth:`sample_transform` is the per-image transform of the workers pipeline. Calling the policy
+    on a batch (B, C, H, W) applies torchvision's v2 transform, which draws ONE operation (or
+    sub-policy, or chain of operations) per call for all the images it gets, to consecutive groups
+    of ``group_size`` images: each group gets a draw of its own, so a batch of B images takes B /
+    ``group_size`` calls instead of B (``group_size`` 1: a draw per image, as the workers pipeline).
+    The device loader shuffles every epoch, so the images sharing a draw change from epoch to
+    epoch, and each image's operations have the policy's distribution; only images of one group
+    are correlated. AugMix's mixing weights are drawn per image by torchvision within a group.
+    The draws come from torch's global generator on the host; on a GPU some operations read device
+    values (Equalize's histogram step), a synchronization per group and operation.
+    """
+
+    def __init__(self, name, autoaugment_policy='cifar10', randaugment_ops=2, randaugment_magnitude=9,
+                 augmix_severity=3, group_size=8):
+        if name not in POLICY_SWITCHES.values():
+            raise ValueError(f'augmentation policy {name!r}: choose {", ".join(POLICY_SWITCHES.values())}')
+        checks = [
+            (name == 'autoaugment', autoaugment_policy in AUTOAUGMENT_POLICIES,
+             f'--autoaugment_policy {autoaugment_policy}: choose {", ".join(AUTOAUGMENT_POLICIES)}'),
+            (name == 'randaugment', _is_int(randaugment_ops) and randaugment_ops >= 1,
+             f'--randaugment_ops {randaugment_ops}: must be a positive integer'),
+            (name == 'randaugment', _is_int(randaugment_magnitude) and 0 <= randaugment_magnitude <= 30,
+             f'--randaugment_magnitude {randaugment_magnitude}: must be an integer in [0, 30]'),
+            (name == 'augmix', _is_int(augmix_severity) and 1 <= augmix_severity <= 10,
+             f'--augmix_severity {augmix_severity}: must be an integer in [1, 10]'),
+            (True, _is_int(group_size) and group_size >= 1,
+             f'--policy_group_size {group_size}: must be a positive integer'),
+        ]
+        for applies, valid, message in checks:
+            if applies and not valid:
+                raise ValueError(message)
+        self.name, self.autoaugment_policy = name, autoaugment_policy
+        self.randaugment_ops, self.randaugment_magnitude = randaugment_ops, randaugment_magnitude
+        self.augmix_severity, self.group_size = augmix_severity, group_size
+        self._batch_transform = None
+
+    @classmethod
+    def from_args(cls, args):
+        """The policy the flags switch on, or None; two switches on raise ValueError."""
+        chosen = [flag for flag in POLICY_SWITCHES if getattr(args, flag, False)]
+        if len(chosen) > 1:
+            raise _exclusive_policies_error(chosen)
+        if not chosen:
+            return None
+        options = {}
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name not in ('self', 'name'):
+                value = getattr(args, 'policy_group_size' if name == 'group_size' else name, None)
+                options[name] = parameter.default if value is None else value
+        return cls(POLICY_SWITCHES[chosen[0]], **options)
+
+    def _transform(self, module):
+        """The policy as a transform of ``module``: torchvision.transforms (per image) or its v2."""
+        if self.name == 'autoaugment':
+            return module.AutoAugment(getattr(module.AutoAugmentPolicy, self.autoaugment_policy.upper()))
+        if self.name == 'randaugment':
+            return module.RandAugment(self.randaugment_ops, self.randaugment_magnitude)
+        if self.name == 'trivialaugment':
+            return module.TrivialAugmentWide()
+        return module.AugMix(self.augmix_severity)
+
+    def sample_transform(self):
+        """The per-image transform (torchvision.transforms) of the workers pipeline."""
+        return self._transform(transforms)
+
+    def __call__(self, images_uint8):
+        if images_uint8.dtype != torch.uint8:
+            raise TypeError(f'{self.name} expects uint8 images, got {images_uint8.dtype}')
+        if len(images_uint8) == 0:
+            return images_uint8.clone()
+        if self._batch_transform is None:
+            self._batch_transform = self._transform(v2)
+        return torch.cat([self._batch_transform(group) for group in images_uint8.split(self.group_size)])
+
+    def __repr__(self):
+        options = {'autoaugment': f'policy={self.autoaugment_policy}',
+                   'randaugment': f'ops={self.randaugment_ops}, magnitude={self.randaugment_magnitude}',
+                   'trivialaugment': '', 'augmix': f'severity={self.augmix_severity}'}[self.name]
+        return f'{self.name}({options}{", " if options else ""}group_size={self.group_size})'
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_policy(policy):
+    """An :class:`AugmentPolicy` from what the loaders accept: None/False (none), True (AutoAugment's
+    CIFAR-10 policy, the meaning of ``use_autoaugment=True`` before the other policies), or a policy."""
+    if policy is None or policy is False:
+        return None
+    if policy is True:
+        return AugmentPolicy('autoaugment')
+    return policy
+
+
+def autoaugment(images_uint8, policy='cifar10'):
+    """AutoAugment (Cubuk et al., arXiv 1805.09501) on a uint8 batch, a sub-policy drawn per image."""
+    return AugmentPolicy('autoaugment', autoaugment_policy=policy, group_size=1)(images_uint8)
+
+
+# ----------------------------------------------------------------------------- knowledge distillation
+
+def distillation_loss(student_logits, teacher_logits, temperature):
+    """Knowledge distillation (Hinton et al., arXiv 1503.02531): T^2 KL(softmax(t / T) || softmax(s / T)).
+
+    The KL divergence of the student's softened distribution from the teacher's, summed over
+    classes and averaged over the batch; the factor T^2 keeps its gradients on the scale of the
+    hard-target loss's as T changes (section 2).
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction='batchmean', log_target=True) * temperature ** 2
 
 
 class BatchRegularizer:

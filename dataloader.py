@@ -163,9 +163,11 @@ def split_validation(images, labels, val_ratio, split_seed=0):
 class DeviceLoader:
     """Batches from a uint8 tensor dataset held on ``device``, augmented as whole batches.
 
-    Training batches: shuffled, padded random crop (zero or reflect padding), horizontal flip
-    (random, or alternating per image across epochs), optional AutoAugment, then normalized to
-    float32. Evaluation batches are only normalized. ``set_epoch`` tells the loader which epoch
+    Training batches: shuffled, an optional augmentation policy (``policy``, an
+    :class:`augmentations.AugmentPolicy`: AutoAugment, RandAugment, TrivialAugment or AugMix, on
+    groups of images), padded random crop (zero or reflect padding), horizontal flip (random, or
+    alternating per image across epochs), then normalized to float32. Evaluation batches are only
+    normalized. ``set_epoch`` tells the loader which epoch
     comes next (alternating flip depends on it, so a resumed run flips as an uninterrupted one).
 
     ``shard=(rank, world_size)``: ``batch_size`` is this rank's part of a global batch of
@@ -181,7 +183,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, random_crop_padding=0,
-                 horizontal_flip=False, use_autoaugment=False, drop_last=None, padding_mode='zeros',
+                 horizontal_flip=False, policy=None, drop_last=None, padding_mode='zeros',
                  flip_mode='random', shard=(0, 1), seed=None):
         if flip_mode not in ('random', 'alternating'):
             raise ValueError(f'flip_mode {flip_mode!r}: choose random or alternating')
@@ -196,7 +198,7 @@ class DeviceLoader:
         self.random_crop_padding = random_crop_padding
         self.padding_mode = padding_mode
         self.horizontal_flip = horizontal_flip
-        self.use_autoaugment = use_autoaugment
+        self.policy = augmentations.as_policy(policy)
         self.normalize = augmentations.Normalize(info.mean, info.std)
         # drawn from the CPU generator so that a given --seed fixes it on every device
         self.flip_phase = (torch.rand(len(labels)) < 0.5).to(device) if flip_mode == 'alternating' else None
@@ -250,8 +252,10 @@ class DeviceLoader:
         self.epoch += 1
 
     def augment(self, images, flip=None):
-        if self.use_autoaugment:
-            images = augmentations.autoaugment(images)
+        """The training augmentation of one batch of uint8 images: the policy (before the crop, as
+        the workers pipeline and the papers' code apply it), then crop and flip."""
+        if self.policy is not None:
+            images = self.policy(images)
         return augmentations.random_crop(images, self.random_crop_padding, self.horizontal_flip,
                                          padding_mode=self.padding_mode, flip=flip)
 
@@ -270,8 +274,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
 
 
 def build_sample_transform(info, train, random_crop_padding=0, horizontal_flip=False,
-                           use_autoaugment=False, from_pil=False, image_size=None):
-    """Per-sample torchvision transform equivalent to DeviceLoader's batched one."""
+                           policy=None, from_pil=False, image_size=None):
+    """Per-sample torchvision transform equivalent to DeviceLoader's batched one (the augmentation
+    policy drawn per image: ``policy.sample_transform()``)."""
     from torchvision import transforms
     steps = []
     if from_pil:
@@ -279,8 +284,9 @@ def build_sample_transform(info, train, random_crop_padding=0, horizontal_flip=F
             steps.append(transforms.Resize((image_size, image_size)))
         steps.append(transforms.PILToTensor())
     if train:
-        if use_autoaugment:
-            steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10))
+        policy = augmentations.as_policy(policy)
+        if policy is not None:
+            steps.append(policy.sample_transform())
         if random_crop_padding > 0:
             steps.append(transforms.RandomCrop(info.image_size, padding=random_crop_padding))
         if horizontal_flip:
@@ -361,6 +367,14 @@ def _image_folder_info(dataset_dir, image_size):
     return info, splits
 
 
+def dataset_info(dataset, dataset_dir, image_size=None):
+    """The DatasetInfo of a built-in dataset, or of the ImageFolder in ``dataset_dir`` (its class count,
+    image size and normalization statistics, read from its training images)."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    return _image_folder_info(dataset_dir, image_size)[0]
+
+
 @dataclass
 class Data:
     info: DatasetInfo
@@ -386,17 +400,19 @@ def fetch_dataset(dataset, dataset_dir):
 
 def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,
                use_random_crop=True, random_crop_padding=4, use_horizontal_flip=True,
-               use_autoaugment=False, val_ratio=0.0, download=False, image_size=None,
+               policy=None, val_ratio=0.0, download=False, image_size=None,
                test_batch_size=None, padding_mode='zeros', flip_mode='random', shard=(0, 1), seed=None):
     """Training and evaluation loaders for ``dataset`` (evaluation on the held-out
     validation split when ``val_ratio`` > 0, else on the test set). In a distributed run
-    ``batch_size`` is the batch of one rank and ``shard`` is (rank, world size)."""
+    ``batch_size`` is the batch of one rank and ``shard`` is (rank, world size). ``policy``: an
+    :class:`augmentations.AugmentPolicy` for the training images, or None (True: AutoAugment's
+    CIFAR-10 policy)."""
     test_batch_size = test_batch_size or max(batch_size, 256)
     sharding = dict(shard=shard, seed=seed)
     if dataset == 'ImageFolder':
         return _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers,
                                         use_random_crop, random_crop_padding, use_horizontal_flip,
-                                        use_autoaugment, image_size, sharding)
+                                        policy, image_size, sharding)
     if dataset not in DATASETS:
         raise UsageError(f'--dataset {dataset!r}: unknown; choose from {", ".join(DATASET_CHOICES)}')
     info = DATASETS[dataset]
@@ -408,7 +424,7 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
         test_images, test_labels = load_split(dataset_dir, dataset, train=False, download=download)
     augment = dict(random_crop_padding=random_crop_padding if use_random_crop else 0,
                    horizontal_flip=use_horizontal_flip and info.horizontal_flip,
-                   use_autoaugment=use_autoaugment)
+                   policy=policy)
     if data_pipeline == 'device':
         train_loader = DeviceLoader(train_images, train_labels, info, batch_size, device, True, **augment,
                                     padding_mode=padding_mode, flip_mode=flip_mode, **sharding)
@@ -427,10 +443,10 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
 
 
 def _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, num_workers, use_random_crop,
-                             random_crop_padding, use_horizontal_flip, use_autoaugment, image_size, sharding):
+                             random_crop_padding, use_horizontal_flip, policy, image_size, sharding):
     info, splits = _image_folder_info(dataset_dir, image_size)
     augment = dict(random_crop_padding=random_crop_padding if use_random_crop else 0,
-                   horizontal_flip=use_horizontal_flip, use_autoaugment=use_autoaugment)
+                   horizontal_flip=use_horizontal_flip, policy=policy)
     splits['train'].transform = build_sample_transform(info, True, from_pil=True, image_size=info.image_size,
                                                        **augment)
     splits['test'].transform = build_sample_transform(info, False, from_pil=True, image_size=info.image_size)

@@ -61,7 +61,22 @@ def get_args_parser():
     group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
     group.add_argument('--arch', default='resnet_preact', help='architecture name')
     group.add_argument('--config', help='JSON file of flag defaults; explicit flags override it')
-    group.add_argument('--list_archs', action='store_true', help='list architectures and their flags, then exit')
+    group.add_argument('--list_archs', action='store_true',
+                       help='list architectures with their parameters, forward multiply-adds at the --dataset\'s '
+                            'input size, flags and training defaults, then exit (with --arch: that one, built with '
+                            'the model flags given)')
+    group.add_argument('--init', default=None, choices=list(models.common.INIT_SCHEMES),
+                       help='re-initialize the built model: kaiming (He normal), xavier (Glorot uniform) or default '
+                            '(PyTorch\'s reset_parameters); unset: each family\'s own initialization')
+    group.add_argument('--teacher', metavar='MODEL_STATE',
+                       help='knowledge distillation from this model_state.pth (or checkpoint.pth), any arch, rebuilt '
+                            'from the config.json beside it (arXiv 1503.02531); see --kd_temperature, --kd_alpha')
+    group.add_argument('--predict', nargs='+', metavar='IMAGE',
+                       help='print the --topk classes of each image (PNG/JPEG) under the model --weights, then exit')
+    group.add_argument('--weights', metavar='MODEL_STATE',
+                       help='--predict: model_state.pth or checkpoint.pth (arch, flags and dataset from the '
+                            'config.json beside it, or from the command line)')
+    group.add_argument('--topk', type=int, default=5, help='--predict: classes printed per image')
     add_model_flags(group)
 
     group = parser.add_argument_group('Optimization')
@@ -198,7 +213,24 @@ def get_args_parser():
             '(shared BatchNorm statistics) instead of one pass per view as the paper authors\' code and hysts')
     _switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
     group.add_argument('--label_smoothing_epsilon', type=float, default=0.1)
-    _switch(group, '--use_autoaugment', 'AutoAugment, CIFAR-10 policy (arXiv 1805.09501)')
+    _switch(group, '--use_autoaugment', 'AutoAugment (arXiv 1805.09501), policy --autoaugment_policy')
+    group.add_argument('--autoaugment_policy', default='cifar10', choices=list(augmentations.AUTOAUGMENT_POLICIES),
+                       help='AutoAugment\'s policy learned on CIFAR-10, SVHN or ImageNet')
+    _switch(group, '--use_randaugment', 'RandAugment (arXiv 1909.13719)')
+    group.add_argument('--randaugment_ops', type=int, default=2, help='RandAugment: operations per image (N)')
+    group.add_argument('--randaugment_magnitude', type=int, default=9,
+                       help='RandAugment: magnitude of every operation (M, of 30)')
+    _switch(group, '--use_trivialaugment', 'TrivialAugment (arXiv 2103.10158, torchvision\'s TrivialAugmentWide)')
+    _switch(group, '--use_augmix', 'AugMix (arXiv 1912.02781) without its Jensen-Shannon loss')
+    group.add_argument('--augmix_severity', type=int, default=3, help='AugMix: severity of the operations (1-10)')
+    group.add_argument('--policy_group_size', type=int, default=8,
+                       help='device pipeline: images that share one random draw of AutoAugment, RandAugment, '
+                            'TrivialAugment or AugMix (torchvision draws once per call on a batch; 1: per image, '
+                            'as the workers pipeline)')
+    group.add_argument('--kd_temperature', type=float, default=4.0, help='--teacher: softmax temperature T')
+    group.add_argument('--kd_alpha', type=float, default=0.9,
+                       help='--teacher: loss = kd_alpha T^2 KL(teacher || student) + (1 - kd_alpha) x the loss of '
+                            'the other regularizers')
 
     group = parser.add_argument_group('Run')
     group.add_argument('--outdir', help='run directory (required for training)')
@@ -245,7 +277,8 @@ class _Parser(argparse.ArgumentParser):
 
 # Flags that never change what a run computes, so a resumed run may give them anew.
 RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
-                  'download', 'dry_run', 'evaluate', 'list_archs', 'config', 'epochs', 'eval_every',
+                  'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
+                  'epochs', 'eval_every',
                   'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
                   'find_unused_parameters'}
 # Settings that may differ between the machines of a multi-node run; all others must be the same on every rank.
@@ -351,9 +384,30 @@ def validate_args(args):
         args.device = f'cuda:{args.gpu}'
     if args.dataset_dir is None:
         args.dataset_dir = os.path.expanduser(os.path.join('~/.torchvision/datasets', args.dataset))
-    needs_outdir = not (args.list_archs or args.dry_run or args.evaluate)
+    validate_zoo_args(args)
+    needs_outdir = not (args.list_archs or args.dry_run or args.evaluate or args.predict)
     if needs_outdir and not args.outdir:
         raise UsageError('--outdir is required (the run directory to write into)')
+
+
+def validate_zoo_args(args):
+    """The flags of the augmentation policies, distillation, --init and --predict."""
+    try:
+        augmentations.resolve_policy_switches(args, set(getattr(args, 'explicit', ())))
+        augmentations.AugmentPolicy.from_args(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not args.kd_temperature > 0 or not math.isfinite(args.kd_temperature):
+        raise UsageError(f'--kd_temperature must be positive, got {args.kd_temperature}')
+    if not 0 <= args.kd_alpha <= 1:
+        raise UsageError(f'--kd_alpha must be in [0, 1], got {args.kd_alpha}')
+    for flag in ('teacher', 'weights'):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            raise UsageError(f'--{flag} {getattr(args, flag)}: no such file')
+    if args.predict and not args.weights:
+        raise UsageError('--predict needs --weights MODEL_STATE (a model_state.pth or checkpoint.pth)')
+    if args.topk < 1:
+        raise UsageError(f'--topk must be a positive integer, got {args.topk}')
 
 
 def resolve_device(name):
@@ -408,11 +462,49 @@ def model_kwargs(args):
     return {name: getattr(args, name) for name in MODEL_FLAGS}
 
 
-def list_archs():
-    for name in models.list_models():
-        flags = ', '.join(f'--{k} {json.dumps(v)}' for k, v in models.model_params(name).items())
+def model_cost(arch, info, **model_kwargs):
+    """(parameters, forward multiply-adds of one image) of ``arch`` at ``info``'s input size.
+
+    The model is built on the meta device (shapes only, no memory, no initialization) and run in
+    eval mode under ``torch.utils.flop_counter.FlopCounterMode``, which counts the FLOPs of
+    convolutions, matrix products and attention, two per multiply-add; normalization, activations
+    and pooling are not counted, as in the papers' figures (ResNet-20: 41 M, ResNet-110: 253 M).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):
+        model = models.create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                                    image_size=info.image_size, **model_kwargs)
+    model.eval()
+    images = torch.empty(1, info.in_channels, info.image_size, info.image_size, device='meta')
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
+
+
+def list_archs(args):
+    """--list_archs: every arch (or the --arch given, with the model flags given) with its parameters and
+    forward multiply-adds at the --dataset's input size, its model flags and its training defaults."""
+    info = dataloader.DATASETS.get(args.dataset)
+    if info is None:  # an ImageFolder: its own classes and size where --dataset_dir holds one
+        has_folder = os.path.isdir(os.path.join(args.dataset_dir, 'train'))
+        info = (dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size) if has_folder else
+                dataloader.DatasetInfo('ImageFolder', 3, args.image_size or 32, 10, (), (), True))
+    given = {k: v for k, v in model_kwargs(args).items() if v is not None}
+    names = [args.arch] if 'arch' in args.explicit else models.list_models()
+    if 'arch' in args.explicit and args.arch not in models.list_models():
+        raise UsageError(f'--arch {args.arch!r}: unknown; known: {", ".join(models.list_models())}')
+    print(f'{info.name}: {info.in_channels}x{info.image_size}x{info.image_size} images, {info.num_classes} classes; '
+          f'multiply-adds of one forward pass (torch.utils.flop_counter)')
+    for name in names:
+        try:
+            n_params, macs = model_cost(name, info, **(given if 'arch' in args.explicit else {}))
+        except models.ModelConfigError as error:
+            raise UsageError(str(error)) from None
+        params = {**models.model_params(name), **(given if 'arch' in args.explicit else {})}
+        flags = ', '.join(f'--{k} {json.dumps(v)}' for k, v in params.items())
         defaults = ', '.join(f'{k}={json.dumps(v)}' for k, v in models.train_defaults(name).items())
-        print(f'{name}\n    model flags: {flags}\n    training defaults: {defaults}')
+        print(f'{name}: {n_params / 1e6:.2f} M parameters, {macs / 1e6:.1f} M multiply-adds\n'
+              f'    model flags: {flags}\n    training defaults: {defaults}')
 
 
 # ----------------------------------------------------------------------------- training
@@ -447,6 +539,8 @@ class Trainer:
         self.lookahead = None
         if args.lookahead_every > 0:
             self.lookahead = optim.Lookahead(model, total_steps, args.lookahead_every, args.lookahead_decay)
+        # --teacher: knowledge distillation from a saved model, in eval mode and without gradients
+        self.teacher = build_teacher(args, device) if getattr(args, 'teacher', None) else None
         self.forward_loss, self.eval_forward = self._forward_loss, model
         self._compile_pending = {'train': False, 'eval': False}
         if args.compile:
@@ -471,8 +565,17 @@ class Trainer:
     def _forward_loss(self, images, targets):
         with self.autocast():
             logits = self.regularizer.forward(self.network, images)
+            if self.teacher is not None:
+                # the same (mixed, cut, two-view) images, under the same autocast, no graph kept; in
+                # eval mode its logits do not depend on the batch, so one pass serves every view
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
         logits = logits.float()
-        return logits, self.regularizer.loss(logits, targets)
+        loss = self.regularizer.loss(logits, targets)
+        if self.teacher is not None:
+            distillation = augmentations.distillation_loss(logits, teacher_logits.float(), self.args.kd_temperature)
+            loss = self.args.kd_alpha * distillation + (1 - self.args.kd_alpha) * loss
+        return logits, loss
 
     def _first_call(self, kind, compiled_call, eager_call):
         """Run a compiled function for the first time; if compiling fails, say why once and go on eager.
@@ -812,6 +915,8 @@ def build_model(args, info, device):
                                     image_size=info.image_size, **model_kwargs(args))
     except models.ModelConfigError as error:
         raise UsageError(str(error)) from None
+    if args.init is not None:
+        models.common.reinitialize(model, args.init)
     model = model.to(device)
     if args.bn_weight_freeze:
         optim.freeze_norm_weights(model)
@@ -827,38 +932,170 @@ def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
     (or another tool's state_dict with DistributedDataParallel's ``module.`` prefix). Under torchrun
     the ranks share the test set and rank 0 prints the result of all of them.
     """
-    config_path = os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), 'config.json')
-    if os.path.isfile(config_path):
-        saved = utils.load_json(config_path, what='config').get('settings', {})
-        for name in ['arch', 'dataset', *MODEL_FLAGS]:
-            if name not in args.explicit and name in saved:
-                setattr(args, name, saved[name])
-    state = dist.run_on_main(lambda: utils.load_checkpoint(args.evaluate))
-    if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
-        state = state['model']  # a checkpoint.pth: its model
-    if isinstance(state, dict):
-        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
+    adopt_saved_settings(args, saved_run_settings(args.evaluate))
+    state = dist.run_on_main(lambda: load_model_state(args.evaluate))
     with dist.agree():
         data = dataloader.build_data(args.dataset, args.dataset_dir, max(1, args.batch_size // dist.world_size),
                                      device, args.data_pipeline, args.num_workers, download=args.download,
                                      test_batch_size=args.test_batch_size, shard=(dist.rank, dist.world_size),
                                      seed=args.seed)
         model = build_model(args, data.info, device)
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as error:
-            raise UsageError(f'--evaluate {args.evaluate}: weights do not fit --arch {args.arch} '
-                             f'({str(error).splitlines()[0]})') from None
+        load_weights(model, state, '--evaluate', args.evaluate, args.arch)
     result = evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last, dist=dist)
     dist.print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
                f'({data.test_loader.num_samples} images, tta={args.tta})')
     return result
 
 
+def saved_run_settings(weights_path):
+    """The settings in the config.json beside ``weights_path`` ({} if there is none)."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), 'config.json')
+    if not os.path.isfile(config_path):
+        return {}
+    return utils.load_json(config_path, what='config').get('settings', {})
+
+
+def adopt_saved_settings(args, settings):
+    """Take the arch, dataset and model flags of a saved run where the command line does not give them."""
+    for name in ['arch', 'dataset', *MODEL_FLAGS]:
+        if name not in args.explicit and name in settings:
+            setattr(args, name, settings[name])
+
+
+def load_model_state(path):
+    """The state_dict in a model_state.pth or in a checkpoint.pth's ``model``, without DDP's ``module.``."""
+    state = utils.load_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
+        state = state['model']
+    if isinstance(state, dict):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
+    return state
+
+
+def load_weights(model, state, flag, path, arch):
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UsageError(f'{flag} {path}: weights do not fit --arch {arch} ({str(error).splitlines()[0]})') from None
+
+
+def build_teacher(args, device):
+    """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
+    weights (as --evaluate rebuilds a model), in eval mode, its parameters frozen.
+
+    It must have been trained on the same --dataset: its logits are compared with the student's class by
+    class. The Trainer runs it under the student's autocast (bf16 with --precision bf16) without grad.
+    """
+    settings = saved_run_settings(args.teacher)
+    if 'arch' not in settings:
+        raise UsageError(f'--teacher {args.teacher}: no config.json with the teacher\'s arch beside it')
+    if settings.get('dataset', args.dataset) != args.dataset:
+        raise UsageError(f'--teacher {args.teacher}: trained on {settings["dataset"]}, not --dataset {args.dataset}')
+    arch = settings['arch']
+    try:
+        flags = {name: settings.get(name) for name in models.model_params(arch)}
+        info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size)
+        teacher = models.create_model(arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                                      image_size=info.image_size, **flags)
+    except KeyError:
+        raise UsageError(f'--teacher {args.teacher}: unknown arch {arch!r} in its config.json') from None
+    except models.ModelConfigError as error:
+        raise UsageError(f'--teacher {args.teacher}: {error}') from None
+    load_weights(teacher, load_model_state(args.teacher), '--teacher', args.teacher, arch)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
+# Class names of the built-in datasets, used where the dataset files hold none (CIFAR-10's batches.meta
+# and CIFAR-100's meta hold theirs).
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle
+    caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant
+    flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+    maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+    plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
+    snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout
+    tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+CLASS_NAMES = {
+    'CIFAR10': CIFAR10_CLASSES, 'CIFAR100': CIFAR100_CLASSES, 'MNIST': tuple('0123456789'),
+    'FashionMNIST': ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                     'Ankle boot'),
+    # Kuzushiji-MNIST (arXiv 1812.01718): the hiragana of each class, romanized
+    'KMNIST': ('o', 'ki', 'su', 'tsu', 'na', 'ha', 'ma', 'ya', 're', 'wo'),
+}
+_CIFAR_META = {'CIFAR10': ('cifar-10-batches-py', 'batches.meta', 'label_names'),
+               'CIFAR100': ('cifar-100-python', 'meta', 'fine_label_names')}
+
+
+def class_names(dataset, dataset_dirs):
+    """The class names of ``dataset``: from CIFAR's meta file in the first of ``dataset_dirs`` that has
+    one, the class folders of an ImageFolder, else the built-in lists."""
+    import pickle
+    for directory in [d for d in dataset_dirs if d]:
+        if dataset in _CIFAR_META:
+            folder, file_name, key = _CIFAR_META[dataset]
+            path = os.path.join(directory, folder, file_name)
+            if os.path.isfile(path):
+                try:
+                    with open(path, 'rb') as f:
+                        names = pickle.load(f, encoding='latin1')[key]
+                    if len(names) == dataloader.DATASETS[dataset].num_classes:
+                        return tuple(names)
+                except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+                    pass
+        elif dataset == 'ImageFolder' and os.path.isdir(os.path.join(directory, 'train')):
+            return tuple(sorted(entry.name for entry in os.scandir(os.path.join(directory, 'train')) if entry.is_dir()))
+    return CLASS_NAMES.get(dataset)
+
+
+def predict(args):
+    """--predict: print the --topk classes of each image under the model --weights, one line per image.
+
+    The arch, its flags and the dataset come from the config.json beside the weights unless given on
+    the command line (as for --evaluate); each image is converted to the dataset's channels, resized to
+    its input size and normalized with its statistics, as the test images were in training.
+    """
+    from PIL import Image, UnidentifiedImageError
+    settings = saved_run_settings(args.weights)
+    adopt_saved_settings(args, settings)
+    dataset_dirs = [args.dataset_dir if 'dataset_dir' in args.explicit else None, settings.get('dataset_dir')]
+    if args.dataset not in dataloader.DATASETS:
+        directory = next((d for d in dataset_dirs if d), None)
+        if directory is None:
+            raise UsageError('--predict with an ImageFolder model needs --dataset_dir (its class folders and '
+                             'normalization statistics)')
+        args.dataset_dir = directory
+    info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
+    device = resolve_device(args.device)
+    model = build_model(args, info, device)
+    load_weights(model, load_model_state(args.weights), '--weights', args.weights, args.arch)
+    model.eval()
+    names = class_names(args.dataset, dataset_dirs) or tuple(str(i) for i in range(info.num_classes))
+    transform = dataloader.build_sample_transform(info, train=False, from_pil=True, image_size=info.image_size)
+    topk = min(args.topk, info.num_classes)
+    for path in args.predict:
+        try:
+            with Image.open(path) as image:
+                pixels = transform(image.convert('RGB' if info.in_channels == 3 else 'L'))
+        except (OSError, UnidentifiedImageError) as error:
+            raise UsageError(f'--predict {path}: cannot read the image ({error})') from None
+        with torch.no_grad():
+            probabilities = model(pixels[None].to(device)).float().softmax(dim=1)[0]
+        values, indices = probabilities.topk(topk)
+        ranked = ', '.join(f'{names[i]} {p:.3f}' for p, i in zip(values.tolist(), indices.tolist()))
+        print(f'{path}: {ranked}')
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.list_archs:
-        list_archs()
+        list_archs(args)
+        return
+    if args.predict:
+        predict(args)
         return
     # under torchrun: join the process group, one device per rank (a single process otherwise)
     dist, device = utils.init_distributed(resolve_device(args.device), args.dist_backend, args.dist_timeout)
@@ -886,7 +1123,8 @@ def main(argv=None):
     with dist.agree():  # bad input that one rank finds (its copy of the dataset) stops them all
         data = dataloader.build_data(
             args.dataset, args.dataset_dir, batch_size, device, args.data_pipeline, args.num_workers,
-            args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip, args.use_autoaugment,
+            args.use_random_crop, args.random_crop_padding, args.use_horizontal_flip,
+            augmentations.AugmentPolicy.from_args(args),
             args.val_ratio, args.download, args.image_size, args.test_batch_size, args.padding_mode,
             'alternating' if args.alternating_flip else 'random', shard=(dist.rank, dist.world_size),
             seed=args.seed if dist.enabled else None)

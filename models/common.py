@@ -31,13 +31,13 @@ CNN_RECIPE = dict(epochs=200, batch_size=128, optimizer='sgd', base_lr=0.1, mome
 # and weight decay 0.06 (none on norms and biases, timm's rule), batch 128, 300 epochs, 10 warmup
 # epochs from lr 1e-5, cosine to 1e-5, label smoothing 0.1, CutMix (alpha 1; theirs alternates it
 # with Mixup 0.8 per batch), Random Erasing with probability 0.25 and random pixels, and RandAugment
-# m9, for which AutoAugment's CIFAR-10 policy stands in here.
+# with 2 operations of magnitude 9 (timm's rand-m9; torchvision's RandAugment here).
 TRANSFORMER_RECIPE = dict(epochs=300, batch_size=128, optimizer='adamw', base_lr=5.5e-4, weight_decay=0.06,
                           no_weight_decay_on_bn=True, scheduler='cosine', lr_min=1e-5, warmup_epochs=10,
                           warmup_start_factor=1e-5 / 5.5e-4, use_label_smoothing=True,
                           label_smoothing_epsilon=0.1, use_cutmix=True, cutmix_alpha=1.0,
                           use_random_erasing=True, random_erasing_prob=0.25, random_erasing_fill='random',
-                          use_autoaugment=True)
+                          use_randaugment=True, randaugment_ops=2, randaugment_magnitude=9)
 
 
 # ----------------------------------------------------------------------------- convolutions
@@ -249,6 +249,67 @@ def linear_drop_rates(drop_path_rate, n_blocks):
     return [drop_path_rate * (index + 1) / n_blocks for index in range(n_blocks)]
 
 
+# ----------------------------------------------------------------------------- ShakeDrop
+
+class ShakeDropFunction(torch.autograd.Function):
+    """``x`` where ``gate`` is True, ``alpha * x`` elsewhere; the gradient by ``beta`` instead of ``alpha``.
+
+    ShakeDrop (Yamada et al., arXiv 1802.02375, eq. 8, ``b + alpha - b alpha`` with b in {0, 1}): where
+    the Bernoulli gate is on the branch passes unchanged both ways; where it is off the forward pass
+    scales by ``alpha`` and the backward pass by an independent ``beta``. The tensors broadcast
+    against ``x``; ``gate`` is boolean, so a kept branch is passed exactly, without rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, alpha, beta):
+        ctx.save_for_backward(gate, beta)
+        return x * torch.where(gate, 1.0, alpha)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gate, beta = ctx.saved_tensors
+        return grad_output * torch.where(gate, 1.0, beta), None, None, None
+
+
+class ShakeDrop(nn.Module):
+    """ShakeDrop on a residual branch, which survives (passes unchanged) with probability ``survival``.
+
+    Training: one Bernoulli gate per batch and alpha in ``alpha_range``, beta in ``beta_range``
+    uniform per element, as the authors' code draws them (imenurok/ShakeDrop, ShakeDrop.lua: one
+    ``torch.rand(1)`` gate per forward pass, ``uniform()`` over the whole output) and the paper
+    states ("independent uniform random variables in each element", alpha in [-1, 1], beta in
+    [0, 1]). Every draw happens on the branch's device, so a step never waits for it. Evaluation:
+    the expectation ``survival + (1 - survival) * E[alpha]``, i.e. ``survival`` for alpha in [-1, 1].
+    """
+
+    def __init__(self, survival, alpha_range=(-1.0, 1.0), beta_range=(0.0, 1.0)):
+        super().__init__()
+        self.survival = survival
+        self.alpha_range, self.beta_range = tuple(alpha_range), tuple(beta_range)
+
+    def expected_scale(self):
+        return self.survival + (1 - self.survival) * sum(self.alpha_range) / 2
+
+    def forward(self, x):
+        if not self.training:
+            return x * self.expected_scale()
+        gate = torch.rand((1,) * x.dim(), device=x.device) < self.survival
+        (alpha_low, alpha_high), (beta_low, beta_high) = self.alpha_range, self.beta_range
+        alpha = torch.rand_like(x).mul_(alpha_high - alpha_low).add_(alpha_low)
+        beta = torch.rand_like(x).mul_(beta_high - beta_low).add_(beta_low)
+        return ShakeDropFunction.apply(x, gate, alpha, beta)
+
+    def extra_repr(self):
+        return f'survival={self.survival:.4g}, alpha_range={self.alpha_range}, beta_range={self.beta_range}'
+
+
+def linear_survival_probabilities(final_survival, n_blocks):
+    """ShakeDrop's linear decay rule (arXiv 1802.02375, from stochastic depth, arXiv 1603.09382):
+    block l of L survives with probability ``1 - (l / L)(1 - final_survival)``, the last with
+    ``final_survival`` (0.5 in the paper)."""
+    return [1 - rate for rate in linear_drop_rates(1 - final_survival, n_blocks)]
+
+
 # ----------------------------------------------------------------------------- shortcuts and gates
 
 def projection_shortcut(in_channels, out_channels, stride):
@@ -416,6 +477,41 @@ def initialize_weights(model):
         elif isinstance(module, nn.Linear):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+INIT_SCHEMES = ('kaiming', 'xavier', 'default')
+
+
+def reinitialize(model, scheme):
+    """Re-initialize a built model by ``scheme`` (``--init``), overriding its family's own rule.
+
+    kaiming: He et al. (arXiv 1502.01852) normal weights, fan_out for convolutions as in torchvision's
+    ResNet, fan_in for linear layers; xavier: Glorot and Bengio's uniform ("normalized") weights for
+    both; in both, zero biases and norm layers at scale 1, shift 0. default: every layer's own
+    ``reset_parameters`` (PyTorch's defaults). Parameters outside these layers (position embeddings,
+    class tokens, relative position tables) keep their values.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ModelConfigError(f'--init {scheme}: choose {" or ".join(INIT_SCHEMES)}')
+    for module in model.modules():
+        if scheme == 'default':
+            if hasattr(module, 'reset_parameters'):
+                module.reset_parameters()
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if scheme == 'kaiming':
+                mode = 'fan_in' if isinstance(module, nn.Linear) else 'fan_out'
+                nn.init.kaiming_normal_(module.weight, mode=mode, nonlinearity='relu')
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
 
 
 # ----------------------------------------------------------------------------- transformer layers

@@ -2,7 +2,9 @@
 
 Han, Kim and Kim, "Deep Pyramidal Residual Networks", arXiv 1610.02915. Shortcuts are
 parameter-free (2x2 average pooling and zero channels), the paper's choice over projection
-shortcuts, which it found to overfit (section 3).
+shortcuts, which it found to overfit (section 3). ``use_shakedrop`` adds ShakeDrop (Yamada et al.,
+"ShakeDrop Regularization for Deep Residual Learning", arXiv 1802.02375) at the end of every
+residual branch, as the authors' code adds it to PyramidNet (imenurok/ShakeDrop, pyramidnet.lua).
 """
 import math
 from typing import Literal
@@ -10,9 +12,10 @@ from typing import Literal
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ClassifierHead, StagedNetwork, check_choice, check_positive_int, check_range, conv1x1,
-                           conv3x3, initialize_weights, residual_blocks_per_stage, zero_padded_shortcut)
-from models.registry import register_model
+from models.common import (ClassifierHead, ShakeDrop, StagedNetwork, check_bool, check_choice, check_positive_int,
+                           check_range, conv1x1, conv3x3, initialize_weights, linear_survival_probabilities,
+                           residual_blocks_per_stage, zero_padded_shortcut)
+from models.registry import ModelConfigError, register_model
 
 
 class BasicBlock(nn.Module):
@@ -20,7 +23,7 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels, out_channels, stride):
+    def __init__(self, in_channels, out_channels, stride, shakedrop_survival=None):
         super().__init__()
         self.stride = stride
         self.out_channels = out_channels
@@ -29,11 +32,14 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shakedrop = None if shakedrop_survival is None else ShakeDrop(shakedrop_survival)
 
     def forward(self, x):
         y = self.conv1(self.bn1(x))
         y = self.conv2(F.relu(self.bn2(y), inplace=True))
         y = self.bn3(y)
+        if self.shakedrop is not None:
+            y = self.shakedrop(y)
         return y + zero_padded_shortcut(x, self.out_channels, self.stride)
 
 
@@ -42,7 +48,7 @@ class BottleneckBlock(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels, out_channels, stride):
+    def __init__(self, in_channels, out_channels, stride, shakedrop_survival=None):
         super().__init__()
         width = out_channels // self.expansion
         self.stride = stride
@@ -54,12 +60,15 @@ class BottleneckBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, self.out_channels)
         self.bn4 = nn.BatchNorm2d(self.out_channels)
+        self.shakedrop = None if shakedrop_survival is None else ShakeDrop(shakedrop_survival)
 
     def forward(self, x):
         y = self.conv1(self.bn1(x))
         y = self.conv2(F.relu(self.bn2(y), inplace=True))
         y = self.conv3(F.relu(self.bn3(y), inplace=True))
         y = self.bn4(y)
+        if self.shakedrop is not None:
+            y = self.shakedrop(y)
         return y + zero_padded_shortcut(x, self.out_channels, self.stride)
 
 
@@ -76,14 +85,19 @@ def pyramid_widths(base_channels, pyramid_alpha, n_blocks):
 
 
 class PyramidNet(StagedNetwork):
-    """Stages of pyramidal residual blocks; ``stage_widths[i]`` lists the output width of each block."""
+    """Stages of pyramidal residual blocks; ``stage_widths[i]`` lists the output width of each block.
 
-    def __init__(self, block, stage_widths, base_channels, num_classes, in_channels):
+    ``shakedrop_survival``: None, or one ShakeDrop survival probability per block of the network.
+    """
+
+    def __init__(self, block, stage_widths, base_channels, num_classes, in_channels, shakedrop_survival=None):
         super().__init__()
         # conv-BN stem without ReLU, as in the authors' code: every block starts with BN
         self.conv = conv3x3(in_channels, base_channels)
         self.bn1 = nn.BatchNorm2d(base_channels)
-        channels = self.add_stages(block, base_channels, stage_widths, [len(w) for w in stage_widths])
+        per_block = None if shakedrop_survival is None else [dict(shakedrop_survival=p) for p in shakedrop_survival]
+        channels = self.add_stages(block, base_channels, stage_widths, [len(w) for w in stage_widths],
+                                   per_block_kwargs=per_block)
         self.bn2 = nn.BatchNorm2d(channels)
         self.head = ClassifierHead(channels, num_classes)
         self.num_features = channels
@@ -100,17 +114,30 @@ class PyramidNet(StagedNetwork):
                 epochs=300, batch_size=128, base_lr=0.1, weight_decay=1e-4,
                 scheduler='multistep', milestones=[150, 225], lr_decay=0.1)
 def pyramidnet(*, depth=272, block_type: Literal['basic', 'bottleneck'] = 'bottleneck', pyramid_alpha=200,
-               base_channels=16, num_classes=10, in_channels=3):
+               base_channels=16, use_shakedrop=False, shakedrop_survival: float = None, num_classes=10,
+               in_channels=3):
     """PyramidNet with additive widening: depth = 6n+2 (basic) or 9n+2 (bottleneck).
 
     The width grows from ``base_channels`` by ``pyramid_alpha / (3n)`` per block, so the
     last block is ``base_channels + pyramid_alpha`` wide (times 4 for bottleneck blocks).
+
+    Args:
+        use_shakedrop: pyramidnet: ShakeDrop on every residual branch (arXiv 1802.02375)
+        shakedrop_survival: pyramidnet --use_shakedrop: last block's survival probability (0.5; linear from 1)
     """
     check_choice('--block_type', block_type, ('basic', 'bottleneck'), 'pyramidnet')
     check_range('--pyramid_alpha', pyramid_alpha, 'pyramidnet', 0, float('inf'))
     check_positive_int('--base_channels', base_channels, 'pyramidnet')
+    check_bool('--use_shakedrop', use_shakedrop, 'pyramidnet')
+    if shakedrop_survival is not None and not use_shakedrop:
+        raise ModelConfigError(f'--shakedrop_survival {shakedrop_survival}: needs --use_shakedrop')
     n_blocks = residual_blocks_per_stage(depth, block_type, 'pyramidnet')
     block = BLOCKS[block_type]
     widths = [width * block.expansion for width in pyramid_widths(base_channels, pyramid_alpha, 3 * n_blocks)]
     stage_widths = [widths[index * n_blocks:(index + 1) * n_blocks] for index in range(3)]
-    return PyramidNet(block, stage_widths, base_channels, num_classes, in_channels)
+    survival = None
+    if use_shakedrop:
+        shakedrop_survival = 0.5 if shakedrop_survival is None else shakedrop_survival
+        check_range('--shakedrop_survival', shakedrop_survival, 'pyramidnet', 0, 1, include_high=True)
+        survival = linear_survival_probabilities(shakedrop_survival, 3 * n_blocks)
+    return PyramidNet(block, stage_widths, base_channels, num_classes, in_channels, survival)
