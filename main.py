@@ -1062,6 +1062,14 @@ def build_model(args, info, device):
     return model
 
 
+def load_checkpoint_for(path, flag):
+    """utils.load_checkpoint, its one-line error naming the flag that pointed at the file."""
+    try:
+        return utils.load_checkpoint(path)
+    except UsageError as error:
+        raise UsageError(f'{flag}: {error}') from None
+
+
 def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
     """--evaluate: rebuild the model from the config.json beside the weights and test it.
 
@@ -1075,7 +1083,7 @@ def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
         for name in ['arch', 'dataset', *MODEL_FLAGS]:
             if name not in args.explicit and name in saved:
                 setattr(args, name, saved[name])
-    state = dist.run_on_main(lambda: utils.load_checkpoint(args.evaluate))
+    state = dist.run_on_main(lambda: load_checkpoint_for(args.evaluate, '--evaluate'))
     if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
         state = state['model']  # a checkpoint.pth: its model
     if isinstance(state, dict):
@@ -1114,7 +1122,7 @@ def main(argv=None):
         run = RunDirectory(args.outdir, args.resume, dist, create=False)  # made once all the input is checked
         args.resume = args.resume and run.has_checkpoint
         if args.resume:
-            checkpoint = dist.run_on_main(lambda: utils.load_checkpoint(run.checkpoint_path))
+            checkpoint = dist.run_on_main(lambda: load_checkpoint_for(run.checkpoint_path, '--resume'))
             args = restore_args(args, checkpoint)
     batch_size = rank_batch_size(args, dist)
     utils.set_seed(args.seed)  # the same on every rank: the model's initialization, the flip phases
