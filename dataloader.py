@@ -232,8 +232,10 @@ def missing(root, name):
         return not all(os.path.isfile(os.path.join(root, folder, file)) for file in train_files + test_files)
     directories = [os.path.join(root, name, 'raw'), os.path.join(root, name), root]
     names = [file for train in (True, False) for file in _IDX_FILES[train]]
-    return not any(all(os.path.isfile(os.path.join(directory, file)) or os.path.isfile(os.path.join(directory, file + '.gz'))
-                       for file in names) for directory in directories)
+
+    def present(directory, file):
+        return os.path.isfile(os.path.join(directory, file)) or os.path.isfile(os.path.join(directory, f'{file}.gz'))
+    return not any(all(present(directory, file) for file in names) for directory in directories)
 
 
 def split_validation(images, labels, val_ratio, split_seed=0):

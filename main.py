@@ -415,8 +415,13 @@ def check_domain(name, value, source=None):
     try:
         domain.check(value)
     except ValueError:
-        where = f'{source}: ' if source else ''
-        raise UsageError(f'{where}--{name} {utils.show(value)}: expected {domain.describe()}') from None
+        if source is None:
+            raise UsageError(f'--{name} {utils.show(value)}: expected {domain.describe()}') from None
+        kind = {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
+                type(None): 'null'}.get(type(value), type(value).__name__)
+        expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
+        raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {kind}): expected '
+                         f'{expected} (--{name})') from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -558,8 +563,9 @@ def validate_args(args):
     if args.data_pipeline == 'workers' and (args.padding_mode == 'reflect' or args.alternating_flip):
         raise UsageError('--padding_mode reflect and --alternating_flip need --data_pipeline device')
     if args.image_size is not None and args.dataset != 'ImageFolder':
+        size = dataloader.DATASETS[args.dataset].image_size
         raise UsageError(f'--image_size applies to --dataset ImageFolder only ({args.dataset} images are '
-                         f'{dataloader.DATASETS[args.dataset].image_size}x{dataloader.DATASETS[args.dataset].image_size})')
+                         f'{size}x{size})')
     try:  # mixing methods exclusive, Dual-Cutout and Cutout, ...: the regularizer's own checks
         augmentations.BatchRegularizer.from_args(args, dataloader.DATASETS.get(args.dataset, _IMAGE_FOLDER).num_classes
                                                  or 10)
@@ -981,13 +987,13 @@ class RunDirectory:
         outdir = self.outdir
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
-        ancestor = os.path.dirname(os.path.abspath(outdir))
-        while not os.path.exists(ancestor):
-            ancestor = os.path.dirname(ancestor)
-        if not os.path.isdir(ancestor) or not os.access(ancestor if not os.path.isdir(outdir) else outdir,
-                                                        os.W_OK | os.X_OK):
-            raise UsageError(f'--outdir {outdir}: not writable ({ancestor} is '
-                             f'{"not a directory" if not os.path.isdir(ancestor) else "read-only"})')
+        existing = os.path.abspath(outdir)  # the directory itself, or the nearest ancestor that exists
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is not a directory)')
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
         has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
             if not has_checkpoint:

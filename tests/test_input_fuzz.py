@@ -236,7 +236,8 @@ def relation_cases(workspace):
         ['--use_sam', '--precision', 'fp16'], ['--use_sam', '--precision', 'O1'], ['--optimizer', 'muon', '--use_sam'],
         ['--compile_mode', 'default'], ['--use_dual_cutout', '--use_cutout'],
         ['--tta', 'flip_translate', '--dataset', 'MNIST'], ['--tta', 'flip_translate', '--dataset', 'KMNIST'],
-        ['--data_pipeline', 'workers', '--padding_mode', 'reflect'], ['--data_pipeline', 'workers', '--alternating_flip'],
+        ['--data_pipeline', 'workers', '--padding_mode', 'reflect'],
+        ['--data_pipeline', 'workers', '--alternating_flip'],
         ['--image_size', '32'], ['--dataset', 'MNIST', '--image_size', '28'],
         ['--evaluate', 'model_state.pth', '--resume'], ['--evaluate', 'model_state.pth', '--lr_finder'],
         ['--evaluate', 'model_state.pth', '--dry_run'], ['--lr_finder', '--dry_run'],
@@ -271,3 +272,17 @@ def test_report(tally):
     print(f'\ninput fuzzer: {total} generated bad command lines ('
           + ', '.join(f'{kind}: {count}' for kind, count in tally.items()) + ')')
     assert total >= 1000 or len(tally) < 5  # the whole module ran: a thousand cases or more
+
+
+def test_a_non_utf8_path_on_a_real_command_line(tmp_path):
+    """Bytes that are not UTF-8 in argv (Python passes them on as surrogate escapes)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outdir = os.fsencode(str(tmp_path)) + b'/run\xff'
+    result = subprocess.run([sys.executable, os.path.join(root, 'main.py'), '--epochs', '1', '--outdir', outdir],
+                            capture_output=True, timeout=120, cwd=tmp_path)
+    err = result.stderr.decode('utf-8')
+    assert result.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "run\\udcff': expected a path (UTF-8, not empty)" in err and err.startswith('main.py: error: --outdir ')
+    assert os.listdir(tmp_path) == []
