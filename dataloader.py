@@ -49,6 +49,16 @@ _CIFAR_FILES = {
 }
 _IDX_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
               False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+# Set to 1 (or true/yes) on machines without network: a missing dataset is then an error saying where to
+# place its files, as with --no-download (an explicit --download still fetches).
+OFFLINE_ENV = 'CIFAR_TOOLKIT_OFFLINE'
+
+
+def offline():
+    """Whether OFFLINE_ENV turns the default download off."""
+    return os.environ.get(OFFLINE_ENV, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
 _TORCHVISION_CLASSES = {'CIFAR10': 'CIFAR10', 'CIFAR100': 'CIFAR100', 'MNIST': 'MNIST',
                         'FashionMNIST': 'FashionMNIST', 'KMNIST': 'KMNIST'}
 
@@ -123,29 +133,109 @@ def _expected_location(root, name):
     return os.path.join(root, name, 'raw') + '/ (train-images-idx3-ubyte[.gz], ...)'
 
 
+# Where torchvision fetches each dataset from (its first mirror), for the messages.
+_SOURCES = {
+    'CIFAR10': 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+    'CIFAR100': 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+    'MNIST': 'https://ossci-datasets.s3.amazonaws.com/mnist/',
+    'FashionMNIST': 'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+    'KMNIST': 'http://codh.rois.ac.jp/kmnist/dataset/kmnist/',
+}
+
+
+def _source(name):
+    if name in _CIFAR_FILES:
+        return _SOURCES[name]
+    return _SOURCES[name] + '{' + ','.join(f'{file}.gz' for train in (True, False) for file in _IDX_FILES[train]) + '}'
+
+
+def _by_hand(root, name):
+    """Where the files of ``name`` go when placed by hand."""
+    if name in _CIFAR_FILES:
+        return f'extract it in {root} so that {os.path.join(root, _CIFAR_FILES[name][0])}/ holds its batch files'
+    return (f'put its four files (or them gunzipped) in {os.path.join(root, name, "raw")}/')
+
+
 def _download(root, name):
+    """Fetch ``name`` with torchvision (which verifies each archive's MD5) into ``root``.
+
+    torchvision downloads and extracts into a fresh temporary folder beside ``root``; once both
+    splits read back, the dataset's folder is renamed into ``root`` in one step. An interrupted or
+    failed download so leaves nothing in ``root`` that could later read as a dataset (a killed one
+    leaves a ``.NAME.download-*`` folder beside it, which nothing reads).
+    """
+    import shutil
+    import tempfile
     from torchvision import datasets
-    dataset_class = getattr(datasets, _TORCHVISION_CLASSES[name])
+    root = os.path.abspath(root)
+    folder = _CIFAR_FILES[name][0] if name in _CIFAR_FILES else name
+    target = os.path.join(root, folder)
+    if os.path.exists(target):
+        raise UsageError(f'--dataset_dir: {target} exists but does not hold a complete {name}; remove it to '
+                         f'download {name} again, or complete it by hand ({_expected_location(root, name)})')
+    url = _source(name)
     try:
+        parent = os.path.dirname(root)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(root)}.download-')
+    except OSError as error:
+        raise UsageError(f'--dataset_dir {root}: cannot create a download folder beside it '
+                         f'({error.strerror or error})') from None
+    try:
+        dataset_class = getattr(datasets, _TORCHVISION_CLASSES[name])
+        try:
+            for train in (True, False):
+                dataset_class(staging, train=train, download=True)
+        except Exception as error:  # network failures surface as many exception types
+            reason = (str(error).strip().splitlines() or [''])[0]
+            raise UsageError(f'--download: could not fetch {name} from {url} into {root} ({type(error).__name__}: '
+                             f'{reason}); without network, download it elsewhere and {_by_hand(root, name)}, or '
+                             f'pass --no-download') from None
+        reader = _read_cifar if name in _CIFAR_FILES else _read_mnist_family
         for train in (True, False):
-            dataset_class(root, train=train, download=True)
-    except Exception as error:  # network failures surface as many exception types
-        raise UsageError(f'--download: could not fetch {name} into {root} '
-                         f'({type(error).__name__}: {error})') from None
+            try:
+                reader(staging, name, train)
+            except FileNotFoundError as missing:
+                raise UsageError(f'--download: the {name} that torchvision fetched from {url} lacks '
+                                 f'{os.path.basename(missing.args[0])}') from None
+        try:
+            os.makedirs(root, exist_ok=True)
+            os.rename(os.path.join(staging, folder), target)
+        except OSError as error:
+            if not os.path.isdir(target):  # not another process that placed it first
+                raise UsageError(f'--dataset_dir {root}: cannot move the downloaded {name} into place '
+                                 f'({error.strerror or error})') from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_split(root, name, train, download=False):
-    """One split of a built-in dataset as (uint8 images N x C x H x W, int64 labels N)."""
+    """One split of a built-in dataset as (uint8 images N x C x H x W, int64 labels N); a missing
+    dataset is fetched first when ``download``."""
     reader = _read_cifar if name in _CIFAR_FILES else _read_mnist_family
     try:
         return reader(root, name, train)
     except FileNotFoundError as missing:
         if not download:
             raise UsageError(f'--dataset_dir: {name} files not found: looked for '
-                             f'{_expected_location(root, name)} (missing {missing.args[0]}); '
-                             f'pass --download to fetch them') from None
+                             f'{_expected_location(root, name)} (missing {missing.args[0]}); downloading is off '
+                             f'(--no-download or {OFFLINE_ENV}=1): pass --download to fetch them, or fetch '
+                             f'{_source(name)} and {_by_hand(root, name)}') from None
     _download(root, name)
     return reader(root, name, train)
+
+
+def missing(root, name):
+    """Whether a file of the built-in dataset ``name`` is absent from ``root`` (its contents unread)."""
+    if name in _CIFAR_FILES:
+        folder, train_files, test_files, _ = _CIFAR_FILES[name]
+        return not all(os.path.isfile(os.path.join(root, folder, file)) for file in train_files + test_files)
+    directories = [os.path.join(root, name, 'raw'), os.path.join(root, name), root]
+    names = [file for train in (True, False) for file in _IDX_FILES[train]]
+
+    def present(directory, file):
+        return os.path.isfile(os.path.join(directory, file)) or os.path.isfile(os.path.join(directory, f'{file}.gz'))
+    return not any(all(present(directory, file) for file in names) for directory in directories)
 
 
 def split_validation(images, labels, val_ratio, split_seed=0):
@@ -393,9 +483,8 @@ def merge_sharded_batches(per_rank):
 
 def fetch_dataset(dataset, dataset_dir):
     """Download a missing built-in dataset (one process per machine, before the others read it)."""
-    if dataset in DATASETS:
-        for train in (True, False):
-            load_split(dataset_dir, dataset, train, download=True)
+    if dataset in DATASETS and missing(dataset_dir, dataset):
+        _download(dataset_dir, dataset)
 
 
 def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,

@@ -11,10 +11,12 @@ atomically), TensorBoard scalars, checkpoint.pth (resumable with ``--resume``) a
 final model_state.pth.
 """
 import argparse
+import ast
 import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -29,7 +31,7 @@ import dataloader
 import models
 import optim
 import utils
-from utils import UsageError, json_list, number, str2bool
+from utils import Bool, Choice, Int, ListOf, Real, Text, UsageError, json_list, number, str2bool
 
 PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
 _IMAGE_FOLDER = dataloader.DatasetInfo('ImageFolder', 3, 0, 0, (), (), True)
@@ -56,7 +58,8 @@ def add_model_flags(group):
 
 
 def get_args_parser():
-    parser = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     allow_abbrev=False)  # --epoch is not --epochs: a typo must not pass
 
     group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
     group.add_argument('--arch', default='resnet_preact', help='architecture name')
@@ -167,7 +170,12 @@ def get_args_parser():
     group.add_argument('--dataset', default='CIFAR10', choices=dataloader.DATASET_CHOICES)
     group.add_argument('--dataset_dir', default=None,
                        help='root holding cifar-10-batches-py/, MNIST/raw/, ... (default ~/.torchvision/datasets/NAME)')
-    group.add_argument('--download', action='store_true', help='fetch missing dataset files (torchvision)')
+    group.add_argument('--download', action='store_true', default=None,
+                       help='fetch a missing built-in dataset with torchvision (checksum verified) into '
+                            '--dataset_dir; the default unless --no-download or '
+                            f'{dataloader.OFFLINE_ENV}=1')
+    group.add_argument('--no-download', dest='download', action='store_false', default=None,
+                       help='never fetch: a missing dataset is an error saying where to place its files')
     group.add_argument('--image_size', type=int, help='ImageFolder: resize images to this size')
     group.add_argument('--data_pipeline', default='device', choices=['device', 'workers'],
                        help='device: dataset held on the training device, batched augmentation; '
@@ -270,9 +278,233 @@ def get_args_parser():
     return parser
 
 
+_POSITIVE = Real(0, None, '(]')
+_FRACTION = Real(0, 1, '[)')
+_PROBABILITY = Real(0, 1)
+_LIST = (1, None)
+# The domain of every flag, model flags included: parse_args checks each setting against it, whether it
+# came from the command line, a --config file or an arch's defaults, before anything is read or
+# written. The relations between flags are checked in validate_args. tests/test_input_fuzz.py
+# generates malformed command lines from these domains (Domain.invalid).
+FLAG_DOMAINS = {
+    # model
+    'arch': Choice(models.list_models()),
+    'config': Text(path=True, optional=True),
+    'list_archs': Bool(),
+    'init': Choice(models.common.INIT_SCHEMES, optional=True),
+    'teacher': Text(path=True, optional=True),
+    'predict': ListOf(Text(path=True), (1, None), example='["cat.png"]', optional=True),
+    'weights': Text(path=True, optional=True),
+    'topk': Int(1),
+    'depth': Int(1, optional=True),
+    'base_channels': Int(1, optional=True),
+    'block_type': Choice(('basic', 'bottleneck'), optional=True),
+    'n_channels': ListOf(Int(1), _LIST, optional=True),
+    'n_layers': ListOf(Int(1), _LIST, optional=True),
+    'use_bn': Bool(optional=True),
+    'remove_first_relu': Bool(optional=True),
+    'add_last_bn': Bool(optional=True),
+    'preact_stage': ListOf(Bool(), _LIST, optional=True),
+    'widening_factor': Int(1, optional=True),
+    'drop_rate': Real(0, 1, '[)', optional=True),
+    'growth_rate': Int(1, optional=True),
+    'compression_rate': Real(0, 1, '(]', optional=True),
+    'memory_efficient': Bool(optional=True),
+    'pyramid_alpha': Int(0, optional=True),
+    'cardinality': Int(1, optional=True),
+    'shake_forward': Bool(optional=True),
+    'shake_backward': Bool(optional=True),
+    'shake_image': Bool(optional=True),
+    'se_reduction': Int(1, optional=True),
+    'use_shakedrop': Bool(optional=True),
+    'shakedrop_survival': Real(0, 1, optional=True),
+    'activation': Choice(('relu', 'celu'), optional=True),
+    'celu_alpha': Real(0, None, '()', optional=True),
+    'ghost_bn_splits': Int(1, optional=True),
+    'head_scale': Real(0, None, '()', optional=True),
+    'n_blocks': ListOf(Int(1), _LIST, optional=True),
+    'width_multiplier': Real(0, None, '()', optional=True),
+    'depth_multiplier': Real(0, None, '()', optional=True),
+    'group_width': Int(1, optional=True),
+    'drop_path_rate': Real(0, 1, '[)', optional=True),
+    'patch_size': Int(1, optional=True),
+    'embed_dim': Int(1, optional=True),
+    'num_heads': Int(1, optional=True),
+    'head_dim': Int(1, optional=True),
+    'mlp_ratio': Real(0, None, '()', optional=True),
+    'embed_dims': ListOf(Int(1), _LIST, optional=True),
+    'window_size': Int(1, optional=True),
+    # optimization
+    'epochs': _POSITIVE,
+    'total_steps': Int(1, optional=True),
+    'batch_size': Int(1),
+    'optimizer': Choice(optim.OPTIMIZER_CHOICES),
+    'base_lr': _POSITIVE,
+    'weight_decay': Real(0),
+    'no_weight_decay_on_bn': Bool(),
+    'bn_weight_freeze': Bool(),
+    'bn_bias_lr_factor': _POSITIVE,
+    'head_lr_factor': _POSITIVE,
+    'muon_lr': _POSITIVE,
+    'muon_momentum': _FRACTION,
+    'muon_ns_steps': Int(1),
+    'muon_normalize_weights': Bool(),
+    'whiten_bias_epochs': Real(0, None, '(]', optional=True),
+    'momentum': _FRACTION,
+    'nesterov': Bool(),
+    'betas': ListOf(_FRACTION, 2, example='[0.9,0.999]'),
+    'adabound_final_lr': _POSITIVE,
+    'adabound_gamma': _POSITIVE,
+    'use_sam': Bool(),
+    'sam_rho': Real(0, None, '(]', optional=True),
+    'sam_adaptive': Bool(),
+    'asam_eta': Real(0),
+    'sam_freeze_bn_stats': Bool(),
+    'lars_eps': Real(0),
+    'lars_thresh': Real(0),
+    'gradient_clip': Real(0),
+    'ema_every': Int(1),
+    'lookahead_every': Int(0),
+    'lookahead_decay': _FRACTION,
+    'ema_decay': _FRACTION,
+    'subdivision': Int(1),
+    'precision': Choice(['fp32', 'fp16', 'bf16', *PRECISION_ALIASES]),
+    'lr_finder': Bool(),
+    # learning-rate schedule
+    'scheduler': Choice(optim.SCHEDULER_CHOICES),
+    'milestones': ListOf(_POSITIVE, ordered=True, example='[80,120]'),
+    'lr_decay': Real(0, 1, '(]'),
+    'lr_min': Real(0),
+    'lr_end_factor': Real(0, 1, optional=True),
+    'T0': Int(1),
+    'T_mul': Int(1),
+    'poly_power': _POSITIVE,
+    'warmup_epochs': Real(0),
+    'warmup_method': Choice(optim.WARMUP_METHODS),
+    'warmup_start_factor': Real(0, 1),
+    'warmup_exponent': _POSITIVE,
+    'milestones_after_warmup': Bool(),
+    # data
+    'dataset': Choice(dataloader.DATASET_CHOICES),
+    'dataset_dir': Text(path=True, optional=True),
+    'download': Bool(optional=True),
+    'image_size': Int(1, optional=True),
+    'data_pipeline': Choice(('device', 'workers')),
+    'num_workers': Int(0),
+    'val_ratio': _FRACTION,
+    'test_batch_size': Int(1, optional=True),
+    'use_random_crop': Bool(),
+    'random_crop_padding': Int(0),
+    'padding_mode': Choice(('zeros', 'reflect')),
+    'use_horizontal_flip': Bool(),
+    'alternating_flip': Bool(),
+    # augmentation and regularization
+    'use_cutout': Bool(),
+    'cutout_size': Int(1),
+    'cutout_prob': _PROBABILITY,
+    'cutout_inside': Bool(),
+    'use_random_erasing': Bool(),
+    'random_erasing_prob': _PROBABILITY,
+    'random_erasing_area_ratio_range': ListOf(Real(0, 1, '(]'), 2, ordered=True, example='[0.02,0.4]'),
+    'random_erasing_min_aspect_ratio': Real(0, 1, '(]'),
+    'random_erasing_max_attempt': Int(1),
+    'random_erasing_fill': Choice(augmentations.RANDOM_ERASING_FILLS),
+    'use_mixup': Bool(),
+    'mixup_alpha': _POSITIVE,
+    'use_ricap': Bool(),
+    'ricap_beta': _POSITIVE,
+    'use_cutmix': Bool(),
+    'cutmix_alpha': _POSITIVE,
+    'use_dual_cutout': Bool(),
+    'dual_cutout_alpha': Real(0),
+    'dual_cutout_distance': Choice(('logits', 'softmax')),
+    'dual_cutout_joint_forward': Bool(),
+    'use_label_smoothing': Bool(),
+    'label_smoothing_epsilon': _FRACTION,
+    'use_autoaugment': Bool(),
+    'autoaugment_policy': Choice(augmentations.AUTOAUGMENT_POLICIES),
+    'use_randaugment': Bool(),
+    'randaugment_ops': Int(1),
+    'randaugment_magnitude': Int(0, 30),
+    'use_trivialaugment': Bool(),
+    'use_augmix': Bool(),
+    'augmix_severity': Int(1, 10),
+    'policy_group_size': Int(1),
+    'kd_temperature': _POSITIVE,
+    'kd_alpha': _PROBABILITY,
+    # run
+    'outdir': Text(path=True, optional=True),
+    'seed': Int(0, 2**63 - 1),
+    'device': Text(pattern=r'(cpu|cuda|mps|xpu)(:[0-9]+)?', what='cpu, cuda or cuda:N', examples=['cpu'],
+                   optional=True),
+    'gpu': Int(0, optional=True),
+    'test_first': Bool(),
+    'tensorboard': Bool(),
+    'resume': Bool(),
+    'dry_run': Bool(),
+    'evaluate': Text(path=True, optional=True),
+    'tta': Choice(('none', 'flip', 'flip_translate')),
+    'eval_every': Int(1),
+    'save_every': Int(1),
+    'channels_last': Bool(),
+    'compile': Bool(),
+    'compile_mode': Choice(('default', 'reduce-overhead', 'max-autotune'), optional=True),
+    'sync_bn': Bool(),
+    'find_unused_parameters': Bool(),
+    'dist_backend': Choice(('auto', 'nccl', 'gloo')),
+    'dist_timeout': _POSITIVE,
+}
+
+
+def check_domain(name, value, source=None):
+    """Raise UsageError unless ``value`` lies in the domain of flag ``name``; ``source`` names where a
+    value that did not come from the command line was read (a --config file, an arch's defaults)."""
+    domain = FLAG_DOMAINS.get(name)
+    if domain is None:
+        raise UsageError(f'--{name} has no declared domain (add it to main.FLAG_DOMAINS)')
+    try:
+        domain.check(value)
+    except ValueError:
+        if source is None:
+            raise UsageError(f'--{name} {utils.show(value)}: expected {domain.describe()}') from None
+        kind = {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
+                type(None): 'null'}.get(type(value), type(value).__name__)
+        expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
+        raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {kind}): expected '
+                         f'{expected} (--{name})') from None
+
+
 class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line naming the flag and its domain (FLAG_DOMAINS)."""
+
     def error(self, message):
+        match = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (?:choice: |.*? value: )('.*?'|\".*?\")"
+                             r"(?: \(choose from .*\))?", message, flags=re.DOTALL)
+        if match:
+            flag = match.group(1)
+            action = self._option_string_actions.get(flag)
+            domain = FLAG_DOMAINS.get(action.dest) if action is not None else None
+            if domain is not None:
+                try:
+                    value = ast.literal_eval(match.group(2))
+                except (ValueError, SyntaxError):
+                    value = match.group(2)
+                raise UsageError(f'{flag} {utils.show(value)}: expected {domain.describe()}')
+        match = re.fullmatch(r'argument (\S+?)(?:/\S+)?: expected one argument', message)
+        if match:
+            action = self._option_string_actions.get(match.group(1))
+            domain = FLAG_DOMAINS.get(action.dest) if action is not None else None
+            if domain is not None:
+                raise UsageError(f'{match.group(1)}: missing its value ({domain.describe()})')
+        if message.startswith('unrecognized arguments: '):
+            raise UsageError(f'unrecognized arguments: {" ".join(map(utils.show, getattr(self, "_unrecognized", [])))} '
+                             f'(see --help for the flags)')
         raise UsageError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        self._unrecognized = extras
+        return parsed, extras
 
 
 # Flags that never change what a run computes, so a resumed run may give them anew.
@@ -288,27 +520,35 @@ MODEL_FLAGS = list(models.model_flags())
 
 
 def parse_args(argv=None):
-    """Resolve settings: defaults < arch defaults < --config < explicit flags."""
+    """Resolve settings: defaults < arch defaults < --config < explicit flags, each checked against its
+    domain (FLAG_DOMAINS), then their relations (validate_args). Reads at most the --config file."""
     parser = get_args_parser()
     defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
+    for name, value in explicit.items():
+        check_domain(name, value)
 
     from_config = {}
     if explicit.get('config'):
+        source = f'--config {utils.show(explicit["config"])}'
         from_config = utils.load_json(explicit['config'], what='--config')
         if not isinstance(from_config, dict):
-            raise UsageError(f'--config {explicit["config"]}: expected a JSON object of flag values')
-        unknown = sorted(set(from_config) - set(defaults))
+            raise UsageError(f'{source}: expected a JSON object of flag values, e.g. {{"epochs": 200}}, '
+                             f'not a JSON {type(from_config).__name__}')
+        unknown = sorted(set(from_config) - set(defaults) - {'config'})
         if unknown:
-            raise UsageError(f'--config {explicit["config"]}: unknown setting(s) {", ".join(unknown)}')
+            raise UsageError(f'{source}: unknown setting(s) {", ".join(map(utils.show, unknown))}')
+        if 'config' in from_config:
+            raise UsageError(f'{source}: a --config file cannot name another --config file')
+        for name, value in from_config.items():
+            check_domain(name, value, source)
 
     arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
-    try:
-        arch_defaults = models.train_defaults(arch)
-    except KeyError:
-        raise UsageError(f'--arch {arch!r}: unknown; known: {", ".join(models.list_models())}') from None
+    arch_defaults = models.train_defaults(arch)
+    for name, value in arch_defaults.items():
+        check_domain(name, value, f'--arch {arch} defaults')
     settings = {**defaults, **arch_defaults, **from_config, **explicit}
     given = set(from_config) | set(explicit)
     if settings['use_ricap'] and 'use_random_crop' not in given:
@@ -319,52 +559,43 @@ def parse_args(argv=None):
     return args
 
 
+def _exclusive(args, *names):
+    """UsageError if more than one of the switches ``names`` is on."""
+    on = [f'--{name}' for name in names if getattr(args, name)]
+    if len(on) > 1:
+        raise UsageError(f'{" and ".join(on)} cannot be combined: choose one')
+
+
 def validate_args(args):
+    """The relations between flags (each flag's own domain is FLAG_DOMAINS'); fills in derived defaults."""
     args.precision = PRECISION_ALIASES.get(args.precision, args.precision)
-    if not args.epochs > 0 or not math.isfinite(args.epochs):
-        raise UsageError(f'--epochs must be positive, got {args.epochs}')
-    if args.total_steps is not None and (not isinstance(args.total_steps, int) or args.total_steps <= 0):
-        raise UsageError(f'--total_steps must be a positive integer, got {args.total_steps}')
-    for name in ('batch_size', 'subdivision', 'eval_every', 'save_every', 'muon_ns_steps', 'ema_every'):
-        if not isinstance(getattr(args, name), int) or getattr(args, name) <= 0:
-            raise UsageError(f'--{name} must be a positive integer, got {getattr(args, name)}')
-    for name in ('base_lr', 'muon_lr', 'head_lr_factor'):
-        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
-            raise UsageError(f'--{name} must be positive, got {getattr(args, name)}')
-    for name in ('weight_decay', 'momentum', 'gradient_clip', 'lr_min', 'warmup_epochs', 'muon_momentum'):
-        if getattr(args, name) < 0:
-            raise UsageError(f'--{name} must not be negative, got {getattr(args, name)}')
-    if not 0 <= args.ema_decay < 1:
-        raise UsageError(f'--ema_decay must be in [0, 1), got {args.ema_decay}')
-    if not 0 <= args.val_ratio < 1:
-        raise UsageError(f'--val_ratio must be in [0, 1), got {args.val_ratio}')
+    if args.download is None:
+        args.download = not dataloader.offline()
     if args.batch_size % args.subdivision:
         raise UsageError(f'--subdivision {args.subdivision} must divide --batch_size {args.batch_size}')
     if args.ghost_bn_splits and (args.batch_size // args.subdivision) % args.ghost_bn_splits:
         raise UsageError(f'--ghost_bn_splits {args.ghost_bn_splits} must divide the batch of '
                          f'{args.batch_size // args.subdivision} images each forward pass sees '
                          f'(--batch_size {args.batch_size}, --subdivision {args.subdivision})')
-    if not all(isinstance(m, (int, float)) for m in args.milestones):
-        raise UsageError(f'--milestones must be a list of epochs, got {args.milestones}')
     fractional = args.total_steps is None and not float(args.epochs).is_integer()
     milestone_offset = args.warmup_epochs if args.milestones_after_warmup else 0
-    if args.scheduler == 'multistep' and fractional and any(m + milestone_offset >= args.epochs
-                                                            for m in args.milestones):
-        # with --total_steps the same check runs once the steps per epoch are known
-        raise UsageError(f'--milestones {args.milestones}: beyond the end of the {args.epochs}-epoch run')
-    if args.lookahead_every < 0 or not 0 <= args.lookahead_decay < 1:
-        raise UsageError(f'--lookahead_every must be >= 0 and --lookahead_decay in [0, 1), got '
-                         f'{args.lookahead_every} and {args.lookahead_decay}')
-    if args.lr_end_factor is not None and (not 0 <= args.lr_end_factor <= 1 or args.lr_min > 0):
-        raise UsageError(f'--lr_end_factor must be in [0, 1] and cannot be combined with --lr_min, '
-                         f'got {args.lr_end_factor}')
+    if args.scheduler == 'multistep' and args.total_steps is None and (fractional or 'milestones' in args.explicit) \
+            and any(m + milestone_offset > args.epochs for m in args.milestones):
+        # with --total_steps the same check runs once the steps per epoch are known; milestones and warmup
+        # from an arch's defaults are checked only when given (a short trial run of that arch is allowed)
+        after = f' (counted after {args.warmup_epochs} warmup epochs)' if milestone_offset else ''
+        raise UsageError(f'--milestones {utils.show(args.milestones)}: beyond the end of the {args.epochs}-epoch '
+                         f'run{after}; expected epochs before the end')
+    if args.total_steps is None and 'warmup_epochs' in args.explicit and args.warmup_epochs >= args.epochs:
+        raise UsageError(f'--warmup_epochs {args.warmup_epochs}: expected fewer than --epochs {args.epochs} '
+                         f'(warmup shorter than the run)')
+    if args.lr_end_factor is not None and args.lr_min > 0:
+        raise UsageError(f'--lr_end_factor {args.lr_end_factor} cannot be combined with --lr_min {args.lr_min}: '
+                         f'choose one final learning rate')
+    if args.warmup_method == 'geometric' and args.warmup_epochs > 0 and args.warmup_start_factor == 0:
+        raise UsageError('--warmup_method geometric needs --warmup_start_factor in (0, 1], got 0')
     if args.sam_rho is None:
         args.sam_rho = optim.default_sam_rho(args.sam_adaptive)
-    for name in ('sam_rho', 'asam_eta', 'lars_eps', 'lars_thresh'):
-        if not getattr(args, name) >= 0:
-            raise UsageError(f'--{name} must not be negative, got {getattr(args, name)}')
-    if not args.warmup_exponent > 0:
-        raise UsageError(f'--warmup_exponent must be positive, got {args.warmup_exponent}')
     if args.use_sam and args.precision == 'fp16':
         raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
     if args.optimizer == 'muon':
@@ -375,12 +606,29 @@ def validate_args(args):
             raise UsageError('--use_sam does not combine with --optimizer muon')
     if args.compile_mode is not None and not args.compile:
         raise UsageError(f'--compile_mode {args.compile_mode} needs --compile')
-    if args.whiten_bias_epochs is not None and not 0 < args.whiten_bias_epochs <= args.epochs:
+    if args.whiten_bias_epochs is not None and not args.whiten_bias_epochs <= args.epochs:
         raise UsageError(f'--whiten_bias_epochs must be in (0, --epochs], got {args.whiten_bias_epochs}')
     if args.tta == 'flip_translate' and not dataloader.DATASETS.get(args.dataset, _IMAGE_FOLDER).horizontal_flip:
         raise UsageError(f'--tta flip_translate: {args.dataset} images are not flipped in training '
                          f'(digits and characters are not mirror-symmetric); use --tta none')
+    if args.data_pipeline == 'workers' and (args.padding_mode == 'reflect' or args.alternating_flip):
+        raise UsageError('--padding_mode reflect and --alternating_flip need --data_pipeline device')
+    if args.image_size is not None and args.dataset != 'ImageFolder':
+        size = dataloader.DATASETS[args.dataset].image_size
+        raise UsageError(f'--image_size applies to --dataset ImageFolder only ({args.dataset} images are '
+                         f'{size}x{size})')
+    try:  # mixing methods exclusive, Dual-Cutout and Cutout, ...: the regularizer's own checks
+        augmentations.BatchRegularizer.from_args(args, dataloader.DATASETS.get(args.dataset, _IMAGE_FOLDER).num_classes
+                                                 or 10)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    _exclusive(args, 'evaluate', 'resume')
+    _exclusive(args, 'evaluate', 'lr_finder')
+    _exclusive(args, 'evaluate', 'dry_run')
+    _exclusive(args, 'lr_finder', 'dry_run')
     if args.gpu is not None:
+        if args.device is not None and args.device != f'cuda:{args.gpu}':
+            raise UsageError(f'--gpu {args.gpu} and --device {args.device} contradict each other: give one')
         args.device = f'cuda:{args.gpu}'
     if args.dataset_dir is None:
         args.dataset_dir = os.path.expanduser(os.path.join('~/.torchvision/datasets', args.dataset))
@@ -846,16 +1094,27 @@ class RunDirectory:
     writes; on the other ranks the ``save_*`` methods write nothing, so a run has one set of files.
     """
 
-    def __init__(self, outdir, resume, dist=utils.SINGLE_PROCESS):
+    def __init__(self, outdir, resume, dist=utils.SINGLE_PROCESS, create=True):
         self.outdir = outdir
         self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
         self.writes = dist.is_main
-        self.has_checkpoint = dist.run_on_main(lambda: self._prepare(resume))
+        self.dist = dist
+        self.has_checkpoint = dist.run_on_main(lambda: self._check(resume))
+        if create:
+            self.create()
 
-    def _prepare(self, resume):
+    def _check(self, resume):
+        """The verdict on the directory, touching nothing: bad input must leave the disk as it was."""
         outdir = self.outdir
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
+        existing = os.path.abspath(outdir)  # the directory itself, or the nearest ancestor that exists
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is not a directory)')
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
         has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
             if not has_checkpoint:
@@ -865,6 +1124,14 @@ class RunDirectory:
         elif os.path.isdir(outdir) and os.listdir(outdir):
             raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
                              f'or choose another directory')
+        return has_checkpoint
+
+    def create(self):
+        """Make the directory, once every check of the input has passed."""
+        self.dist.run_on_main(self._create)
+
+    def _create(self):
+        outdir = self.outdir
         try:
             os.makedirs(outdir, exist_ok=True)
             probe = os.path.join(outdir, '.write-test')
@@ -873,7 +1140,6 @@ class RunDirectory:
             os.remove(probe)
         except OSError as error:
             raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
-        return has_checkpoint
 
     def path(self, name):
         return os.path.join(self.outdir, name)
@@ -925,6 +1191,14 @@ def build_model(args, info, device):
     return model
 
 
+def load_checkpoint_for(path, flag):
+    """utils.load_checkpoint, its one-line error naming the flag that pointed at the file."""
+    try:
+        return utils.load_checkpoint(path)
+    except UsageError as error:
+        raise UsageError(f'{flag}: {error}') from None
+
+
 def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
     """--evaluate: rebuild the model from the config.json beside the weights and test it.
 
@@ -933,7 +1207,7 @@ def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
     the ranks share the test set and rank 0 prints the result of all of them.
     """
     adopt_saved_settings(args, saved_run_settings(args.evaluate))
-    state = dist.run_on_main(lambda: load_model_state(args.evaluate))
+    state = dist.run_on_main(lambda: load_model_state(args.evaluate, '--evaluate'))
     with dist.agree():
         data = dataloader.build_data(args.dataset, args.dataset_dir, max(1, args.batch_size // dist.world_size),
                                      device, args.data_pipeline, args.num_workers, download=args.download,
@@ -962,9 +1236,10 @@ def adopt_saved_settings(args, settings):
             setattr(args, name, settings[name])
 
 
-def load_model_state(path):
-    """The state_dict in a model_state.pth or in a checkpoint.pth's ``model``, without DDP's ``module.``."""
-    state = utils.load_checkpoint(path)
+def load_model_state(path, flag):
+    """The state_dict in a model_state.pth or in a checkpoint.pth's ``model``, without DDP's ``module.``;
+    a file that is no checkpoint is refused in one line naming ``flag``."""
+    state = load_checkpoint_for(path, flag)
     if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
         state = state['model']
     if isinstance(state, dict):
@@ -1001,7 +1276,7 @@ def build_teacher(args, device):
         raise UsageError(f'--teacher {args.teacher}: unknown arch {arch!r} in its config.json') from None
     except models.ModelConfigError as error:
         raise UsageError(f'--teacher {args.teacher}: {error}') from None
-    load_weights(teacher, load_model_state(args.teacher), '--teacher', args.teacher, arch)
+    load_weights(teacher, load_model_state(args.teacher, '--teacher'), '--teacher', args.teacher, arch)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -1071,7 +1346,7 @@ def predict(args):
     info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
     device = resolve_device(args.device)
     model = build_model(args, info, device)
-    load_weights(model, load_model_state(args.weights), '--weights', args.weights, args.arch)
+    load_weights(model, load_model_state(args.weights, '--weights'), '--weights', args.weights, args.arch)
     model.eval()
     names = class_names(args.dataset, dataset_dirs) or tuple(str(i) for i in range(info.num_classes))
     transform = dataloader.build_sample_transform(info, train=False, from_pil=True, image_size=info.image_size)
@@ -1106,10 +1381,10 @@ def main(argv=None):
 
     run = None
     if not args.dry_run:
-        run = RunDirectory(args.outdir, args.resume, dist)
+        run = RunDirectory(args.outdir, args.resume, dist, create=False)  # made once all the input is checked
         args.resume = args.resume and run.has_checkpoint
         if args.resume:
-            checkpoint = dist.run_on_main(lambda: utils.load_checkpoint(run.checkpoint_path))
+            checkpoint = dist.run_on_main(lambda: load_checkpoint_for(run.checkpoint_path, '--resume'))
             args = restore_args(args, checkpoint)
     batch_size = rank_batch_size(args, dist)
     utils.set_seed(args.seed)  # the same on every rank: the model's initialization, the flip phases
@@ -1155,17 +1430,25 @@ def main(argv=None):
     total_steps = args.total_steps or math.ceil(args.epochs * steps_per_epoch - 1e-9)
     milestone_offset = args.warmup_epochs if args.milestones_after_warmup else 0
     if args.total_steps and args.scheduler == 'multistep' and any(
-            (m + milestone_offset) * steps_per_epoch >= total_steps for m in args.milestones):
-        raise UsageError(f'--milestones {args.milestones}: beyond the end of the run ({total_steps} steps of '
-                         f'{steps_per_epoch} per epoch)')
+            (m + milestone_offset) * steps_per_epoch > total_steps for m in args.milestones):
+        raise UsageError(f'--milestones {utils.show(args.milestones)}: beyond the end of the run ({total_steps} '
+                         f'steps of {steps_per_epoch} per epoch)')
+    if args.total_steps and 'warmup_epochs' in args.explicit and args.warmup_epochs * steps_per_epoch >= total_steps:
+        raise UsageError(f'--warmup_epochs {args.warmup_epochs}: expected fewer epochs than the run '
+                         f'({total_steps} steps of {steps_per_epoch} per epoch)')
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = build_optimizer(model, args)
-    scheduler = optim.build_scheduler(
-        optimizer, scheduler=args.scheduler, epochs=total_steps / steps_per_epoch, steps_per_epoch=steps_per_epoch,
-        milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min, T0=args.T0, T_mul=args.T_mul,
-        poly_power=args.poly_power, warmup_epochs=args.warmup_epochs, warmup_method=args.warmup_method,
-        warmup_start_factor=args.warmup_start_factor, lr_end_factor=args.lr_end_factor,
-        warmup_exponent=args.warmup_exponent, milestones_after_warmup=args.milestones_after_warmup)
+    try:
+        scheduler = optim.build_scheduler(
+            optimizer, scheduler=args.scheduler, epochs=total_steps / steps_per_epoch, steps_per_epoch=steps_per_epoch,
+            milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min, T0=args.T0, T_mul=args.T_mul,
+            poly_power=args.poly_power, warmup_epochs=args.warmup_epochs, warmup_method=args.warmup_method,
+            warmup_start_factor=args.warmup_start_factor, lr_end_factor=args.lr_end_factor,
+            warmup_exponent=args.warmup_exponent, milestones_after_warmup=args.milestones_after_warmup)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if run is not None:
+        run.create()
     if args.lr_finder:
         return run_lr_finder(model, optimizer, data, regularizer, run)
 

@@ -10,8 +10,9 @@
 #   --seeds 0,1,2   the seeds (env SEEDS="0 1 2" too). Default: as many as the published figure is
 #                   the median of (5 for rp56, 1 for a "1 run" figure), 3 where no count is published
 #   --epochs K      a quick check: every run trains K epochs into results/NAME_epK/<seed>/, never
-#                   into the full run's directory (other epoch counts of a row, e.g. warmup or
-#                   --whiten_bias_epochs, stay: override them after --)
+#                   into the full run's directory (other epoch counts of a row, e.g. warmup,
+#                   --milestones or --whiten_bias_epochs, stay: main.py refuses those beyond K
+#                   epochs, so override them after --)
 #   --dry           print the commands (with --resume where it applies) and the skipped runs (env DRY=1)
 #   --results DIR   the folder of the run directories (default results/; env RESULTS_DIR)
 #   -- FLAGS        main.py flags for every run, after the row's own so they win (env EXTRA="FLAGS")

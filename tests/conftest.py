@@ -81,6 +81,12 @@ def write_image_folder(root, n_per_class=6, classes=('cat', 'dog', 'frog'), size
     return root
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test reaches the network: a missing dataset is an error unless a test mocks the download."""
+    monkeypatch.setenv('CIFAR_TOOLKIT_OFFLINE', '1')
+
+
 @pytest.fixture(scope='session')
 def cifar10_dir(tmp_path_factory):
     return write_cifar10(str(tmp_path_factory.mktemp('cifar10')))

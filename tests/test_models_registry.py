@@ -286,9 +286,9 @@ def test_generated_flags_parse_like_the_hand_written_ones():
                             '0.1', '--window_size', '4'])
     assert (args.n_blocks, args.drop_path_rate, args.window_size) == ([2, 2, 2, 2], 0.1, 4)
     assert main.model_kwargs(args)['n_blocks'] == [2, 2, 2, 2]
-    with pytest.raises(main.UsageError, match='argument --depth: invalid int value'):
+    with pytest.raises(main.UsageError, match='--depth deep: expected an integer >= 1'):
         main.parse_args(['--outdir', 'x', '--depth', 'deep'])
-    with pytest.raises(main.UsageError, match='argument --block_type: invalid choice'):
+    with pytest.raises(main.UsageError, match='--block_type wide: expected one of basic, bottleneck'):
         main.parse_args(['--outdir', 'x', '--block_type', 'wide'])
 
 
