@@ -354,7 +354,14 @@ class WorkersLoader(torch.utils.data.DataLoader):
         self.sampler.start_at(order, batch * self.batch_size)
 
     def __iter__(self):
-        for images, labels in super().__iter__():
+        resuming = isinstance(self.sampler, ResumableSampler) and self.sampler.resuming
+        # a new iterator draws its workers' base seed from the global generator; a resumed epoch's
+        # random state was saved after that draw, so the draw is undone
+        rng_state = torch.get_rng_state() if resuming else None
+        iterator = super().__iter__()
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        for images, labels in iterator:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 
@@ -374,6 +381,10 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def start_at(self, order, first):
         self._resume = (torch.as_tensor(order, dtype=torch.int64), int(first))
+
+    @property
+    def resuming(self):
+        return self._resume is not None
 
     def __len__(self):
         return len(self.sampler)

@@ -1103,7 +1103,12 @@ def main(argv=None):
         run.save_json(log, 'log.json')  # the checkpoint's log is authoritative: drop epochs after it
     write_config(run, args, n_params, device, dist)
     if start_epoch > n_epochs:
-        dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
+        finals = ['model_state.pth', 'summary.json'] + (['model_state_ema.pth'] if trainer.ema is not None else [])
+        if all(os.path.isfile(run.path(name)) for name in finals):
+            dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
+            return
+        dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; writing its final files')
+        save_final(run, model, trainer, log, data.test_split_name, None)
         return
     compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
     if compile_time is not None:
@@ -1125,8 +1130,11 @@ def main(argv=None):
         except Interrupted as interrupted:
             raise Interrupted(interrupted.signum, f'{interrupted}; resume with: {resume_command(argv, dist)}') from None
 
-    if writer is not None:
-        writer.flush()
+    save_final(run, model, trainer, log, split, writer)
+
+
+def save_final(run, model, trainer, log, split, writer):
+    """The files of a finished run: model_state.pth (and the EMA's), summary.json."""
     run.save_weights(model.state_dict(), 'model_state.pth')
     if trainer.ema is not None:
         run.save_weights(trainer.ema.module.state_dict(), 'model_state_ema.pth')
