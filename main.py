@@ -473,6 +473,8 @@ class Trainer:
         self.forward_loss, self.eval_forward = self._forward_loss, model
         self._compile_pending = {'train': False, 'eval': False}
         self.stop = None  # a utils.StopSignals while training
+        self.position, self.save_position = None, None  # see train_one_epoch
+        self.last_nonfinite = None  # the last step's non-finite flag (a device bool)
         self.nonfinite_before = 0  # non-finite steps of the epochs before this one
         self._poisoned_steps = utils.test_nonfinite_steps()
         self._poison = False
@@ -571,9 +573,9 @@ class Trainer:
         return self.regularizer.split(*self.regularizer(images, labels), self.args.subdivision)
 
     def train_step(self, images, labels):
-        """One step; returns (loss, accuracy, nonfinite), device scalars, ``nonfinite`` True where the
-        loss was NaN or infinite (with --skip_nonfinite the step then leaves weights, buffers and
-        optimizer state as they were)."""
+        """One step; returns (loss, accuracy), device scalars, and sets :attr:`last_nonfinite`, a device
+        bool, True where the loss was NaN or infinite (with --skip_nonfinite the step then leaves
+        weights, buffers and optimizer state as they were)."""
         self._poison = bool(self._poisoned_steps) and self.scheduler.last_epoch + 1 in self._poisoned_steps
         snapshot = self._snapshot() if self.args.skip_nonfinite > 0 else None
         chunks = self._sub_batches(images, labels)
@@ -601,7 +603,8 @@ class Trainer:
             self.lookahead.step(self.scheduler.last_epoch)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss, accuracy, nonfinite
+        self.last_nonfinite = nonfinite
+        return loss, accuracy
 
     def _state_tensors(self):
         """The tensors a step changes: parameters, buffers and the optimizer's state (of SAM's base
@@ -647,14 +650,16 @@ class Trainer:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
 
-    def train_one_epoch(self, loader, epoch, progress, position=None, save_position=None):
-        """Train one epoch (from the step a mid-epoch checkpoint's ``position`` reached, if given).
+    def train_one_epoch(self, loader, epoch, progress):
+        """Train one epoch; from the step that :attr:`position` (a mid-epoch checkpoint's, consumed
+        here) reached, if set.
 
-        ``save_position(position)`` writes a mid-epoch checkpoint: every --save_every_steps steps,
-        and when a stop signal came (then :class:`Interrupted` is raised after it). ``position``
-        holds what the rest of the epoch needs to run as the uninterrupted one: the step, the
-        epoch's order of images, and this rank's partial meters and non-finite counters.
+        :attr:`save_position` ``(position)``, if set, writes a mid-epoch checkpoint: every
+        --save_every_steps steps, and when a stop signal came (then :class:`Interrupted` is raised
+        after it). A position holds what the rest of the epoch needs to run as the uninterrupted one:
+        the step, the epoch's order of images, and each rank's partial meters and non-finite counters.
         """
+        position, save_position, self.position = self.position, self.save_position, None
         self.network.train()
         loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -686,7 +691,8 @@ class Trainer:
             # the scheduler counts the steps taken: a fractional last epoch stops at the budget
             if self.total_steps is not None and self.scheduler.last_epoch >= self.total_steps:
                 break
-            loss, accuracy, bad = self.train_step(images, labels)
+            loss, accuracy = self.train_step(images, labels)
+            bad = self.last_nonfinite
             step += 1
             loss_meter.update(torch.where(bad, 0.0, loss), len(labels))
             accuracy_meter.update(torch.where(bad, 0.0, accuracy), len(labels))
@@ -1161,7 +1167,8 @@ def train_epochs(run, args, model, trainer, data, log, writer, progress, start_e
             state['lr'] = record['lr']
             run.save_checkpoint(checkpoint_state(model, trainer, epoch - 1, args, log, position=state))
 
-        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress, position, save_position))
+        trainer.position, trainer.save_position = position, save_position
+        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
         position = None
         trainer.nonfinite_before += record['nonfinite_steps']
         if compile_time is not None and epoch == start_epoch:

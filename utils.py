@@ -117,8 +117,8 @@ KILL_AT_VARIABLE = 'TOOLKIT_TEST_KILL_AT'
 
 
 class _KillPoints:
-    """Test hook: ``TOOLKIT_TEST_KILL_AT=NAME:N[:SIGNAL][,...]`` sends this process SIGKILL (or SIGNAL,
-    e.g. TERM) the N-th time it reaches the point NAME (``step``: inside a training step, after its
+    """Test hook: ``TOOLKIT_TEST_KILL_AT=NAME:N[:SIGNAL[:RANK]][,...]`` sends this process (of torchrun
+    rank RANK only, if given) SIGKILL (or SIGNAL, e.g. TERM) the N-th time it reaches the point NAME (``step``: inside a training step, after its
     backward pass; ``evaluate``: after an evaluation batch; ``checkpoint_write``: checkpoint.pth's
     temporary file written, not yet renamed; ``after_log``: log.json written, the checkpoint not yet),
     so that tests can kill or stop a real run anywhere. Unset (always, outside tests): one lookup."""
@@ -132,8 +132,8 @@ class _KillPoints:
             return
         self.counts[name] = count = self.counts.get(name, 0) + 1
         for item in spec.split(','):
-            point, at, signal_name = (item.split(':') + ['', ''])[:3]
-            if point == name and count == int(at or 1):
+            point, at, signal_name, rank = (item.split(':') + ['', '', ''])[:4]
+            if point == name and count == int(at or 1) and (not rank or int(rank) == env_rank()):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.kill(os.getpid(), getattr(signal, f'SIG{signal_name}') if signal_name else signal.SIGKILL)

@@ -105,7 +105,7 @@ def test_refuses_to_overwrite_and_resume_refuses_changed_settings(cifar10_dir, t
     assert run_main(run) == 2
     assert 'not empty; pass --resume' in capsys.readouterr().err
     assert run_main([*run, '--resume', '--base_lr', '0.5']) == 2
-    assert '--base_lr differ from the saved run' in capsys.readouterr().err
+    assert '--base_lr 0.5 (saved run: 0.1)' in capsys.readouterr().err
     assert open(os.path.join(outdir, 'log.json')).read() == before
     assert run_main([*run, '--resume', '--epochs', '2']) == 0  # extending a finished run
     assert len(json.load(open(os.path.join(outdir, 'log.json')))) == 2

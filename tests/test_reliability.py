@@ -251,7 +251,7 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_chec
     assert not (tmp_path / 'early' / 'checkpoint.pth').exists()
 
 
-@pytest.mark.parametrize('extra', [[], ['--use_sam'], ['--optimizer', 'lars'], ['--optimizer', 'adamw']])
+@pytest.mark.parametrize('extra', [[], ['--use_sam', '--optimizer', 'adamw']])
 def test_skip_nonfinite_skips_the_update_and_counts_it(extra, cifar10_dir, tmp_path, monkeypatch, capsys):
     outdir = tmp_path / 'run'
     monkeypatch.setenv('TOOLKIT_TEST_NONFINITE_STEPS', '1,13')  # the very first step (no optimizer state yet)
@@ -299,12 +299,12 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(cifar10_dir
     before = {key: value.clone() for key, value in model.state_dict().items()}
     momentum = [optimizer.state[p]['momentum_buffer'].clone() for p in model.parameters()]
     trainer._poisoned_steps = {2}
-    _, _, bad = trainer.train_step(images, labels)
-    assert bool(bad)
+    trainer.train_step(images, labels)
+    assert bool(trainer.last_nonfinite)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(m, optimizer.state[p]['momentum_buffer']) for m, p in zip(momentum, model.parameters()))
-    _, _, bad = trainer.train_step(images, labels)
-    assert not bool(bad) and not torch.equal(before['0.weight'], model.state_dict()['0.weight'])
+    trainer.train_step(images, labels)
+    assert not bool(trainer.last_nonfinite) and not torch.equal(before['0.weight'], model.state_dict()['0.weight'])
 
 
 @pytest.fixture(scope='module')
