@@ -363,3 +363,44 @@ def test_resume_cleans_temporaries_and_rewrites_the_log_from_the_checkpoint(fini
     assert run_main([*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--resume']) == 0
     assert not _temporaries(outdir)
     assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2]
+
+
+def _tensorboard_scalars(logdir):
+    """(tag, step) of every scalar TensorBoard shows: the event files in order, each SessionLog START at
+    step s (a writer's purge_step) hiding the earlier events at steps >= s, as TensorBoard's reader does."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    shown, raw = [], []
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), 'rb').read()
+        offset = 0
+        while offset < len(data):
+            length = struct.unpack('<Q', data[offset:offset + 8])[0]
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField('session_log') and event.session_log.status == event_pb2.SessionLog.START:
+                shown = [(tag, step) for tag, step in shown if step < event.step]
+            for value in event.summary.value:
+                shown.append((value.tag, event.step))
+                raw.append((value.tag, event.step))
+    return shown, raw
+
+
+def test_resumed_tensorboard_has_no_duplicated_steps(cifar10_dir, tmp_path, monkeypatch):
+    pytest.importorskip('tensorboardX')
+    outdir = tmp_path / 'run'
+    run = [*RUN, '--tensorboard', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]
+    calls = []
+
+    def die_after_the_second_log(name):  # epoch 2's scalars written, its checkpoint not
+        calls.append(name)
+        if name == 'after_log' and calls.count(name) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(utils, 'kill_point', die_after_the_second_log)
+    assert run_main(run) == 130
+    monkeypatch.undo()
+    assert run_main([*run, '--resume']) == 0
+    shown, raw = _tensorboard_scalars(outdir / 'tensorboard')
+    assert ('train/loss', 2) in raw and raw.count(('train/loss', 2)) == 2  # written twice on disk ...
+    assert len(shown) == len(set(shown))  # ... shown once
+    assert sorted(step for tag, step in shown if tag == 'train/loss') == [1, 2, 3]
