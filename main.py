@@ -1467,7 +1467,7 @@ def cli(argv=None):
         _exit(1, f'{program}: {error}; the previous {os.path.basename(error.path)} is intact (free space, '
                  f'then continue with --resume)', speaks)
     except FloatingPointError as error:
-        _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last completed epoch, if any '
+        _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last checkpoint before it, if any '
                  f'(try a lower --base_lr, warmup or --gradient_clip)', speaks)
     except Exception as error:  # only a distributed run's lost peer is handled here
         if not (utils.launched_by_torchrun() and utils.is_collective_failure(error)):

@@ -288,7 +288,7 @@ def test_divergence_stops_with_one_clear_line(cifar10_dir, tmp_path, capsys):
     code = run_main([*TINY_RUN, '--epochs', '3', '--dataset_dir', cifar10_dir, '--outdir', str(outdir),
                      '--base_lr', '1e30', '--scheduler', 'none'])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and 'diverged: training loss became nan in epoch 1' in err[-1]
+    assert code == 1 and 'diverged: non-finite training loss at epoch 1, step ' in err[-1]
     assert 'Traceback' not in '\n'.join(err)
 
 
