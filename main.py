@@ -682,6 +682,8 @@ class Trainer:
             self._check_nonfinite(epoch, nonfinite, first_nonfinite)  # never save NaN weights
             mine = {'loss_total': loss_meter.total, 'accuracy_total': accuracy_meter.total, 'count': loss_meter.count,
                     'nonfinite': nonfinite, 'first_nonfinite': first_nonfinite, 'bad_images': bad_images}
+            # on the host before they travel to rank 0: another machine's GPU cannot be named in the checkpoint
+            mine = {key: value.cpu() if torch.is_tensor(value) else value for key, value in mine.items()}
             return {'epoch': epoch, 'step': step, 'order': loader.order.cpu(),
                     'train_time': elapsed_before + time.perf_counter() - start,
                     'meters': self.dist.all_gather_object(mine), 'world_size': self.dist.world_size}
