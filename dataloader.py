@@ -293,6 +293,8 @@ class DeviceLoader:
         # drawn from the CPU generator so that a given --seed fixes it on every device
         self.flip_phase = (torch.rand(len(labels)) < 0.5).to(device) if flip_mode == 'alternating' else None
         self.epoch = 1
+        self.order = None  # the current epoch's order (saved by a mid-epoch checkpoint)
+        self._resume = None
         global_batch = batch_size * self.world_size if train else batch_size
         # A last batch of one image breaks BatchNorm in training, so full batches only there.
         self.drop_last = train and len(labels) > global_batch if drop_last is None else drop_last
@@ -328,12 +330,23 @@ class DeviceLoader:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         return torch.randperm(self.num_samples, generator=generator).to(self.device)
 
+    def start_at(self, order, batch):
+        """The next epoch visits the images in ``order`` (a saved :attr:`order`) from its batch ``batch``
+        on, drawing no new permutation: a run resumed from a mid-epoch checkpoint sees what the
+        uninterrupted run saw."""
+        self._resume = (torch.as_tensor(order).to(self.device), int(batch))
+
     def __iter__(self):
-        order = self.epoch_order()
+        first = 0
+        if self._resume is not None:
+            (order, first), self._resume = self._resume, None
+        else:
+            order = self.epoch_order()
+        self.order = order
         epoch_flip = None
         if self.train and self.horizontal_flip and self.flip_phase is not None:
             epoch_flip = augmentations.alternating_flip(self.flip_phase, self.epoch)
-        for start in self._batch_starts():
+        for start in self._batch_starts()[first:]:
             index = order[start:start + self.batch_size]
             images = self.images[index]
             if self.train:
@@ -396,16 +409,19 @@ class WorkersLoader(torch.utils.data.DataLoader):
     def __init__(self, dataset, batch_size, device, train, num_workers, shard=(0, 1), seed=0):
         rank, world_size = shard
         options = dict(num_workers=num_workers, pin_memory=device.type == 'cuda', persistent_workers=num_workers > 0)
-        if world_size == 1:
-            super().__init__(dataset, batch_size=batch_size, shuffle=train,
-                             drop_last=train and len(dataset) > batch_size, **options)
+        if world_size == 1 and train:
+            super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(
+                torch.utils.data.RandomSampler(dataset)), drop_last=len(dataset) > batch_size, **options)
+        elif world_size == 1:
+            super().__init__(dataset, batch_size=batch_size, shuffle=False, **options)
         elif train:
             if len(dataset) // world_size < batch_size:
                 raise UsageError(f'--batch_size {batch_size * world_size}: the {len(dataset)} training images do '
                                  f'not fill one global batch')
             sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
                                                           drop_last=True)
-            super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **options)
+            super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(sampler), drop_last=True,
+                             **options)
         else:
             # this rank's batches one after another: consecutive groups of batch_size are exactly
             # those batches, because only the last batch of the test set can be short
@@ -420,12 +436,62 @@ class WorkersLoader(torch.utils.data.DataLoader):
 
     def set_epoch(self, epoch):
         """Reshuffle a distributed run's shards (DeviceLoader's alternating flip depends on it too)."""
-        if isinstance(self.sampler, torch.utils.data.DistributedSampler):
+        if isinstance(self.sampler, ResumableSampler):
             self.sampler.set_epoch(epoch)
 
+    @property
+    def order(self):
+        return self.sampler.order if isinstance(self.sampler, ResumableSampler) else None
+
+    def start_at(self, order, batch):
+        """As :meth:`DeviceLoader.start_at`: the next epoch takes the samples of ``order`` from batch
+        ``batch`` on. The order is that of the interrupted epoch; with worker processes
+        (--num_workers > 0) the random augmentation of the remaining images is drawn anew."""
+        self.sampler.start_at(order, batch * self.batch_size)
+
     def __iter__(self):
-        for images, labels in super().__iter__():
+        resuming = isinstance(self.sampler, ResumableSampler) and self.sampler.resuming
+        # a new iterator draws its workers' base seed from the global generator; a resumed epoch's
+        # random state was saved after that draw, so the draw is undone
+        rng_state = torch.get_rng_state() if resuming else None
+        iterator = super().__iter__()
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        for images, labels in iterator:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """A training sampler that remembers the order it gave this epoch (:attr:`order`) and can start
+    the next epoch inside a saved order (:meth:`start_at`) instead of drawing a new one; otherwise
+    it is ``sampler`` (same random draws, so runs are unchanged)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.order = None
+        self._resume = None
+
+    def set_epoch(self, epoch):
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def start_at(self, order, first):
+        self._resume = (torch.as_tensor(order, dtype=torch.int64), int(first))
+
+    @property
+    def resuming(self):
+        return self._resume is not None
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        first = 0
+        if self._resume is not None:
+            (self.order, first), self._resume = self._resume, None
+        else:
+            self.order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        return iter(self.order[first:].tolist())
 
 
 def _image_folder_info(dataset_dir, image_size):

@@ -260,6 +260,13 @@ def get_args_parser():
     group.add_argument('--eval_every', type=int, default=1, help='evaluate every N epochs (and after the last)')
     group.add_argument('--save_every', type=int, default=1,
                        help='write checkpoint.pth every N epochs (and after the last)')
+    group.add_argument('--save_every_steps', type=int, default=0,
+                       help='also write checkpoint.pth every N training steps inside an epoch (0 = off); '
+                            '--resume continues at that step with the same data order')
+    group.add_argument('--skip_nonfinite', type=int, default=0,
+                       help='skip the update of up to N training steps whose loss is NaN or infinite (counted '
+                            'per epoch as nonfinite_steps in log.json); the run stops when more happen (0: at the '
+                            'first)')
     _switch(group, '--channels_last', 'channels_last memory format for model and inputs')
     _switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
     group.add_argument('--compile_mode', default=None, choices=['default', 'reduce-overhead', 'max-autotune'],
@@ -446,6 +453,8 @@ FLAG_DOMAINS = {
     'tta': Choice(('none', 'flip', 'flip_translate')),
     'eval_every': Int(1),
     'save_every': Int(1),
+    'save_every_steps': Int(0),
+    'skip_nonfinite': Int(0),
     'channels_last': Bool(),
     'compile': Bool(),
     'compile_mode': Choice(('default', 'reduce-overhead', 'max-autotune'), optional=True),
@@ -512,7 +521,7 @@ RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboa
                   'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
                   'epochs', 'eval_every',
                   'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
-                  'find_unused_parameters'}
+                  'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
 # Settings that may differ between the machines of a multi-node run; all others must be the same on every rank.
 MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download')
 # Every builder keyword argument is a flag (add_model_flags); these are their names.
@@ -757,6 +766,22 @@ def list_archs(args):
 
 # ----------------------------------------------------------------------------- training
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint: main.py prints the message, exits 128 + signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Non-finite losses are flagged on the device every step and read on the host at most every this many
+# steps (and at each checkpoint and epoch end): the run stops within this many steps of a divergence.
+NONFINITE_CHECK_EVERY = 100
+# Under torchrun the ranks agree on a stop signal every this many steps (one tiny all-reduce).
+STOP_CHECK_EVERY = 10
+_NEVER = 2**62
+
+
 class Trainer:
     """One optimization step and one evaluation pass, with AMP, ghost batches, SAM, EMA and torch.compile.
 
@@ -791,6 +816,12 @@ class Trainer:
         self.teacher = build_teacher(args, device) if getattr(args, 'teacher', None) else None
         self.forward_loss, self.eval_forward = self._forward_loss, model
         self._compile_pending = {'train': False, 'eval': False}
+        self.stop = None  # a utils.StopSignals while training
+        self.position, self.save_position = None, None  # see train_one_epoch
+        self.last_nonfinite = None  # the last step's non-finite flag (a device bool)
+        self.nonfinite_before = 0  # non-finite steps of the epochs before this one
+        self._poisoned_steps = utils.test_nonfinite_steps()
+        self._poison = False
         if args.compile:
             try:
                 # the loss is traced with the forward pass, so AOTAutograd compiles its backward too
@@ -882,6 +913,8 @@ class Trainer:
                                                     lambda: self._forward_loss(images, targets))
                 else:
                     logits, loss = self.forward_loss(images, targets)
+                if self._poison:  # test hook (TOOLKIT_TEST_NONFINITE_STEPS): a non-finite loss at a chosen step
+                    loss = loss * float('nan')
                 self.scaler.scale(loss * (len(targets) / batch_size)).backward()
             total_loss += loss.detach() * len(targets)
             total_correct += self.regularizer.accuracy(logits.detach(), targets) * len(targets)
@@ -893,9 +926,18 @@ class Trainer:
         return self.regularizer.split(*self.regularizer(images, labels), self.args.subdivision)
 
     def train_step(self, images, labels):
+        """One step; returns (loss, accuracy), device scalars, and sets :attr:`last_nonfinite`, a device
+        bool, True where the loss was NaN or infinite (with --skip_nonfinite the step then leaves
+        weights, buffers and optimizer state as they were)."""
+        self._poison = bool(self._poisoned_steps) and self.scheduler.last_epoch + 1 in self._poisoned_steps
+        snapshot = self._snapshot() if self.args.skip_nonfinite > 0 else None
         chunks = self._sub_batches(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss, accuracy = self._forward_backward(chunks)
+        nonfinite = ~torch.isfinite(loss)
+        if self.dist.enabled and snapshot is not None:  # every rank skips the step that any rank found bad
+            nonfinite = self.dist.all_reduce_max_(nonfinite.to(torch.int32)).bool()
+        utils.kill_point('step')
         if self.args.use_sam:
             self.optimizer.first_step(zero_grad=True)
             with optim.frozen_bn_statistics(self.model, enabled=self.args.sam_freeze_bn_stats):
@@ -907,12 +949,51 @@ class Trainer:
             self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if snapshot is not None:
+            self._restore_if(nonfinite, snapshot)
         self.scheduler.step()
         if self.lookahead is not None:
             self.lookahead.step(self.scheduler.last_epoch)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        self.last_nonfinite = nonfinite
         return loss, accuracy
+
+    def _state_tensors(self):
+        """The tensors a step changes: parameters, buffers and the optimizer's state (of SAM's base
+        optimizer, Muon's two optimizers and its filter matrices too)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        pending, seen = [self.optimizer], set()
+        while pending:
+            optimizer = pending.pop()
+            if id(optimizer) in seen:
+                continue
+            seen.add(id(optimizer))
+            for state in optimizer.state.values():
+                tensors += [value for value in state.values() if torch.is_tensor(value)]
+            for value in vars(optimizer).values():
+                if isinstance(value, torch.optim.Optimizer):
+                    pending.append(value)
+                elif isinstance(value, list) and value and all(torch.is_tensor(item) for item in value):
+                    tensors += value
+        unique = {}
+        for tensor in tensors:
+            unique.setdefault(id(tensor), tensor)
+        return list(unique.values())
+
+    @torch.no_grad()
+    def _snapshot(self):
+        return {id(tensor): tensor.detach().clone() for tensor in self._state_tensors()}
+
+    @torch.no_grad()
+    def _restore_if(self, nonfinite, snapshot):
+        """Undo the step on the device where ``nonfinite`` (no host sync, as GradScaler skips a step):
+        every tensor goes back to its snapshot; state the step created starts from zero."""
+        for tensor in self._state_tensors():
+            saved = snapshot.get(id(tensor))
+            if saved is None:
+                saved = torch.zeros_like(tensor)
+            tensor.copy_(torch.where(nonfinite.to(tensor.device), saved, tensor))
 
     def _clip(self):
         if self.args.gradient_clip > 0:
@@ -923,37 +1004,115 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def train_one_epoch(self, loader, epoch, progress):
+        """Train one epoch; from the step that :attr:`position` (a mid-epoch checkpoint's, consumed
+        here) reached, if set.
+
+        :attr:`save_position` ``(position)``, if set, writes a mid-epoch checkpoint: every
+        --save_every_steps steps, and when a stop signal came (then :class:`Interrupted` is raised
+        after it). A position holds what the rest of the epoch needs to run as the uninterrupted one:
+        the step, the epoch's order of images, and each rank's partial meters and non-finite counters.
+        """
+        position, save_position, self.position = self.position, self.save_position, None
         self.network.train()
         loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
+        nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_nonfinite = torch.full((), _NEVER, dtype=torch.int64, device=self.device)
+        bad_images = torch.zeros((), dtype=torch.int64, device=self.device)
+        step, elapsed_before = 0, 0.0
+        if position is not None:
+            meters = position['meters'][self.dist.rank]
+            step, elapsed_before = position['step'], position['train_time']
+            loss_meter.total, accuracy_meter.total = (_to_device(meters['loss_total'], self.device),
+                                                      _to_device(meters['accuracy_total'], self.device))
+            loss_meter.count = accuracy_meter.count = meters['count']
+            nonfinite, first_nonfinite, bad_images = (_to_device(meters[key], self.device) for key in
+                                                      ('nonfinite', 'first_nonfinite', 'bad_images'))
+        every = self.args.save_every_steps
         self._synchronize()
         start = last_shown = time.perf_counter()
+
+        def current_position():
+            self._check_nonfinite(epoch, nonfinite, first_nonfinite)  # never save NaN weights
+            mine = {'loss_total': loss_meter.total, 'accuracy_total': accuracy_meter.total, 'count': loss_meter.count,
+                    'nonfinite': nonfinite, 'first_nonfinite': first_nonfinite, 'bad_images': bad_images}
+            # on the host before they travel to rank 0: another machine's GPU cannot be named in the checkpoint
+            mine = {key: value.cpu() if torch.is_tensor(value) else value for key, value in mine.items()}
+            return {'epoch': epoch, 'step': step, 'order': loader.order.cpu(),
+                    'train_time': elapsed_before + time.perf_counter() - start,
+                    'meters': self.dist.all_gather_object(mine), 'world_size': self.dist.world_size}
+
         bar = progress(loader, f'epoch {epoch} train')
         for images, labels in bar:
             # the scheduler counts the steps taken: a fractional last epoch stops at the budget
             if self.total_steps is not None and self.scheduler.last_epoch >= self.total_steps:
                 break
             loss, accuracy = self.train_step(images, labels)
-            loss_meter.update(loss, len(labels))
-            accuracy_meter.update(accuracy, len(labels))
+            bad = self.last_nonfinite
+            step += 1
+            loss_meter.update(torch.where(bad, 0.0, loss), len(labels))
+            accuracy_meter.update(torch.where(bad, 0.0, accuracy), len(labels))
+            nonfinite += bad
+            first_nonfinite = torch.minimum(first_nonfinite, torch.where(bad, step, _NEVER))
+            bad_images += bad * len(labels)
+            if step % NONFINITE_CHECK_EVERY == 0:
+                self._check_nonfinite(epoch, nonfinite, first_nonfinite)
+            signum = self.stop_requested(step)
+            if signum or (every and self.scheduler.last_epoch % every == 0 and step < len(loader)):
+                if save_position is not None:
+                    save_position(current_position())
+                if signum:
+                    raise Interrupted(signum, f'stopped by {utils.signal_name(signum)} in epoch {epoch} after step '
+                                              f'{step}; checkpoint.pth resumes at that step')
             # reading the running loss waits for the GPU: at most once every 10 s
             if not bar.disable and time.perf_counter() - last_shown > 10:
                 bar.set_postfix(loss=f'{loss_meter.average:.4f}', acc=f'{accuracy_meter.average:.4f}')
                 last_shown = time.perf_counter()
         self._synchronize()
-        elapsed = time.perf_counter() - start
-        loss, accuracy, count = self.end_epoch(loss_meter, accuracy_meter)
+        elapsed = elapsed_before + time.perf_counter() - start
+        epoch_nonfinite = self._check_nonfinite(epoch, nonfinite, first_nonfinite)
+        bad_count = int(self.dist.all_reduce_sum_(bad_images.clone()))
+        loss, accuracy, count = self.end_epoch(loss_meter, accuracy_meter, bad_count)
         if not math.isfinite(loss):
             raise FloatingPointError(f'training loss became {loss} in epoch {epoch}')
         return {'train_loss': loss, 'train_accuracy': accuracy, 'train_time': elapsed,
-                'train_images_per_sec': count / elapsed}
+                'train_images_per_sec': count / elapsed, 'nonfinite_steps': epoch_nonfinite}
 
-    def end_epoch(self, loss_meter, accuracy_meter):
+    def stop_requested(self, step=None):
+        """The signal number a stop signal asked for (0: none). Single process: a Python attribute the
+        handler set. Distributed: the ranks agree every STOP_CHECK_EVERY steps (and at ``step`` None)."""
+        if self.stop is None:
+            return 0
+        if not self.dist.enabled:
+            return self.stop.signum or 0
+        if step is not None and step % STOP_CHECK_EVERY:
+            return 0
+        flag = torch.tensor([self.stop.signum or 0], dtype=torch.int64, device=self.device)
+        return int(self.dist.all_reduce_max_(flag))
+
+    def _check_nonfinite(self, epoch, nonfinite, first_nonfinite):
+        """Read the device's non-finite counters (a host sync: every NONFINITE_CHECK_EVERY steps, at
+        checkpoints and at the epoch's end); raise FloatingPointError once more than --skip_nonfinite
+        steps of the run had a non-finite loss. Returns this epoch's count."""
+        count = int(nonfinite)
+        if self.dist.enabled and self.args.skip_nonfinite == 0:  # without skipping each rank flags its own loss
+            count = int(self.dist.all_reduce_max_(nonfinite.clone()))
+        if self.nonfinite_before + count > self.args.skip_nonfinite:
+            first = int(first_nonfinite)
+            if self.dist.enabled:
+                first = -int(self.dist.all_reduce_max_(-first_nonfinite.clone()))
+            limit = (f'{self.nonfinite_before + count} non-finite steps in this run, more than --skip_nonfinite '
+                     f'{self.args.skip_nonfinite}' if self.args.skip_nonfinite else '--skip_nonfinite N skips such steps')
+            raise FloatingPointError(f'non-finite training loss at epoch {epoch}, step {first} ({limit})')
+        return count
+
+    def end_epoch(self, loss_meter, accuracy_meter, skipped_images=0):
         """The epoch's mean loss, accuracy and image count over all ranks; then every rank takes rank
         0's buffers (BatchNorm statistics, which each rank gathered from its own images; the EMA's
         and the lookahead copies' too), so that what is evaluated and saved is defined, and a run
         resumed from the checkpoint continues exactly as the uninterrupted one."""
         if not self.dist.enabled:
-            return loss_meter.average, accuracy_meter.average, loss_meter.count
+            count = max(loss_meter.count - skipped_images, 1)
+            return float(loss_meter.total) / count, float(accuracy_meter.total) / count, loss_meter.count
         totals = torch.stack([torch.as_tensor(meter.total, dtype=torch.float64, device=self.device)
                               for meter in (loss_meter, accuracy_meter)]
                              + [torch.tensor(float(loss_meter.count), dtype=torch.float64, device=self.device)])
@@ -964,7 +1123,8 @@ class Trainer:
         if self.lookahead is not None:
             buffers += self.lookahead.slow
         self.dist.broadcast_tensors_(buffers)
-        return loss_total / max(count, 1), accuracy_total / max(count, 1), int(count)
+        good = max(count - skipped_images, 1)
+        return loss_total / good, accuracy_total / good, int(count)
 
     def evaluate(self, loader, model=None, progress=None, description='test', gather=True):
         """:func:`evaluate` of ``model`` (default: the trained model, compiled with --compile), over
@@ -979,6 +1139,10 @@ class Trainer:
         if forward is not model and self._compile_pending['eval']:
             return self._first_call('eval', lambda: run(forward, True), lambda: run(model, False))
         return run(forward, forward is not model)
+
+
+def _to_device(value, device):
+    return value.to(device) if torch.is_tensor(value) else value
 
 
 class _FixedBatch(list):
@@ -1044,6 +1208,7 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
         batch_losses.append(F.cross_entropy(logits, labels, reduction='sum'))
         batch_correct.append((logits.argmax(1) == labels).sum())
         count += batch_size
+        utils.kill_point('evaluate')
     # one read of the device per evaluation
     losses = torch.stack(batch_losses).cpu().numpy() if batch_losses else np.zeros(0, np.float32)
     correct = torch.stack(batch_correct).cpu().numpy() if batch_correct else np.zeros(0, np.int64)
@@ -1117,6 +1282,7 @@ class RunDirectory:
             raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
         has_checkpoint = os.path.isfile(self.checkpoint_path)
         if resume:
+            utils.remove_temporaries(outdir)  # of a write that a kill interrupted
             if not has_checkpoint:
                 # the run stopped before its first checkpoint (inside epoch 1, or before the first
                 # --save_every epoch): nothing to restore, so it starts again and rewrites its log
@@ -1154,8 +1320,9 @@ class RunDirectory:
             utils.save_checkpoint(state, self.checkpoint_path)
 
     def save_weights(self, state_dict, name):
+        """model_state.pth, atomically as the checkpoint."""
         if self.writes:
-            torch.save(state_dict, self.path(name))
+            utils.save_weights(state_dict, self.path(name))
 
 
 def summarize(log, split):
@@ -1206,7 +1373,8 @@ def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
     (or another tool's state_dict with DistributedDataParallel's ``module.`` prefix). Under torchrun
     the ranks share the test set and rank 0 prints the result of all of them.
     """
-    adopt_saved_settings(args, saved_run_settings(args.evaluate))
+    saved = saved_run_settings(args.evaluate)
+    adopt_saved_settings(args, saved)
     state = dist.run_on_main(lambda: load_model_state(args.evaluate, '--evaluate'))
     with dist.agree():
         data = dataloader.build_data(args.dataset, args.dataset_dir, max(1, args.batch_size // dist.world_size),
@@ -1214,7 +1382,7 @@ def run_evaluation(args, device, dist=utils.SINGLE_PROCESS):
                                      test_batch_size=args.test_batch_size, shard=(dist.rank, dist.world_size),
                                      seed=args.seed)
         model = build_model(args, data.info, device)
-        load_weights(model, state, '--evaluate', args.evaluate, args.arch)
+        load_weights(model, state, f'--evaluate: {args.evaluate}', saved, args, data.info)
     result = evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last, dist=dist)
     dist.print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
                f'({data.test_loader.num_samples} images, tta={args.tta})')
@@ -1247,13 +1415,6 @@ def load_model_state(path, flag):
     return state
 
 
-def load_weights(model, state, flag, path, arch):
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise UsageError(f'{flag} {path}: weights do not fit --arch {arch} ({str(error).splitlines()[0]})') from None
-
-
 def build_teacher(args, device):
     """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
     weights (as --evaluate rebuilds a model), in eval mode, its parameters frozen.
@@ -1276,7 +1437,8 @@ def build_teacher(args, device):
         raise UsageError(f'--teacher {args.teacher}: unknown arch {arch!r} in its config.json') from None
     except models.ModelConfigError as error:
         raise UsageError(f'--teacher {args.teacher}: {error}') from None
-    load_weights(teacher, load_model_state(args.teacher, '--teacher'), '--teacher', args.teacher, arch)
+    load_weights(teacher, load_model_state(args.teacher, '--teacher'), f'--teacher: {args.teacher}', settings,
+                 argparse.Namespace(**settings), info)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -1346,7 +1508,8 @@ def predict(args):
     info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
     device = resolve_device(args.device)
     model = build_model(args, info, device)
-    load_weights(model, load_model_state(args.weights, '--weights'), '--weights', args.weights, args.arch)
+    load_weights(model, load_model_state(args.weights, '--weights'), f'--weights: {args.weights}', settings, args,
+                 info)
     model.eval()
     names = class_names(args.dataset, dataset_dirs) or tuple(str(i) for i in range(info.num_classes))
     transform = dataloader.build_sample_transform(info, train=False, from_pil=True, image_size=info.image_size)
@@ -1380,6 +1543,7 @@ def main(argv=None):
         return
 
     run = None
+    resumed = bool(args.resume)
     if not args.dry_run:
         run = RunDirectory(args.outdir, args.resume, dist, create=False)  # made once all the input is checked
         args.resume = args.resume and run.has_checkpoint
@@ -1447,53 +1611,107 @@ def main(argv=None):
             warmup_exponent=args.warmup_exponent, milestones_after_warmup=args.milestones_after_warmup)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device, total_steps, network=network, dist=dist)
     if run is not None:
         run.create()
     if args.lr_finder:
         return run_lr_finder(model, optimizer, data, regularizer, run)
 
-    trainer = Trainer(model, optimizer, scheduler, regularizer, args, device, total_steps, network=network, dist=dist)
-    log, start_epoch = [], 1
+    log, start_epoch, position = [], 1, None
     if args.resume:
-        log, start_epoch = restore_state(checkpoint, model, trainer)
+        log, start_epoch, position = restore_state(checkpoint, model, trainer)
+    if resumed:
+        run.save_json(log, 'log.json')  # the checkpoint's log is authoritative: drop epochs after it
     write_config(run, args, n_params, device, dist)
     if start_epoch > n_epochs:
-        dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
+        finals = ['model_state.pth', 'summary.json'] + (['model_state_ema.pth'] if trainer.ema is not None else [])
+        if all(os.path.isfile(run.path(name)) for name in finals):
+            dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; nothing to do')
+            return
+        dist.print(f'{args.outdir}: already trained for {n_epochs} epochs; writing its final files')
+        save_final(run, model, trainer, log, data.test_split_name, None)
         return
     compile_time = trainer.compile_ahead(data.train_loader, data.test_loader) if args.compile else None
     if compile_time is not None:
         dist.print(f'--compile: compiled in {compile_time:.1f}s (before the first timed step)', flush=True)
 
     progress = make_progress(enabled=dist.is_main)
-    writer = make_tensorboard_writer(run, args.tensorboard)
+    # a resumed run's TensorBoard drops the scalars of the epochs it runs again
+    writer = make_tensorboard_writer(run, args.tensorboard, purge_step=start_epoch if resumed else None)
     split = data.test_split_name
-    if args.test_first and start_epoch == 1:
-        result = trainer.evaluate(data.test_loader, progress=progress, description=split)
-        dist.print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
-        log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
+    with utils.StopSignals() as stop:
+        trainer.stop = stop
+        if args.test_first and start_epoch == 1 and position is None:
+            result = trainer.evaluate(data.test_loader, progress=progress, description=split)
+            dist.print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
+            log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
+        try:
+            train_epochs(run, args, model, trainer, data, log, writer, progress, start_epoch, n_epochs, position,
+                         compile_time)
+        except Interrupted as interrupted:
+            raise Interrupted(interrupted.signum, f'{interrupted}; resume with: {resume_command(argv, dist)}') from None
 
-    for epoch in range(start_epoch, n_epochs + 1):
-        data.train_loader.set_epoch(epoch)
-        record = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr']}
-        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
-        if compile_time is not None and epoch == start_epoch:
-            record['compile_time'] = compile_time
-        record['train_accuracy_kind'] = 'lambda-weighted' if regularizer.mixes_labels else 'plain'
-        last = epoch == n_epochs
-        if last or epoch % args.eval_every == 0:
-            record.update(evaluation_record(trainer, data.test_loader, split, log, record, progress))
-        record['epoch_time'] = record['train_time'] + record.get(f'{split}_time', 0.0)
-        log.append(record)
-        save_epoch(run, log, writer, checkpoint_state(model, trainer, epoch, args, log)
-                   if last or epoch % args.save_every == 0 else None)
-        dist.print(epoch_line(record, n_epochs, split), flush=True)
+    save_final(run, model, trainer, log, split, writer)
 
+
+def save_final(run, model, trainer, log, split, writer):
+    """The files of a finished run: model_state.pth (and the EMA's), summary.json."""
     run.save_weights(model.state_dict(), 'model_state.pth')
     if trainer.ema is not None:
         run.save_weights(trainer.ema.module.state_dict(), 'model_state_ema.pth')
     run.save_json(summarize([r for r in log if r['epoch'] > 0], split), 'summary.json')
     if writer is not None:
         writer.close()
+
+
+def train_epochs(run, args, model, trainer, data, log, writer, progress, start_epoch, n_epochs, position,
+                 compile_time):
+    """Epochs ``start_epoch`` to ``n_epochs`` (the first from a mid-epoch ``position``, if given); a stop
+    signal ends them with a checkpoint (mid-epoch, or of the epoch just finished) and :class:`Interrupted`."""
+    split = data.test_split_name
+    dist = trainer.dist
+    trainer.nonfinite_before = sum(record.get('nonfinite_steps', 0) for record in log)
+    for epoch in range(start_epoch, n_epochs + 1):
+        data.train_loader.set_epoch(epoch)
+        record = {'epoch': epoch, 'lr': trainer.optimizer.param_groups[0]['lr']}
+        if position is not None:
+            data.train_loader.start_at(position['order'], position['step'])
+            record['lr'] = position['lr']
+
+        def save_position(state, record=record, epoch=epoch):
+            state['lr'] = record['lr']
+            run.save_checkpoint(checkpoint_state(model, trainer, epoch - 1, args, log, position=state))
+
+        trainer.position, trainer.save_position = position, save_position
+        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
+        position = None
+        trainer.nonfinite_before += record['nonfinite_steps']
+        if compile_time is not None and epoch == start_epoch:
+            record['compile_time'] = compile_time
+        record['train_accuracy_kind'] = 'lambda-weighted' if trainer.regularizer.mixes_labels else 'plain'
+        last = epoch == n_epochs
+        if last or epoch % args.eval_every == 0:
+            record.update(evaluation_record(trainer, data.test_loader, split, log, record, progress))
+        record['epoch_time'] = record['train_time'] + record.get(f'{split}_time', 0.0)
+        log.append(record)
+        signum = trainer.stop_requested()
+        due = last or epoch % args.save_every == 0 or signum
+        save_epoch(run, log, writer, checkpoint_state(model, trainer, epoch, args, log) if due else None)
+        dist.print(epoch_line(record, n_epochs, split), flush=True)
+        if signum and not last:
+            raise Interrupted(signum, f'stopped by {utils.signal_name(signum)} after epoch {epoch}; checkpoint.pth '
+                                      f'resumes at epoch {epoch + 1}')
+
+
+def resume_command(argv=None, dist=utils.SINGLE_PROCESS):
+    """The command line of this run with --resume (under torchrun, with its launcher)."""
+    words = list(sys.argv) if argv is None else ['./main.py', *argv]
+    if '--resume' not in words:
+        words.append('--resume')
+    command = shlex.join(words)
+    if dist.enabled:
+        command = f'torchrun --nproc_per_node {dist.world_size} {command}'
+    return command
 
 
 def evaluation_record(trainer, loader, split, log, record, progress):
@@ -1512,14 +1730,15 @@ def evaluation_record(trainer, loader, split, log, record, progress):
 def save_epoch(run, log, writer, checkpoint):
     """The end-of-epoch writes: log.json, the checkpoint (when one is due) and TensorBoard scalars."""
     run.save_json(log, 'log.json')
-    if checkpoint is not None:
-        run.save_checkpoint(checkpoint)
-    if writer is not None:
+    if writer is not None:  # before the checkpoint: a resumed run purges the scalars of epochs it repeats
         record = log[-1]
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != 'epoch':
                 writer.add_scalar(key.replace('_', '/', 1), value, record['epoch'])
         writer.flush()
+    utils.kill_point('after_log')
+    if checkpoint is not None:
+        run.save_checkpoint(checkpoint)
 
 
 def epoch_line(record, epochs, split):
@@ -1575,7 +1794,9 @@ def initialize_from_data(model, loader, max_images=5000):
         layer.initialize_from_images(images)
 
 
-def checkpoint_state(model, trainer, epoch, args, log):
+def checkpoint_state(model, trainer, epoch, args, log, position=None):
+    """The full state after ``epoch`` complete epochs, and ``position`` inside the next one if given
+    (a mid-epoch checkpoint: the step reached, the epoch's order, the partial meters)."""
     state = {
         'epoch': epoch,
         'model': model.state_dict(),
@@ -1594,6 +1815,8 @@ def checkpoint_state(model, trainer, epoch, args, log):
         state['ema'] = trainer.ema.state_dict()
     if trainer.lookahead is not None:
         state['lookahead'] = trainer.lookahead.state_dict()
+    if position is not None:
+        state['position'] = position
     return state
 
 
@@ -1605,21 +1828,65 @@ def restore_args(args, checkpoint):
     changed = sorted(name for name in args.explicit
                      if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
     if changed:
-        raise UsageError(f'--resume: {", ".join("--" + n for n in changed)} differ from the saved run; '
-                         f'a resumed run keeps its settings (start a new --outdir instead)')
+        differences = ', '.join(f'--{name} {_show(getattr(args, name))} (saved run: {_show(saved[name])})'
+                                for name in changed)
+        raise UsageError(f'--resume: settings differ from the saved run: {differences}; a resumed run keeps its '
+                         f'settings (start a new --outdir instead)')
     restored = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RUN_ONLY_FLAGS}})
     restored.resume = True
     return restored
 
 
+def _show(value):
+    return json.dumps(value) if isinstance(value, (bool, list, type(None))) else str(value)
+
+
+def describe_weights(state_dict, settings=None):
+    """'resnet_preact depth 20 for 10 classes, 3 input channels': what a state_dict holds, from its
+    settings (a checkpoint's or config.json's) where known, and from the shapes of its first
+    convolution (input channels) and last linear layer (classes)."""
+    name = 'weights'
+    if settings:
+        arch = settings.get('arch')
+        known = models.model_params(arch) if arch in models.list_models() else {}
+        name = ' '.join([str(arch)] + [f'{flag} {_show(settings[flag])}' for flag in ('depth', 'widening_factor')
+                                       if settings.get(flag) is not None and flag in known])
+    tensors = [value for value in state_dict.values() if torch.is_tensor(value)] if isinstance(state_dict, dict) else []
+    convolutions = [value for value in tensors if value.dim() == 4]
+    linears = [value for value in tensors if value.dim() == 2]
+    shape = [f'for {linears[-1].shape[0]} classes'] if linears else []
+    shape += [f'{convolutions[0].shape[1]} input channels'] if convolutions else []
+    return f'{name} {", ".join(shape)}' if shape else name
+
+
+def load_weights(model, state_dict, what, saved_settings, args, info):
+    """``model.load_state_dict(state_dict)``, or a UsageError naming what the file holds and what this run
+    builds (another architecture, class count or channel count) instead of a shape traceback."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as error:
+        this_run = describe_weights(model.state_dict(), vars(args))
+        raise UsageError(f'{what} is {describe_weights(state_dict, saved_settings)}; this run is {this_run} '
+                         f'({info.name if info else args.dataset}); they do not fit '
+                         f'({type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:160]})') from None
+
+
 def restore_state(checkpoint, model, trainer):
-    """Load a checkpoint of this run into the model and trainer; returns (log, first epoch to run).
+    """Load a checkpoint of this run into the model and trainer; returns (log, first epoch to run,
+    position inside that epoch or None).
 
     Each rank continues the random stream of the saved run's rank of the same number (a single
     process's is rank 0's); a rank the saved run did not have starts a stream of its own.
     """
+    if not isinstance(checkpoint.get('model'), dict):
+        raise UsageError('--resume: checkpoint.pth holds no model')
+    load_weights(model, checkpoint['model'], '--resume: checkpoint.pth', checkpoint.get('args'), trainer.args, None)
+    position = checkpoint.get('position')
+    if position is not None and position.get('world_size', 1) != trainer.dist.world_size:
+        raise UsageError(f'--resume: checkpoint.pth stopped inside epoch {position["epoch"]} with '
+                         f'{position.get("world_size", 1)} process(es); resume it with as many (this run has '
+                         f'{trainer.dist.world_size})')
     try:
-        model.load_state_dict(checkpoint['model'])
         trainer.optimizer.load_state_dict(checkpoint['optimizer'])
         trainer.scheduler.load_state_dict(checkpoint['scheduler'])
         trainer.scaler.load_state_dict(checkpoint['scaler'])
@@ -1635,7 +1902,7 @@ def restore_state(checkpoint, model, trainer):
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '
                          f'{str(error).splitlines()[0] if str(error) else ""})') from None
-    return list(checkpoint['log']), checkpoint['epoch'] + 1
+    return list(checkpoint['log']), checkpoint['epoch'] + 1, position
 
 
 def write_config(run, args, n_params, device, dist=utils.SINGLE_PROCESS):
@@ -1658,7 +1925,7 @@ def write_config(run, args, n_params, device, dist=utils.SINGLE_PROCESS):
     run.save_json(config, 'config.json')
 
 
-def make_tensorboard_writer(run, enabled):
+def make_tensorboard_writer(run, enabled, purge_step=None):
     """A TensorBoard writer: tensorboardX (the SPEC's dependency), else PyTorch's own writer.
 
     torch.utils.tensorboard needs the tensorboard package; with neither installed the run goes
@@ -1675,7 +1942,8 @@ def make_tensorboard_writer(run, enabled):
             print('--tensorboard: neither tensorboardX nor tensorboard is installed; writing no scalars '
                   '(log.json has them)', file=sys.stderr)
             return None
-    return SummaryWriter(run.path('tensorboard'))
+    # purge_step: TensorBoard discards the scalars at and after that epoch that an interrupted run wrote
+    return SummaryWriter(run.path('tensorboard'), purge_step=purge_step)
 
 
 def run_lr_finder(model, optimizer, data, regularizer, run):
@@ -1708,8 +1976,13 @@ def cli(argv=None):
         _exit(2, f'{program}: error: {error}', speaks)
     except KeyboardInterrupt:
         _exit(130, 'interrupted; resume with the same command plus --resume', speaks, leave_group=False)
+    except Interrupted as interrupted:
+        _exit(128 + interrupted.signum, f'{program}: {interrupted}', speaks)
+    except utils.StorageError as error:
+        _exit(1, f'{program}: {error}; the previous {os.path.basename(error.path)} is intact (free space, '
+                 f'then continue with --resume)', speaks)
     except FloatingPointError as error:
-        _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last completed epoch, if any '
+        _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last checkpoint before it, if any '
                  f'(try a lower --base_lr, warmup or --gradient_clip)', speaks)
     except Exception as error:  # only a distributed run's lost peer is handled here
         if not (utils.launched_by_torchrun() and utils.is_collective_failure(error)):

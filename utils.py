@@ -1,7 +1,8 @@
-"""Small shared helpers: argument types and domains, seeding, atomic JSON and checkpoint I/O, meters, and the
-process group of a torchrun launch."""
+"""Small shared helpers: argument types and domains, seeding, atomic JSON and checkpoint I/O, stop
+signals, test kill points, meters, and the process group of a torchrun launch."""
 import contextlib
 import datetime
+import errno
 import inspect
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import platform
 import random
 import re
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +30,17 @@ class UsageError(Exception):
     def __str__(self):
         text = ' '.join(super().__str__().split('\n'))
         return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+class StorageError(Exception):
+    """A file of the run could not be written (disk full, I/O error): the previous version of the file
+    is intact; main.py prints the message as one line and exits with 1."""
+
+    def __init__(self, path, error):
+        name = errno.errorcode.get(error.errno, '') if isinstance(error, OSError) and error.errno else ''
+        reason = (error.strerror if isinstance(error, OSError) and error.strerror else str(error)) or type(error).__name__
+        super().__init__(f'cannot write {path}: {reason}{f" ({name})" if name else ""}')
+        self.path, self.error = path, error
 
 
 def str2bool(value):
@@ -405,25 +418,142 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _atomic_write(path, write):
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
+TEMPORARY_PREFIX = '.tmp-'
+KILL_AT_VARIABLE = 'TOOLKIT_TEST_KILL_AT'
+
+
+class _KillPoints:
+    """Test hook: ``TOOLKIT_TEST_KILL_AT=NAME:N[:SIGNAL[:RANK]][,...]`` sends this process (of torchrun
+    rank RANK only, if given) SIGKILL (or SIGNAL, e.g. TERM) the N-th time it reaches the point NAME (``step``: inside a training step, after its
+    backward pass; ``evaluate``: after an evaluation batch; ``checkpoint_write``: checkpoint.pth's
+    temporary file written, not yet renamed; ``after_log``: log.json written, the checkpoint not yet),
+    so that tests can kill or stop a real run anywhere. Unset (always, outside tests): one lookup."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def __call__(self, name):
+        spec = os.environ.get(KILL_AT_VARIABLE)
+        if not spec:
+            return
+        self.counts[name] = count = self.counts.get(name, 0) + 1
+        for item in spec.split(','):
+            point, at, signal_name, rank = (item.split(':') + ['', '', ''])[:4]
+            if point == name and count == int(at or 1) and (not rank or int(rank) == env_rank()):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), getattr(signal, f'SIG{signal_name}') if signal_name else signal.SIGKILL)
+
+
+kill_point = _KillPoints()
+
+
+def test_nonfinite_steps():
+    """Test hook: the global step numbers (1-based) listed in ``TOOLKIT_TEST_NONFINITE_STEPS`` get a NaN loss."""
+    spec = os.environ.get('TOOLKIT_TEST_NONFINITE_STEPS', '')
+    return {int(item) for item in spec.split(',') if item.strip()}
+
+
+def signal_name(signum):
     try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f'signal {signum}'
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write: torch.save reports a failed write of
+    its zip writer as a RuntimeError, and the cause (a full disk) would be lost."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def _atomic_write(path, write, kill_point_name=None):
+    """Write to a temporary file in the same folder, flush it to the disk, then rename it over ``path``.
+
+    The previous ``path`` stays intact until the new one is complete: a process killed at any point
+    leaves either the old or the new file (and perhaps a ``.tmp-*`` file, which
+    :func:`remove_temporaries` cleans up). A failed write (disk full, I/O error) raises
+    :class:`StorageError` naming ``path``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = None
+    try:
+        handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=os.path.basename(path))
         with os.fdopen(handle, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            recording = _RecordingFile(f)
+            try:
+                write(recording)
+                f.flush()
+                if kill_point_name:
+                    kill_point(kill_point_name)  # the temporary file written, not yet renamed
+                os.fsync(f.fileno())
+            except Exception as error:
+                if recording.error is not None:
+                    raise recording.error from error
+                raise
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+        tmp_path = None
+        _fsync_directory(directory)
+    except OSError as error:
+        raise StorageError(path, error) from None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+
+
+def _fsync_directory(directory):
+    """Make a rename in ``directory`` durable (a power loss after it keeps the new file)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(handle)
+
+
+def remove_temporaries(directory):
+    """Delete the ``.tmp-*`` files an interrupted :func:`_atomic_write` left in ``directory``."""
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.startswith(TEMPORARY_PREFIX):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+def finite_or_none(obj):
+    """``obj`` with NaN and infinite floats replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(value) for value in obj]
+    return obj
 
 
 def save_json(obj, path):
-    """Atomically write ``obj`` as indented JSON; unknown types (torch versions, devices) as str."""
-    text = json.dumps(obj, indent=2, default=str) + '\n'
+    """Atomically write ``obj`` as indented JSON; unknown types (torch versions, devices) as str,
+    non-finite numbers as null."""
+    text = json.dumps(finite_or_none(obj), indent=2, default=str, allow_nan=False) + '\n'
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
@@ -440,7 +570,12 @@ def load_json(path, what='file'):
 
 
 def save_checkpoint(state, path):
-    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(path, lambda f: torch.save(state, f), kill_point_name='checkpoint_write')
+
+
+def save_weights(state_dict, path):
+    """A state_dict (model_state.pth), atomically like a checkpoint."""
+    _atomic_write(path, lambda f: torch.save(state_dict, f))
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -453,6 +588,46 @@ def load_checkpoint(path, map_location='cpu'):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
         raise UsageError(f'checkpoint {path} is corrupt or not a checkpoint '
                          f'({type(error).__name__}: {first_line[:200]})') from None
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, as a cluster scheduler (before preemption) or Ctrl-C sends them, while the
+    block runs: the first one only sets ``signum`` (the training loop reads it after each step, a
+    Python attribute, no device sync), so that the run finishes its step, writes a checkpoint and
+    exits with 128 + signal; a second one exits at once (status 128 + signal, without a checkpoint:
+    the last complete one stays). Outside the main thread (where Python cannot take signals) it does
+    nothing."""
+
+    SIGNALS = ('SIGTERM', 'SIGINT')
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os.write(2, f'{signal.Signals(signum).name} again: stopping at once; checkpoint.pth keeps the last '
+                        f'complete checkpoint\n'.encode())
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+        return False
 
 
 def environment_info(device):
@@ -533,6 +708,11 @@ class Distributed:
     def all_reduce_sum_(self, tensor):
         if self.enabled:
             torch_dist.all_reduce(tensor)
+        return tensor
+
+    def all_reduce_max_(self, tensor):
+        if self.enabled:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
         return tensor
 
     def all_gather_object(self, value):

@@ -387,3 +387,22 @@ def test_sync_bn_and_dist_backend_need_a_distributed_launch(cifar10_dir, tmp_pat
 def test_help_says_batch_size_is_global():
     help_text = main.get_args_parser().format_help()
     assert 'global batch' in help_text and '--sync_bn' in help_text and '--local_rank' not in help_text
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_as_uninterrupted(
+        two_rank_run, cifar10_dir, tmp_path):
+    """Rank 1 alone gets SIGTERM in epoch 2, step 3; the ranks agree on stopping at their next check
+    (every main.STOP_CHECK_EVERY steps), write one mid-epoch checkpoint with both ranks' partial meters
+    and random states, and both exit with 143; two ranks resume it into the uninterrupted run's log."""
+    outdir = str(tmp_path / 'run')
+    run = [*RUN, '--tensorboard', '--dataset_dir', cifar10_dir, '--outdir', outdir]
+    results = launch_same(run, extra_env={utils.KILL_AT_VARIABLE: 'step:13:TERM:1'})
+    assert [status for status, _, _ in results] == [128 + 15, 128 + 15], results[1][2][-2000:]
+    assert 'SIGTERM in epoch 2 after step 10' in results[0][2] and 'torchrun --nproc_per_node 2' in results[0][2]
+    checkpoint = torch.load(os.path.join(outdir, 'checkpoint.pth'), weights_only=True)
+    assert (checkpoint['epoch'], checkpoint['position']['step'], len(checkpoint['position']['meters'])) == (1, 10, 2)
+    assert_succeeded(launch_same([*run, '--resume']))
+    assert log_without_times(outdir) == log_without_times(two_rank_run[0])
+    whole, resumed = load_weights(os.path.join(two_rank_run[0], 'model_state.pth')), \
+        load_weights(os.path.join(outdir, 'model_state.pth'))
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)

@@ -460,7 +460,7 @@ def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
              (['--predict', image, '--weights', str(tmp_path / 'none.pth')], 'no such file'),
              (['--predict', str(tmp_path / 'absent.png'), '--weights', weights], 'cannot read the image'),
              (['--predict', image, '--weights', weights, '--topk', '0'], '--topk'),
-             (['--predict', image, '--weights', weights, '--arch', 'resnet_preact'], 'weights do not fit')]
+             (['--predict', image, '--weights', weights, '--arch', 'resnet_preact'], 'they do not fit')]
     for argv, message in cases:
         assert run_main([*argv, '--device', 'cpu']) == 2, argv
         assert message in one_line_error(capsys)
