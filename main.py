@@ -1028,8 +1028,8 @@ class Trainer:
             nonfinite, first_nonfinite, bad_images = (_to_device(meters[key], self.device) for key in
                                                       ('nonfinite', 'first_nonfinite', 'bad_images'))
         every = self.args.save_every_steps
-        self._synchronize()
-        start = last_shown = time.perf_counter()
+        timer = utils.DeviceTimer(self.device)
+        last_shown = time.perf_counter()
 
         def current_position():
             self._check_nonfinite(epoch, nonfinite, first_nonfinite)  # never save NaN weights
@@ -1038,7 +1038,7 @@ class Trainer:
             # on the host before they travel to rank 0: another machine's GPU cannot be named in the checkpoint
             mine = {key: value.cpu() if torch.is_tensor(value) else value for key, value in mine.items()}
             return {'epoch': epoch, 'step': step, 'order': loader.order.cpu(),
-                    'train_time': elapsed_before + time.perf_counter() - start,
+                    'train_time': elapsed_before + timer.elapsed(),
                     'meters': self.dist.all_gather_object(mine), 'world_size': self.dist.world_size}
 
         bar = progress(loader, f'epoch {epoch} train')
@@ -1067,8 +1067,7 @@ class Trainer:
             if not bar.disable and time.perf_counter() - last_shown > 10:
                 bar.set_postfix(loss=f'{loss_meter.average:.4f}', acc=f'{accuracy_meter.average:.4f}')
                 last_shown = time.perf_counter()
-        self._synchronize()
-        elapsed = elapsed_before + time.perf_counter() - start
+        elapsed = elapsed_before + timer.elapsed()
         epoch_nonfinite = self._check_nonfinite(epoch, nonfinite, first_nonfinite)
         bad_count = int(self.dist.all_reduce_sum_(bad_images.clone()))
         loss, accuracy, count = self.end_epoch(loss_meter, accuracy_meter, bad_count)
@@ -1193,9 +1192,7 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
     model.eval()
     forward = model if forward is None else forward
     batch_losses, batch_correct, count = [], [], 0
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    timer = utils.DeviceTimer(device)
     batches = progress(loader, description) if progress else loader
     for images, labels in batches:
         batch_size = len(labels)
@@ -1219,7 +1216,7 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
     total_loss = np.float32(0.0)
     for batch_loss in losses:  # in batch order, in float32: the sum one process computes
         total_loss = np.float32(total_loss + batch_loss)
-    elapsed = time.perf_counter() - start
+    elapsed = timer.elapsed()
     return {'loss': float(total_loss) / count, 'accuracy': int(sum(correct)) / count,
             'time': elapsed, 'images_per_sec': count / elapsed}
 
@@ -1943,7 +1940,9 @@ def make_tensorboard_writer(run, enabled, purge_step=None):
                   '(log.json has them)', file=sys.stderr)
             return None
     # purge_step: TensorBoard discards the scalars at and after that epoch that an interrupted run wrote
-    return SummaryWriter(run.path('tensorboard'), purge_step=purge_step)
+    # a file name of its own: the writer names its file by the second, and a run resumed within the
+    # same second would otherwise truncate the interrupted run's file
+    return SummaryWriter(run.path('tensorboard'), purge_step=purge_step, filename_suffix=f'.{time.time_ns()}')
 
 
 def run_lr_finder(model, optimizer, data, regularizer, run):

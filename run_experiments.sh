@@ -10,9 +10,9 @@
 #   --seeds 0,1,2   the seeds (env SEEDS="0 1 2" too). Default: as many as the published figure is
 #                   the median of (5 for rp56, 1 for a "1 run" figure), 3 where no count is published
 #   --epochs K      a quick check: every run trains K epochs into results/NAME_epK/<seed>/, never
-#                   into the full run's directory (other epoch counts of a row, e.g. warmup,
-#                   --milestones or --whiten_bias_epochs, stay: main.py refuses those beyond K
-#                   epochs, so override them after --)
+#                   into the full run's directory; the row's --milestones, --warmup_epochs and
+#                   --whiten_bias_epochs are scaled by K / its --epochs (arch defaults are left out:
+#                   main.py checks only the ones a row gives)
 #   --dry           print the commands (with --resume where it applies) and the skipped runs (env DRY=1)
 #   --results DIR   the folder of the run directories (default results/; env RESULTS_DIR)
 #   -- FLAGS        main.py flags for every run, after the row's own so they win (env EXTRA="FLAGS")
@@ -408,9 +408,33 @@ selected() {  # is row $1 the selected row, or under the selected prefix (all ro
     [[ -z $SELECT || $1 == "$SELECT" || $1 == "$SELECT"/* ]]
 }
 
+scaled_to_epochs() {  # K flags... -> the flags with the row's epoch-valued settings scaled by K / its --epochs
+    "$PYTHON" - "$@" <<'PY'
+import json, sys
+target, flags = float(sys.argv[1]), sys.argv[2:]
+epochs = [float(flags[i + 1]) for i, flag in enumerate(flags[:-1]) if flag == '--epochs']
+factor = target / epochs[-1] if epochs else 1.0
+out = []
+for i, flag in enumerate(flags):
+    previous = flags[i - 1] if i else ''
+    if factor != 1.0 and previous == '--milestones':
+        flag = json.dumps([round(m * factor, 4) for m in json.loads(flag)]).replace(' ', '')
+    elif factor != 1.0 and previous in ('--warmup_epochs', '--whiten_bias_epochs'):
+        flag = f'{round(float(flag) * factor, 4):g}'
+    out.append(flag)
+sys.stdout.write('\0'.join(out) + ('\0' if out else ''))
+PY
+}
+
 make_command() {  # seed outdir flags... -> CMD
     local seed=$1 outdir=$2
     shift 2
+    if [[ -n $EPOCHS_OPT ]]; then
+        # a quick check keeps the row's shape: milestones, warmup and whitening-bias epochs shrink with it
+        local -a scaled
+        mapfile -d '' -t scaled < <(scaled_to_epochs "$EPOCHS_OPT" "$@")
+        set -- "${scaled[@]}"
+    fi
     CMD=(./main.py "$@" "${EXTRA_ARGS[@]}")
     if [[ -n $EPOCHS_OPT ]]; then CMD+=(--epochs "$EPOCHS_OPT"); fi
     CMD+=(--seed "$seed" --outdir "$outdir")

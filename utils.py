@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -643,6 +644,32 @@ def environment_info(device):
         info['gpu'] = torch.cuda.get_device_name(device)
         info['gpu_count'] = torch.cuda.device_count()
     return info
+
+
+class DeviceTimer:
+    """Seconds of the work queued on ``device`` since it was made: on a GPU between two CUDA events
+    (what airbench and the leaderboards time), elsewhere on the host clock.
+
+    Making it records the start event behind the work already queued (no synchronization);
+    :meth:`elapsed` records an end event and waits for it, so it is read where the host may wait:
+    at the end of an epoch or an evaluation, before a checkpoint.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def elapsed(self):
+        if not self.cuda:
+            return time.perf_counter() - self._start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1000
 
 
 class AverageMeter:

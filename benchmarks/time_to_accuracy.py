@@ -3,8 +3,8 @@
 
 The accuracy is the final epoch's, of the EMA weights when the run keeps them (--ema_decay),
 else of the trained weights.  Time runs from the first training batch to the end of the final
-evaluation (the sum of the train and test times in log.json, each measured between CUDA
-synchronizations); data loading to the device, model construction and, with --compile, the
+evaluation (the sum of the train and test times in log.json, each measured between two CUDA
+events on a GPU, utils.DeviceTimer); data loading to the device, model construction and, with --compile, the
 compilation (done before the first timed step, reported apart) are not in it.  A warm-up run
 comes first and is not counted, as airbench does: it fills cuDNN's and the compiler's caches.
 

@@ -45,3 +45,19 @@ def test_device_loader_keeps_data_on_gpu(cifar10_dir):
     data = dataloader.build_data('CIFAR10', cifar10_dir, 32, torch.device('cuda'))
     images, labels = next(iter(data.train_loader))
     assert images.is_cuda and labels.is_cuda and data.train_loader.images.is_cuda
+
+
+def test_device_timer_counts_the_queued_gpu_work():
+    """CUDA events time the work queued after the start, not the host's queueing of it."""
+    import time
+    import utils
+    a = torch.randn(4096, 4096, device='cuda')
+    torch.cuda.synchronize()
+    timer = utils.DeviceTimer('cuda')
+    host_start = time.perf_counter()
+    for _ in range(50):
+        a = a @ a / 64
+    queued = time.perf_counter() - host_start
+    elapsed = timer.elapsed()
+    waited = time.perf_counter() - host_start
+    assert queued < elapsed <= waited * 1.05

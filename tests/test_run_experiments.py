@@ -252,3 +252,17 @@ def test_a_failed_run_stops_the_script_with_its_status(env, tmp_path):
     assert result.returncode == 2  # main.py's usage error
     assert 'failed with exit status 2' in result.stderr
     assert f'start {tmp_path}/reg_rp20/plain_ep1/1' not in result.stderr  # seed 1 never started
+
+
+def test_quick_check_scales_the_rows_epoch_settings_and_parses(env, tmp_path):
+    """--epochs K keeps a row's shape (milestones at the same fractions of the run, warmup and the
+    whitening bias's epochs shrunk alike), so main.py accepts every quick-check command."""
+    import main
+    result = script(env, '--list', '--epochs', '2', 'rp56/mixup_300ep', 'fast_airbench94', 'cpu_large_batch')
+    rows = dict(line.split('\t')[0::3] for line in result.stdout.splitlines())
+    assert result.returncode == 0 and len(rows) == 4
+    settings = {name: main.parse_args(shlex.split(command)[1:]) for name, command in rows.items()}
+    assert settings['rp56/mixup_300ep'].milestones == [1.0, 1.5] and settings['rp56/mixup_300ep'].epochs == 2
+    airbench = settings['fast_airbench94']
+    assert (airbench.warmup_epochs, airbench.whiten_bias_epochs) == (round(2.277 * 2 / 9.9, 4), round(3 * 2 / 9.9, 4))
+    assert all(s.warmup_epochs == 0.25 for n, s in settings.items() if n.startswith('cpu_large_batch'))

@@ -467,3 +467,13 @@ def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(monkeyp
     trainer = make_trainer(model, '--compile')
     with pytest.raises(RuntimeError, match='shapes cannot be multiplied'):
         trainer.train_step(*batch(4))
+
+
+def test_device_timer_on_cpu_measures_the_host_clock():
+    import time
+    import utils
+    timer = utils.DeviceTimer('cpu')
+    time.sleep(0.05)
+    first = timer.elapsed()
+    time.sleep(0.02)
+    assert 0.05 <= first < timer.elapsed()
