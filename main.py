@@ -647,6 +647,15 @@ def validate_args(args):
         raise UsageError('--outdir is required (the run directory to write into)')
 
 
+# options -> the switch (or switches, '|') without which they do nothing
+POLICY_OPTIONS = {
+    'autoaugment_policy': 'use_autoaugment', 'randaugment_ops': 'use_randaugment',
+    'randaugment_magnitude': 'use_randaugment', 'augmix_severity': 'use_augmix',
+    'policy_group_size': 'use_autoaugment|use_randaugment|use_trivialaugment|use_augmix',
+    'kd_temperature': 'teacher', 'kd_alpha': 'teacher',
+}
+
+
 def validate_zoo_args(args):
     """The flags of the augmentation policies, distillation, --init and --predict."""
     try:
@@ -654,10 +663,12 @@ def validate_zoo_args(args):
         augmentations.AugmentPolicy.from_args(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if not args.kd_temperature > 0 or not math.isfinite(args.kd_temperature):
-        raise UsageError(f'--kd_temperature must be positive, got {args.kd_temperature}')
-    if not 0 <= args.kd_alpha <= 1:
-        raise UsageError(f'--kd_alpha must be in [0, 1], got {args.kd_alpha}')
+    # an option of a policy or of distillation that is off would be ignored: a typo of the switch
+    given = set(getattr(args, 'explicit', ()))
+    for option, switch in POLICY_OPTIONS.items():
+        if option in given and not any(getattr(args, flag) for flag in switch.split('|')):
+            raise UsageError(f'--{option} {utils.show(getattr(args, option))}: applies only with '
+                             f'{" or ".join("--" + flag for flag in switch.split("|"))}')
     for flag in ('teacher', 'weights'):
         if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
             raise UsageError(f'--{flag} {getattr(args, flag)}: no such file')

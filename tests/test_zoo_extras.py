@@ -464,3 +464,25 @@ def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     for argv, message in cases:
         assert run_main([*argv, '--device', 'cpu']) == 2, argv
         assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--randaugment_ops', '3'], '--randaugment_ops 3: applies only with --use_randaugment'),
+    (['--use_trivialaugment', '--augmix_severity', '5'], '--augmix_severity 5: applies only with --use_augmix'),
+    (['--autoaugment_policy', 'svhn'], '--autoaugment_policy svhn: applies only with --use_autoaugment'),
+    (['--policy_group_size', '4'], '--policy_group_size 4: applies only with --use_autoaugment or'),
+    (['--kd_alpha', '0.5'], '--kd_alpha 0.5: applies only with --teacher'),
+])
+def test_an_option_without_its_switch_is_refused(argv, message, tmp_path, capsys):
+    assert run_main(['--device', 'cpu', '--outdir', str(tmp_path / 'run'), *argv]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_policy_options_follow_the_transformers_default_randaugment():
+    import main
+    args = main.parse_args(['--arch', 'vit', '--randaugment_magnitude', '5', '--outdir', 'x'])
+    assert args.use_randaugment and args.randaugment_magnitude == 5
+    args = main.parse_args(['--use_autoaugment', '--autoaugment_policy', 'svhn', '--policy_group_size', '1',
+                            '--outdir', 'x'])
+    assert (args.autoaugment_policy, args.policy_group_size) == ('svhn', 1)
