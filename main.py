@@ -674,8 +674,6 @@ def validate_zoo_args(args):
             raise UsageError(f'--{flag} {getattr(args, flag)}: no such file')
     if args.predict and not args.weights:
         raise UsageError('--predict needs --weights MODEL_STATE (a model_state.pth or checkpoint.pth)')
-    if args.topk < 1:
-        raise UsageError(f'--topk must be a positive integer, got {args.topk}')
 
 
 def resolve_device(name):
@@ -759,8 +757,6 @@ def list_archs(args):
                 dataloader.DatasetInfo('ImageFolder', 3, args.image_size or 32, 10, (), (), True))
     given = {k: v for k, v in model_kwargs(args).items() if v is not None}
     names = [args.arch] if 'arch' in args.explicit else models.list_models()
-    if 'arch' in args.explicit and args.arch not in models.list_models():
-        raise UsageError(f'--arch {args.arch!r}: unknown; known: {", ".join(models.list_models())}')
     print(f'{info.name}: {info.in_channels}x{info.image_size}x{info.image_size} images, {info.num_classes} classes; '
           f'multiply-adds of one forward pass (torch.utils.flop_counter)')
     for name in names:
@@ -828,7 +824,6 @@ class Trainer:
         self.forward_loss, self.eval_forward = self._forward_loss, model
         self._compile_pending = {'train': False, 'eval': False}
         self.stop = None  # a utils.StopSignals while training
-        self.position, self.save_position = None, None  # see train_one_epoch
         self.last_nonfinite = None  # the last step's non-finite flag (a device bool)
         self.nonfinite_before = 0  # non-finite steps of the epochs before this one
         self._poisoned_steps = utils.test_nonfinite_steps()
@@ -1014,16 +1009,14 @@ class Trainer:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
 
-    def train_one_epoch(self, loader, epoch, progress):
-        """Train one epoch; from the step that :attr:`position` (a mid-epoch checkpoint's, consumed
-        here) reached, if set.
+    def train_one_epoch(self, loader, epoch, progress, position=None, save_position=None):
+        """Train one epoch; from the step that ``position`` (a mid-epoch checkpoint's) reached, if given.
 
-        :attr:`save_position` ``(position)``, if set, writes a mid-epoch checkpoint: every
+        ``save_position(position)``, if given, writes a mid-epoch checkpoint: every
         --save_every_steps steps, and when a stop signal came (then :class:`Interrupted` is raised
         after it). A position holds what the rest of the epoch needs to run as the uninterrupted one:
         the step, the epoch's order of images, and each rank's partial meters and non-finite counters.
         """
-        position, save_position, self.position = self.position, self.save_position, None
         self.network.train()
         loss_meter, accuracy_meter = utils.AverageMeter(), utils.AverageMeter()
         nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -1690,8 +1683,7 @@ def train_epochs(run, args, model, trainer, data, log, writer, progress, start_e
             state['lr'] = record['lr']
             run.save_checkpoint(checkpoint_state(model, trainer, epoch - 1, args, log, position=state))
 
-        trainer.position, trainer.save_position = position, save_position
-        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress))
+        record.update(trainer.train_one_epoch(data.train_loader, epoch, progress, position, save_position))
         position = None
         trainer.nonfinite_before += record['nonfinite_steps']
         if compile_time is not None and epoch == start_epoch:
@@ -1836,17 +1828,13 @@ def restore_args(args, checkpoint):
     changed = sorted(name for name in args.explicit
                      if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
     if changed:
-        differences = ', '.join(f'--{name} {_show(getattr(args, name))} (saved run: {_show(saved[name])})'
+        differences = ', '.join(f'--{name} {utils.show(getattr(args, name))} (saved run: {utils.show(saved[name])})'
                                 for name in changed)
         raise UsageError(f'--resume: settings differ from the saved run: {differences}; a resumed run keeps its '
                          f'settings (start a new --outdir instead)')
     restored = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RUN_ONLY_FLAGS}})
     restored.resume = True
     return restored
-
-
-def _show(value):
-    return json.dumps(value) if isinstance(value, (bool, list, type(None))) else str(value)
 
 
 def describe_weights(state_dict, settings=None):
@@ -1857,7 +1845,7 @@ def describe_weights(state_dict, settings=None):
     if settings:
         arch = settings.get('arch')
         known = models.model_params(arch) if arch in models.list_models() else {}
-        name = ' '.join([str(arch)] + [f'{flag} {_show(settings[flag])}' for flag in ('depth', 'widening_factor')
+        name = ' '.join([str(arch)] + [f'{flag} {utils.show(settings[flag])}' for flag in ('depth', 'widening_factor')
                                        if settings.get(flag) is not None and flag in known])
     tensors = [value for value in state_dict.values() if torch.is_tensor(value)] if isinstance(state_dict, dict) else []
     convolutions = [value for value in tensors if value.dim() == 4]

@@ -605,13 +605,9 @@ class StopSignals:
         self.signum = None
         self._previous = {}
 
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name if self.signum is not None else None
-
     def _handle(self, signum, frame):
         if self.signum is not None:
-            os.write(2, f'{signal.Signals(signum).name} again: stopping at once; checkpoint.pth keeps the last '
+            os.write(2, f'{signal_name(signum)} again: stopping at once; checkpoint.pth keeps the last '
                         f'complete checkpoint\n'.encode())
             os._exit(128 + signum)
         self.signum = signum

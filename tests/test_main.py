@@ -378,10 +378,10 @@ def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
     real_train = main.Trainer.train_one_epoch
 
-    def crash_in_epoch_4(self, loader, epoch, progress):
+    def crash_in_epoch_4(self, loader, epoch, progress, *resume):
         if epoch == 4:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress)
+        return real_train(self, loader, epoch, progress, *resume)
     monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_4)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
@@ -483,10 +483,10 @@ def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar1
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
     real_train = main.Trainer.train_one_epoch
 
-    def crash_in_epoch_2(self, loader, epoch, progress):
+    def crash_in_epoch_2(self, loader, epoch, progress, *resume):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress)
+        return real_train(self, loader, epoch, progress, *resume)
     monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_2)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
@@ -526,10 +526,10 @@ def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, t
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
     real_train = main.Trainer.train_one_epoch
 
-    def crash_in_epoch_3(self, loader, epoch, progress):
+    def crash_in_epoch_3(self, loader, epoch, progress, *resume):
         if epoch == 3:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress)
+        return real_train(self, loader, epoch, progress, *resume)
     monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_3)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
