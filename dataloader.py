@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 import augmentations
-from utils import UsageError, derived_seed
+from flags import UsageError
+from utils import derived_seed
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ import dataloader
 import models
 import optim
 import utils
-from utils import Bool, Choice, Int, ListOf, Real, Text, UsageError, json_list, number, str2bool
+import flags
+from flags import Bool, Choice, Int, ListOf, Real, Text, UsageError, json_list, number, str2bool
 
 PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
 _IMAGE_FOLDER = dataloader.DatasetInfo('ImageFolder', 3, 0, 0, (), (), True)
@@ -475,7 +476,7 @@ def check_domain(name, value, source=None):
         domain.check(value)
     except ValueError:
         if source is None:
-            raise UsageError(f'--{name} {utils.show(value)}: expected {domain.describe()}') from None
+            raise UsageError(f'--{name} {flags.show(value)}: expected {domain.describe()}') from None
         kind = {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
                 type(None): 'null'}.get(type(value), type(value).__name__)
         expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
@@ -498,7 +499,7 @@ class _Parser(argparse.ArgumentParser):
                     value = ast.literal_eval(match.group(2))
                 except (ValueError, SyntaxError):
                     value = match.group(2)
-                raise UsageError(f'{flag} {utils.show(value)}: expected {domain.describe()}')
+                raise UsageError(f'{flag} {flags.show(value)}: expected {domain.describe()}')
         match = re.fullmatch(r'argument (\S+?)(?:/\S+)?: expected one argument', message)
         if match:
             action = self._option_string_actions.get(match.group(1))
@@ -506,7 +507,7 @@ class _Parser(argparse.ArgumentParser):
             if domain is not None:
                 raise UsageError(f'{match.group(1)}: missing its value ({domain.describe()})')
         if message.startswith('unrecognized arguments: '):
-            raise UsageError(f'unrecognized arguments: {" ".join(map(utils.show, getattr(self, "_unrecognized", [])))} '
+            raise UsageError(f'unrecognized arguments: {" ".join(map(flags.show, getattr(self, "_unrecognized", [])))} '
                              f'(see --help for the flags)')
         raise UsageError(message)
 
@@ -541,14 +542,14 @@ def parse_args(argv=None):
 
     from_config = {}
     if explicit.get('config'):
-        source = f'--config {utils.show(explicit["config"])}'
+        source = f'--config {flags.show(explicit["config"])}'
         from_config = utils.load_json(explicit['config'], what='--config')
         if not isinstance(from_config, dict):
             raise UsageError(f'{source}: expected a JSON object of flag values, e.g. {{"epochs": 200}}, '
                              f'not a JSON {type(from_config).__name__}')
         unknown = sorted(set(from_config) - set(defaults) - {'config'})
         if unknown:
-            raise UsageError(f'{source}: unknown setting(s) {", ".join(map(utils.show, unknown))}')
+            raise UsageError(f'{source}: unknown setting(s) {", ".join(map(flags.show, unknown))}')
         if 'config' in from_config:
             raise UsageError(f'{source}: a --config file cannot name another --config file')
         for name, value in from_config.items():
@@ -593,7 +594,7 @@ def validate_args(args):
         # with --total_steps the same check runs once the steps per epoch are known; milestones and warmup
         # from an arch's defaults are checked only when given (a short trial run of that arch is allowed)
         after = f' (counted after {args.warmup_epochs} warmup epochs)' if milestone_offset else ''
-        raise UsageError(f'--milestones {utils.show(args.milestones)}: beyond the end of the {args.epochs}-epoch '
+        raise UsageError(f'--milestones {flags.show(args.milestones)}: beyond the end of the {args.epochs}-epoch '
                          f'run{after}; expected epochs before the end')
     if args.total_steps is None and 'warmup_epochs' in args.explicit and args.warmup_epochs >= args.epochs:
         raise UsageError(f'--warmup_epochs {args.warmup_epochs}: expected fewer than --epochs {args.epochs} '
@@ -667,7 +668,7 @@ def validate_zoo_args(args):
     given = set(getattr(args, 'explicit', ()))
     for option, switch in POLICY_OPTIONS.items():
         if option in given and not any(getattr(args, flag) for flag in switch.split('|')):
-            raise UsageError(f'--{option} {utils.show(getattr(args, option))}: applies only with '
+            raise UsageError(f'--{option} {flags.show(getattr(args, option))}: applies only with '
                              f'{" or ".join("--" + flag for flag in switch.split("|"))}')
     for flag in ('teacher', 'weights'):
         if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
@@ -1596,7 +1597,7 @@ def main(argv=None):
     milestone_offset = args.warmup_epochs if args.milestones_after_warmup else 0
     if args.total_steps and args.scheduler == 'multistep' and any(
             (m + milestone_offset) * steps_per_epoch > total_steps for m in args.milestones):
-        raise UsageError(f'--milestones {utils.show(args.milestones)}: beyond the end of the run ({total_steps} '
+        raise UsageError(f'--milestones {flags.show(args.milestones)}: beyond the end of the run ({total_steps} '
                          f'steps of {steps_per_epoch} per epoch)')
     if args.total_steps and 'warmup_epochs' in args.explicit and args.warmup_epochs * steps_per_epoch >= total_steps:
         raise UsageError(f'--warmup_epochs {args.warmup_epochs}: expected fewer epochs than the run '
@@ -1828,7 +1829,7 @@ def restore_args(args, checkpoint):
     changed = sorted(name for name in args.explicit
                      if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
     if changed:
-        differences = ', '.join(f'--{name} {utils.show(getattr(args, name))} (saved run: {utils.show(saved[name])})'
+        differences = ', '.join(f'--{name} {flags.show(getattr(args, name))} (saved run: {flags.show(saved[name])})'
                                 for name in changed)
         raise UsageError(f'--resume: settings differ from the saved run: {differences}; a resumed run keeps its '
                          f'settings (start a new --outdir instead)')
@@ -1845,7 +1846,7 @@ def describe_weights(state_dict, settings=None):
     if settings:
         arch = settings.get('arch')
         known = models.model_params(arch) if arch in models.list_models() else {}
-        name = ' '.join([str(arch)] + [f'{flag} {utils.show(settings[flag])}' for flag in ('depth', 'widening_factor')
+        name = ' '.join([str(arch)] + [f'{flag} {flags.show(settings[flag])}' for flag in ('depth', 'widening_factor')
                                        if settings.get(flag) is not None and flag in known])
     tensors = [value for value in state_dict.values() if torch.is_tensor(value)] if isinstance(state_dict, dict) else []
     convolutions = [value for value in tensors if value.dim() == 4]

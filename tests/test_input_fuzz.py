@@ -15,6 +15,7 @@ import pytest
 
 import main
 import models
+import flags
 import utils
 from conftest import write_cifar10
 
@@ -131,9 +132,9 @@ def test_defaults_and_registered_settings_lie_in_their_domains():
 
 
 @pytest.mark.parametrize('domain', [
-    utils.Int(1), utils.Int(0, 10, optional=True), utils.Real(0, None, '(]'), utils.Real(0, 1, '[)'),
-    utils.Choice(('a', 'b')), utils.Bool(), utils.Text(path=True),
-    utils.ListOf(utils.Real(0, 1, '(]'), 2, ordered=True), utils.ListOf(utils.Int(1), (1, None))])
+    flags.Int(1), flags.Int(0, 10, optional=True), flags.Real(0, None, '(]'), flags.Real(0, 1, '[)'),
+    flags.Choice(('a', 'b')), flags.Bool(), flags.Text(path=True),
+    flags.ListOf(flags.Real(0, 1, '(]'), 2, ordered=True), flags.ListOf(flags.Int(1), (1, None))])
 def test_domains_refuse_their_invalid_texts_and_accept_their_valid_ones(domain):
     def parse(text):
         try:

@@ -1,0 +1,385 @@
+"""The command line's vocabulary, without torch: the error of bad input, the argparse types of
+settings and the domain of every flag.
+
+A flag's domain (:class:`Int`, :class:`Real`, :class:`Choice`, :class:`Bool`, :class:`Text`,
+:class:`ListOf`) is its argparse ``type``: called with the text of the command line it parses and
+checks the value, and :meth:`Domain.check` checks a value read from a ``--config`` JSON file or an
+architecture's defaults, so that one object states each flag's range. main.py imports this module
+before torch, so that ``--help`` and a mistyped flag answer at once.
+"""
+import argparse
+import json
+import math
+import re
+
+
+class UsageError(ValueError):
+    """Bad input (a flag, a file, a combination of settings): main.py's ``cli`` prints the message as one
+    line and exits with 2. The libraries raise it where they check their own arguments (a ValueError, so
+    that library callers may catch it as one), and ``models.ModelConfigError`` is one.
+
+    ``str()`` gives that one line: line breaks become spaces and characters that cannot be printed
+    as UTF-8 (the surrogate escapes of a non-UTF-8 path) are written as escapes."""
+
+    def __str__(self):
+        text = ' '.join(super().__str__().split('\n'))
+        return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def str2bool(value):
+    """argparse type accepting true/false/1/0/yes/no (any case)."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if lowered in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise ValueError(f'expected true/false/1/0/yes/no, got {value!r}')
+
+
+str2bool.__name__ = 'boolean'
+
+
+def number(value):
+    """argparse type for a count that may be fractional: '160' -> 160, '9.9' -> 9.9."""
+    parsed = float(value)
+    return int(parsed) if parsed.is_integer() and '.' not in str(value) else parsed
+
+
+number.__name__ = 'number'
+
+
+def json_list(value):
+    """argparse type for JSON lists such as '[80,120]' or '[true,false,false]'."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f'{value!r} is not valid JSON ({error.msg})') from None
+    if not isinstance(parsed, list):
+        raise ValueError(f'{value!r} is not a JSON list')
+    return parsed
+
+
+json_list.__name__ = 'JSON list'
+
+
+# ----------------------------------------------------------------------------- domains of settings
+
+def show(value):
+    """A setting's value as a user typed it: JSON for lists and booleans, repr for odd strings."""
+    if isinstance(value, str):
+        printable = value.isprintable() and value.strip() == value and value != '' and not _has_surrogates(value)
+        return value if printable else ascii(value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _has_surrogates(text):
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Domain:
+    """The values one setting may take, and the argparse type of its flag.
+
+    Called with a command-line text (as argparse calls a ``type``), it parses the text with
+    ``parse`` (int, float, :func:`str2bool`, :func:`json_list`, str) and checks the value;
+    ``check(value)`` raises ValueError if a value (from a --config JSON file or an arch's defaults)
+    lies outside; ``describe()`` says what is expected in words, for the one-line error;
+    ``invalid()`` and ``valid()`` give command-line texts outside and inside the domain, from which
+    the tests generate malformed command lines. ``optional``: None (the flag left out) is in the
+    domain too.
+    """
+    parse = str
+
+    def __init__(self, optional=False):
+        self.optional = optional
+        self.__name__ = type(self).__name__  # argparse names a type by it
+
+    def __call__(self, text):
+        """The value of a command-line text; argparse turns the ArgumentTypeError into ``--flag <message>``."""
+        try:
+            value = self.parse(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f'{show(text)}: expected {self.describe()}') from None
+        try:
+            self.check(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{show(value)}: expected {self.describe()}') from None
+        return value
+
+    def check(self, value):
+        if value is None and self.optional:
+            return
+        if value is None or not self._contains(value):
+            raise ValueError(self.describe())
+
+    def describe(self):
+        return self._describe() + (' (or unset)' if self.optional else '')
+
+    def _contains(self, value):
+        raise NotImplementedError
+
+    def _describe(self):
+        raise NotImplementedError
+
+    def _describe_many(self):
+        """What each element of a list of these must be (plural)."""
+        return self._describe()
+
+    def invalid(self):
+        return ['', 'x']
+
+    def valid(self):
+        return []
+
+
+def _format_number(value):
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+class Int(Domain):
+    """An integer in [low, high] (either end may be None: unbounded)."""
+    parse = int
+
+    def __init__(self, low=None, high=None, optional=False):
+        super().__init__(optional)
+        self.low, self.high = low, high
+
+    def _contains(self, value):
+        return _is_int(value) and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def _describe(self):
+        if self.low is not None and self.high is not None:
+            return f'an integer in [{self.low}, {self.high}]'
+        if self.low is not None:
+            return f'an integer >= {self.low}'
+        if self.high is not None:
+            return f'an integer <= {self.high}'
+        return 'an integer'
+
+    def _describe_many(self):
+        return 'integers' + self._describe()[len('an integer'):]
+
+    def invalid(self):
+        texts = ['x', '1.5', '', 'nan', '1e3', '0x10']
+        if self.low is not None:
+            texts += [str(self.low - 1), str(self.low - 1000)]
+        if self.high is not None:
+            texts += [str(self.high + 1), str(self.high * 10 + 10)]
+        return texts
+
+    def valid(self):
+        low = self.low if self.low is not None else 0
+        return [str(low)] + ([str(self.high)] if self.high is not None else [str(low + 1)])
+
+
+class Real(Domain):
+    """A finite number between ``low`` and ``high``; ``closed`` says which ends belong to it, '[]',
+    '[)', '(]' or '()' (an end that is None is unbounded)."""
+
+    def __init__(self, low=None, high=None, closed='[]', optional=False, parse=float):
+        super().__init__(optional)
+        self.low, self.high, self.closed = low, high, closed
+        self.parse = parse  # number: a count that may be fractional (--epochs 160 stays an int)
+
+    def _contains(self, value):
+        if not _is_number(value) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and self.closed[0] == '(')):
+            return False
+        if self.high is not None and (value > self.high or (value == self.high and self.closed[1] == ')')):
+            return False
+        return True
+
+    def _describe(self):
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            return f'a number in {self.closed[0]}{_format_number(low)}, {_format_number(high)}{self.closed[1]}'
+        if low is not None:
+            return f'a number {">" if self.closed[0] == "(" else ">="} {_format_number(low)}'
+        if high is not None:
+            return f'a number {"<" if self.closed[1] == ")" else "<="} {_format_number(high)}'
+        return 'a finite number'
+
+    def _describe_many(self):
+        return 'numbers' + self._describe()[len('a number'):] if self.low is not None or self.high is not None \
+            else 'finite numbers'
+
+    def invalid(self):
+        texts = ['x', '', 'nan', 'inf', '1,5']
+        if self.low is not None:
+            texts += [_format_number(self.low - 1)] + ([_format_number(self.low)] if self.closed[0] == '(' else [])
+        if self.high is not None:
+            texts += [_format_number(self.high + 1)] + ([_format_number(self.high)] if self.closed[1] == ')' else [])
+        return texts
+
+    def valid(self):
+        if self.low is not None and self.high is not None:
+            return [_format_number((self.low + self.high) / 2)]
+        if self.low is not None:
+            return [_format_number(self.low + 1)]
+        return ['0.5']
+
+
+class Choice(Domain):
+    def __init__(self, choices, optional=False):
+        super().__init__(optional)
+        self.choices = tuple(choices)
+
+    def _contains(self, value):
+        return isinstance(value, str) and value in self.choices
+
+    def _describe(self):
+        return 'one of ' + ', '.join(self.choices)
+
+    def _describe_many(self):
+        return 'strings from ' + ', '.join(self.choices)
+
+    def invalid(self):
+        return ['', 'none_of_these', self.choices[0].upper() + '_', self.choices[0] + ' ']
+
+    def valid(self):
+        return list(self.choices)
+
+
+class Bool(Domain):
+    parse = staticmethod(str2bool)
+
+    def _contains(self, value):
+        return isinstance(value, bool)
+
+    def _describe(self):
+        return 'true or false (1/0, yes/no)'
+
+    def _describe_many(self):
+        return 'booleans (true/false)'
+
+    def invalid(self):
+        return ['maybe', '2', '', 'truee']
+
+    def valid(self):
+        return ['true', 'false']
+
+
+class Text(Domain):
+    """A string; ``path``: a file-system path, which must be UTF-8 (JSON and the logs hold it) and
+    free of NUL characters; ``pattern``: a regular expression the whole string matches, described
+    to the user as ``what``."""
+
+    def __init__(self, path=False, optional=False, pattern=None, what=None, examples=()):
+        super().__init__(optional)
+        self.path, self.pattern, self.what, self.examples = path, pattern, what, list(examples)
+
+    def _contains(self, value):
+        if not isinstance(value, str):
+            return False
+        if self.pattern is not None:
+            return re.fullmatch(self.pattern, value) is not None
+        return not self.path or (value != '' and '\0' not in value and not _has_surrogates(value))
+
+    def _describe(self):
+        if self.what:
+            return self.what
+        return 'a path (UTF-8, not empty)' if self.path else 'a string'
+
+    def _describe_many(self):
+        return 'paths (UTF-8, not empty)' if self.path else 'strings'
+
+    def invalid(self):
+        if self.pattern is not None:
+            return ['', 'x', 'bad\udcff', ' ' + (self.examples or ['x'])[0]]
+        return ['', 'bad\udcff', '\udcffx/y'] if self.path else []
+
+    def valid(self):
+        return self.examples
+
+
+class ListOf(Domain):
+    """A JSON list of ``element``s: ``length`` an int or (min, max) (max None: unbounded);
+    ``increasing``: strictly increasing; ``ordered``: a [low, high] pair with low <= high."""
+    parse = staticmethod(json_list)
+
+    def __init__(self, element, length=None, increasing=False, ordered=False, example=None, optional=False):
+        super().__init__(optional)
+        self.element, self.increasing, self.ordered = element, increasing, ordered
+        self.length = (length, length) if isinstance(length, int) else length
+        self.example = example
+
+    def _contains(self, value):
+        if not isinstance(value, list):
+            return False
+        if self.length is not None:
+            low, high = self.length
+            if len(value) < low or (high is not None and len(value) > high):
+                return False
+        for item in value:
+            try:
+                self.element.check(item)
+            except ValueError:
+                return False
+        if self.increasing and any(a >= b for a, b in zip(value, value[1:])):
+            return False
+        if self.ordered and any(a > b for a, b in zip(value, value[1:])):
+            return False
+        return True
+
+    def _describe(self):
+        if self.length is None:
+            count = 'a JSON list of'
+        elif self.length[0] == self.length[1]:
+            count = f'a JSON list of {self.length[0]}'
+        elif self.length[1] is None:
+            count = f'a JSON list of {self.length[0]} or more'
+        else:
+            count = f'a JSON list of {self.length[0]} to {self.length[1]}'
+        text = f'{count} {self.element._describe_many()} (e.g. {self._example()})'
+        if self.increasing:
+            text += ', strictly increasing'
+        if self.ordered:
+            text += ', [low, high] with low <= high' if self.length == (2, 2) else ', in non-decreasing order'
+        return text
+
+    def _example(self):
+        if self.example is not None:
+            return self.example
+        items = []
+        for text in (self.element.valid() or ['1'])[:self.length[0] if self.length else 2] or ['1']:
+            items.append(text if not isinstance(self.element, Text) else json.dumps(text))
+        while self.length and len(items) < self.length[0]:
+            items.append(items[-1])
+        return '[' + ','.join(items) + ']'
+
+    def invalid(self):
+        texts = ['', 'x', '[', '{}', '3', '["a"]', '[null]', '[NaN]', '[Infinity]']
+        if self.length is not None:
+            low, high = self.length
+            if low > 0:
+                texts.append('[]' if low == 1 else self._example()[:-1].rsplit(',', 1)[0] + ']')
+            if high is not None:
+                texts.append('[' + ','.join([self._example()[1:-1].split(',')[0]] * (high + 1)) + ']')
+        for bad in self.element.invalid()[:3]:
+            if bad:
+                texts.append(f'[{json.dumps(bad) if isinstance(self.element, (Choice, Text)) else bad}]')
+        if self.increasing or self.ordered:
+            texts.append('[2,1]')
+        return texts
+
+    def valid(self):
+        return [self._example()]
