@@ -14,7 +14,8 @@
 #                   --whiten_bias_epochs are scaled by K / its --epochs (arch defaults are left out:
 #                   main.py checks only the ones a row gives)
 #   --dry           print the commands (with --resume where it applies) and the skipped runs (env DRY=1)
-#   --results DIR   the folder of the run directories (default results/; env RESULTS_DIR)
+#   --results DIR   the folder of the run directories (default results/, where git ignores your runs:
+#                   the project's own measurements there are listed in results/.gitignore; env RESULTS_DIR)
 #   -- FLAGS        main.py flags for every run, after the row's own so they win (env EXTRA="FLAGS")
 # A run directory holding summary.json for the requested number of epochs is skipped; any other
 # non-empty one (checkpoint.pth or log.json of an interrupted run) is continued with --resume; a new
@@ -325,6 +326,7 @@ fast_training() {
 
 # --- Short CPU checks on a CIFAR-10 subset (what results/ reports from this project's machine) ---
 # unpack_cifar10.py DIR --limit 10000 gives 10,000 train / 2,000 test images; pass it with EXTRA.
+# Their shipped runs are in results/cpu_*, so those are skipped there: --results DIR runs them anew.
 CPU_REG=(--arch resnet_preact --depth 8 --base_channels 16 --epochs 4 --batch_size 128 --scheduler cosine
          --base_lr 0.1 --device cpu --no-tensorboard)
 cpu_regularization_check() {

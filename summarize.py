@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Summarize finished and running experiments: a table per experiment, error curves, README block.
+"""Summarize finished and running experiments: a table row per experiment, a figure per table, README block.
 
     ./summarize.py results/                       # Markdown table of every experiment under results/
     ./summarize.py results/rp56 --csv             # the same table as CSV (--json: a list of objects)
-    ./summarize.py results/ --plots figures/      # error curves in figures/<experiment>.png
+    ./summarize.py results/rp56 --plots figures/  # the figure in figures/rp56.png (default results/plots/)
     ./summarize.py results/ --readme results/README.md   # rewrite the generated block of that file
 
 A run is a folder holding config.json and log.json (main.py's --outdir); it is finished when
@@ -12,9 +12,17 @@ folder, named by its path relative to the given folder, so the seeds 0, 1, 2 of
 results/rp56/cutout/ form the experiment rp56/cutout. Statistics of the final test error are
 over finished runs; the best-epoch error is selected on the test set and so is optimistic.
 Runs of one experiment whose settings differ (other than the seed and main.RUN_ONLY_FLAGS,
-epochs excepted) are reported by name. Published figures come from run_experiments.sh lines
-``# published: NAME ERROR_PERCENT RUNS_DESCRIPTION`` (NAME as in results/NAME/<seed>).
-Without matplotlib the table still prints and the plots are skipped with one line.
+epochs excepted) or whose data differ are reported by name. The data column names the dataset,
+the last part of --dataset_dir and the image counts config.json records (its "data" object, see
+run_data), else the evaluated images counted in log.json. Published figures come from
+run_experiments.sh lines ``# published: NAME ERROR_PERCENT RUNS_DESCRIPTION`` (NAME as in
+results/NAME/<seed>).
+
+One figure per top-level folder (a table of the README block) overlays its experiments: test
+error against epoch (median over the runs, min-max band), train error dashed, and the learning
+rate in a panel below. It goes to plots/ inside the results folder (ignored by git there; inside
+the given folder when that is not under a results folder), never into the tracked measurements'
+folders. Without matplotlib the table still prints and the plots are skipped with one line.
 """
 import argparse
 import csv
@@ -29,7 +37,7 @@ import tempfile
 EXPERIMENTS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_experiments.sh')
 README_BEGIN = '<!-- summarize:begin -->'
 README_END = '<!-- summarize:end -->'
-PLOT_NAME = 'error_curves.png'
+PLOTS_FOLDER = 'plots'  # default figure folder, inside the results folder
 _PUBLISHED_LINE = re.compile(r'^\s*#\s*published:\s+(\S+)\s+(\d+(?:\.\d*)?)\s*(.*?)\s*$')
 
 COLUMNS = [  # (key in a row, Markdown header)
@@ -41,6 +49,7 @@ COLUMNS = [  # (key in a row, Markdown header)
     ('epochs', 'epochs (done/planned)'),
     ('wall_time', 'wall time / run'),
     ('hardware', 'hardware'),
+    ('data', 'data (images)'),
     ('published', 'published %'),
 ]
 
@@ -155,7 +164,7 @@ def collect(roots, report):
             key = os.path.realpath(experiment_folder or '.')
             if key not in experiments:
                 experiments[key] = dict(_experiment_names(base, experiment_folder), path=experiment_folder or '.',
-                                        runs=[])
+                                        base=base, runs=[])
             experiments[key]['runs'].append(run)
     for experiment in experiments.values():
         experiment['runs'].sort(key=lambda run: _natural_key(os.path.basename(run['path'])))
@@ -226,13 +235,66 @@ def hardware(config):
     return f'{device}, torch {environment.get("torch", "?")}'
 
 
-def data_copy(config):
-    """The data a run read: 'JPEG copy' only where config.json says so, else the dataset and its folder."""
-    settings = config['settings']
-    described = json.dumps({k: v for k, v in config.items() if k != 'settings'}, default=str)
-    described += ' ' + str(settings.get('dataset_dir'))
-    where = f'{settings.get("dataset", "?")} from {settings.get("dataset_dir")}'
-    return f'JPEG copy ({where})' if 'jpeg' in described.lower() else where
+DATA_FIELDS = ('dataset', 'folder', 'train_images', 'test_images', 'split')
+
+
+def run_data(run):
+    """The data a run read: ``{'dataset', 'folder', 'train_images', 'test_images', 'split'}``, None where unknown.
+
+    config.json's ``"data": {"dataset": ..., "train_images": N, "test_images": N, "test_split": "test"}``
+    where main.py records it (the training images after any --val_ratio hold-out, the evaluated ones);
+    else the settings' dataset, and the evaluated images counted in log.json (images/s times time of
+    an evaluation, which covers the whole split; the training images per epoch are not the set's size,
+    as the last partial batch is dropped). ``folder`` is the last part of --dataset_dir.
+    """
+    config, settings = run['config'], run['config']['settings']
+    recorded = config.get('data') if isinstance(config.get('data'), dict) else {}
+    directory = settings.get('dataset_dir')
+    data = {
+        'dataset': recorded.get('dataset', settings.get('dataset')),
+        'folder': os.path.basename(os.path.normpath(str(directory))) if directory else None,
+        'train_images': _image_count(recorded.get('train_images')),
+        'test_images': _image_count(recorded.get('test_images')),
+        'split': recorded.get('test_split') or run['split'],
+    }
+    if data['test_images'] is None:
+        split = run['split']
+        counted = [record[f'{split}_images_per_sec'] * record[f'{split}_time'] for record in run['log']
+                   if _is_number(record.get(f'{split}_images_per_sec')) and _is_number(record.get(f'{split}_time'))]
+        data['test_images'] = round(max(counted)) if counted else None
+    return data
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _image_count(value):
+    return int(value) if _is_number(value) and value >= 0 else None
+
+
+def data_text(data):
+    """``CIFAR10 (c10k): 10,000 train, 2,000 test``; the parts not known are left out."""
+    text = str(data['dataset'] or '?') + (f' ({data["folder"]})' if data['folder'] else '')
+    counts = ([f'{data["train_images"]:,} train'] if data['train_images'] is not None else []) + (
+        [f'{data["test_images"]:,} {data["split"]}'] if data['test_images'] is not None else [])
+    return text + (': ' + ', '.join(counts) if counts else '')
+
+
+def _same_data(a, b):
+    return all(a[key] == b[key] for key in DATA_FIELDS if a[key] is not None and b[key] is not None)
+
+
+def experiment_data(runs):
+    """``(texts, differing)``: the one description of the runs' data, its parts merged over the runs (one run
+    may record what another does not), or, where two runs disagree, every description and
+    ``{run folder name: description}``."""
+    described = [run_data(run) for run in runs]
+    if all(_same_data(a, b) for i, a in enumerate(described) for b in described[i + 1:]):
+        merged = {key: next((d[key] for d in described if d[key] is not None), None) for key in DATA_FIELDS}
+        return [data_text(merged)], {}
+    differing = {os.path.basename(run['path']): data_text(data) for run, data in zip(runs, described)}
+    return sorted(set(differing.values())), differing
 
 
 def _published(experiment, figures):
@@ -254,6 +316,7 @@ def summarize_experiment(experiment, figures):
     done = [run['epochs_done'] for run in runs]
     planned = sorted({run['config']['settings'].get('epochs') for run in runs}, key=str)
     published = _published(experiment, figures)
+    data, differing_data = experiment_data(runs)
     return {
         'experiment': experiment['name'],
         'path': experiment['path'],
@@ -271,7 +334,8 @@ def summarize_experiment(experiment, figures):
         'epochs_planned': planned[0] if len(planned) == 1 else planned,
         'wall_time_s': statistics.median(run['wall_time'] for run in finished) if finished else None,
         'hardware': sorted({hardware(run['config']) for run in runs}),
-        'data': sorted({data_copy(run['config']) for run in runs}),
+        'data': data,
+        'differing_data': differing_data,
         'published_error': float(published[0]) if published else None,
         'published_text': published[0] if published else None,
         'published_runs': published[1] if published else None,
@@ -307,7 +371,7 @@ def markdown_cells(row):
         f'{row["published_text"]}' + (f' ({row["published_runs"]})' if row['published_runs'] else ''))
     experiment = row['experiment'] + (' (val split)' if 'val' in row['split'] else '')
     return {
-        'experiment': experiment + (' *' if row['differing_settings'] else ''),
+        'experiment': experiment + (' *' if row['differing_settings'] or row['differing_data'] else ''),
         'runs': runs,
         'error_median': _percent(row['error_median']),
         'error_mean_std': mean_std,
@@ -315,6 +379,7 @@ def markdown_cells(row):
         'epochs': f'{low if low == high else f"{low}-{high}"}/{planned}',
         'wall_time': format_duration(row['wall_time_s']),
         'hardware': '; '.join(row['hardware']),
+        'data': ('differ: ' if row['differing_data'] else '') + '; '.join(row['data']),
         'published': published,
     }
 
@@ -327,6 +392,9 @@ def difference_lines(rows):
                 f'{key} (' + ', '.join(f'{run}: {json.dumps(value, default=str)}' for run, value in values.items())
                 + ')' for key, values in row['differing_settings'].items())
             lines.append(f'* {row["experiment"]}: settings differ between runs: {described}')
+        if row['differing_data']:
+            described = '; '.join(f'{run}: {text}' for run, text in row['differing_data'].items())
+            lines.append(f'* {row["experiment"]}: data differ between runs: {described}')
     return lines
 
 
@@ -342,7 +410,8 @@ def markdown_table(rows, columns=COLUMNS):
 
 CSV_FIELDS = ['experiment', 'path', 'group', 'finished', 'in_progress', 'split', 'error_median', 'error_mean',
               'error_std', 'best_error_median', 'epochs_done_min', 'epochs_done_max', 'epochs_planned', 'wall_time_s',
-              'hardware', 'data', 'published_error', 'published_runs', 'final_errors', 'differing_settings']
+              'hardware', 'data', 'published_error', 'published_runs', 'final_errors', 'differing_settings',
+              'differing_data']
 
 
 def csv_table(rows):
@@ -355,6 +424,8 @@ def csv_table(rows):
             value = row[key]
             if key == 'differing_settings':
                 value = ' '.join(sorted(value))
+            elif key == 'differing_data':
+                value = '; '.join(f'{run}: {text}' for run, text in value.items())
             elif isinstance(value, list):
                 value = '; '.join(map(str, value))
             cells[key] = '' if value is None else value
@@ -367,7 +438,7 @@ def json_table(rows):
 
 
 def readme_block(rows, command):
-    """The generated block: one table per top-level results folder, headed by its hardware and data."""
+    """The generated block: one table per top-level results folder, headed by its hardware."""
     columns = [column for column in COLUMNS if column[0] != 'hardware']
     parts = [README_BEGIN, f'<!-- written by {command}; edits inside this block are overwritten -->', '']
     groups = {}
@@ -375,8 +446,7 @@ def readme_block(rows, command):
         groups.setdefault(row['group'], []).append(row)
     for group, members in groups.items():
         hardware_text = '; '.join(sorted({h for row in members for h in row['hardware']}))
-        data_text = '; '.join(sorted({d for row in members for d in row['data']}))
-        parts += [f'### `{group}`: {hardware_text}; data: {data_text}', '', markdown_table(members, columns)]
+        parts += [f'### `{group}`: {hardware_text}', '', markdown_table(members, columns)]
     parts.append(README_END)
     return '\n'.join(parts) + '\n'
 
@@ -424,62 +494,149 @@ def write_readme(path, block):
 
 # ----------------------------------------------------------------------------- plots
 
-def _curve(runs, key):
-    """Epochs and the median, min and max over runs of ``100 * (1 - record[key])`` at each epoch."""
+def _curve(runs, key, scale=None):
+    """Epochs, and the median, min, max and number of runs at each epoch of ``record[key]`` (``scale(value)``)."""
     by_epoch = {}
     for run in runs:
         for record in run['log']:
-            if record['epoch'] > 0 and record.get(key) is not None:
-                by_epoch.setdefault(record['epoch'], []).append(100 * (1 - record[key]))
+            if record['epoch'] > 0 and _is_number(record.get(key)):
+                by_epoch.setdefault(record['epoch'], []).append(record[key] if scale is None else scale(record[key]))
     epochs = sorted(by_epoch)
-    return (epochs, [statistics.median(by_epoch[e]) for e in epochs],
-            [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs])
+    return (epochs, [statistics.median(by_epoch[e]) for e in epochs], [min(by_epoch[e]) for e in epochs],
+            [max(by_epoch[e]) for e in epochs], [len(by_epoch[e]) for e in epochs])
 
 
-def plot_experiment(experiment, path):
-    """Train and test error against epoch: median over the runs, min-max band. Needs matplotlib."""
+def _error(accuracy):
+    return 100 * (1 - accuracy)
+
+
+def _legend_label(experiment):
+    """The experiment's name inside its table (``plain`` of ``cpu_seeds/plain``), final error and runs."""
+    runs = experiment['runs']
+    prefix = _figure_name(experiment['group'], experiment['base']) + '/'
+    name = experiment['name'][len(prefix):] if experiment['name'].startswith(prefix) else experiment['name']
+    errors = [run['final_error'] for run in runs if run['summary'] is not None]
+    running = len(runs) - len(errors)
+    count = f'{len(runs)} run{"s" * (len(runs) > 1)}' + (f', {running} in progress' if running else '')
+    final = f'{statistics.median(errors):.2f}%' + (' median' if len(errors) > 1 else '') if errors else 'no final'
+    mixed = any(r.get('train_accuracy_kind') == 'lambda-weighted' for run in runs for r in run['log'])
+    return f'{name}: {final} ({count})' + ('\n  train error on label-mixed targets' if mixed else '')
+
+
+def overlay_figure(experiments, title, subtitle=''):
+    """The experiments of a table in one figure, returned unsaved (needs matplotlib).
+
+    Top panel: test (or val) error against epoch, a line per experiment through the median over its runs,
+    its min-max band where two or more runs reached that epoch, train error dashed in the same colour.
+    Bottom panel: the learning rate at each epoch's first step. Lines carry ``gid`` ``test:NAME``,
+    ``train:NAME``, ``lr:NAME``. Epoch ticks are integers; short runs get markers.
+    """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
-    runs = experiment['runs']
-    split = runs[0]['split']
-    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    figure = Figure(figsize=(10, 6.4), dpi=100, layout='constrained')
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    mixed = any(r.get('train_accuracy_kind') == 'lambda-weighted' for run in runs for r in run['log'])
-    for key, label in (('train_accuracy', 'train' + (' (label-mixed targets)' if mixed else '')),
-                       (f'{split}_accuracy', split)):
-        epochs, median, low, high = _curve(runs, key)
-        if not epochs:
-            continue
-        line, = axes.plot(epochs, median, marker='o' if len(epochs) < 20 else None, markersize=3, label=label)
-        if len(runs) > 1:
-            axes.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    running = sum(run['summary'] is None for run in runs)
-    count = f'{len(runs)} run{"s" * (len(runs) > 1)}' + (f' ({running} in progress)' if running else '')
-    summary = f'median of {count}, band: min-max' if len(runs) > 1 else count
-    axes.set_title(f'{experiment["name"]}: {summary}', fontsize=10)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel('epoch')
-    axes.set_ylabel('error (%)')
-    axes.grid(True, alpha=0.3)
-    if axes.lines:
-        axes.legend()
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path)
+    error_axes, lr_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={'height_ratios': [2.4, 1]})
+    colors = matplotlib.colormaps['tab10' if len(experiments) <= 10 else 'tab20']
+    last_epoch, schedules, splits = 1, [], set()
+    for index, experiment in enumerate(experiments):
+        color = colors(index % colors.N)
+        runs = experiment['runs']
+        split = runs[0]['split']
+        splits.add(split)
+        epochs, median, low, high, counts = _curve(runs, f'{split}_accuracy', _error)
+        marker = dict(marker='o', markersize=4) if len(epochs) <= 30 else {}
+        if epochs:
+            last_epoch = max(last_epoch, epochs[-1])
+            error_axes.plot(epochs, median, color=color, linewidth=1.8, label=_legend_label(experiment),
+                            gid=f'test:{experiment["name"]}', **marker)
+            spread = [count > 1 for count in counts]
+            if any(a and b for a, b in zip(spread, spread[1:])):
+                error_axes.fill_between(epochs, low, high, where=spread, color=color, alpha=0.18, linewidth=0,
+                                        gid=f'band:{experiment["name"]}')
+            # an epoch whose neighbours have no spread makes no band: a min-max bar instead
+            lone = [i for i, wide in enumerate(spread)
+                    if wide and not (i > 0 and spread[i - 1]) and not (i + 1 < len(spread) and spread[i + 1])]
+            if lone:
+                error_axes.vlines([epochs[i] for i in lone], [low[i] for i in lone], [high[i] for i in lone],
+                                  color=color, alpha=0.45, linewidth=5, gid=f'band:{experiment["name"]}')
+        epochs, median, *_ = _curve(runs, 'train_accuracy', _error)
+        if epochs:
+            last_epoch = max(last_epoch, epochs[-1])
+            error_axes.plot(epochs, median, color=color, linewidth=1.0, linestyle='--', alpha=0.6,
+                            gid=f'train:{experiment["name"]}')
+        epochs, median, *_ = _curve(runs, 'lr')
+        if epochs:
+            last_epoch = max(last_epoch, epochs[-1])
+            schedules.append((epochs, median))
+            lr_axes.plot(epochs, median, color=color, linewidth=1.4, gid=f'lr:{experiment["name"]}', **marker)
+    split = '/'.join(sorted(splits, reverse=True)) or 'test'
+    error_axes.set_ylabel('error (%)')
+    error_axes.set_title(title + (f'\n{subtitle}' if subtitle else ''), fontsize=10, loc='left')
+    lr_axes.set_ylabel('learning rate\n(epoch start)')
+    lr_axes.set_xlabel('epoch')
+    if len(schedules) > 1 and all(schedule == schedules[0] for schedule in schedules):
+        for line in lr_axes.lines:
+            line.set_color('0.35')
+        lr_axes.text(0.99, 0.95, 'the same for every experiment', transform=lr_axes.transAxes, ha='right', va='top',
+                     fontsize=8, color='0.3')
+    lrs = [lr for _, median in schedules for lr in median]
+    if not lrs:
+        lr_axes.text(0.5, 0.5, 'no "lr" in log.json', transform=lr_axes.transAxes, ha='center', va='center',
+                     fontsize=8, color='0.3')
+        lr_axes.set_yticks([])
+    elif min(lrs) > 0 and max(lrs) / min(lrs) >= 30:
+        lr_axes.set_yscale('log')
+    else:
+        lr_axes.set_ylim(bottom=0, top=max(lrs) * 1.1 or None)
+    if last_epoch <= 20:  # short runs: a tick per epoch, half an epoch of margin
+        lr_axes.set_xticks(range(1, last_epoch + 1))
+        lr_axes.set_xlim(0.5, last_epoch + 0.5)
+    else:
+        lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        lr_axes.set_xlim(0, last_epoch * 1.02)
+    for axes in (error_axes, lr_axes):
+        axes.grid(True, alpha=0.3)
+    if error_axes.lines:
+        handles, labels = error_axes.get_legend_handles_labels()
+        handles += [Line2D([], [], color='0.3', linewidth=1.8), Line2D([], [], color='0.3', linestyle='--')]
+        labels += [f'{split} error: median, band min-max over runs', 'train error: median']
+        error_axes.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return figure
 
 
-def plot_path(experiment, folder, taken=()):
-    """``PLOT_NAME`` in the experiment's folder, or ``folder/<experiment name>.png`` (its path if that is taken)."""
-    if folder is None:
-        return os.path.join(experiment['path'], PLOT_NAME)
-    for name in (experiment['name'], experiment['path']):
-        parts = [p for p in name.replace(os.sep, '/').split('/') if p not in ('', '.', '..')] or ['experiment']
-        path = os.path.join(folder, *parts[:-1], parts[-1] + '.png')
-        if path not in taken:
-            break
-    return path
+def _figure_name(group, base):
+    relative = os.path.relpath(group, base)
+    return os.path.basename(os.path.abspath(base)) if relative == '.' or relative.startswith('..') else relative
+
+
+def plot_groups(experiments, folder=None):
+    """``[(path, title, experiments)]``: one figure per top-level folder (a table of the README block),
+    ``folder/<folder name>.png``, by default in ``plots/`` inside the results folder the names are relative to."""
+    groups = {}
+    for experiment in experiments:
+        groups.setdefault(experiment['group'], []).append(experiment)
+    planned, taken = [], set()
+    for group, members in groups.items():
+        base = members[0]['base']
+        name = _figure_name(group, base).replace(os.sep, '_')
+        directory = os.path.join(base, PLOTS_FOLDER) if folder is None else folder
+        path, number = os.path.join(directory, name + '.png'), 1
+        while path in taken:
+            number += 1
+            path = os.path.join(directory, f'{name}-{number}.png')
+        taken.add(path)
+        planned.append((path, group, members))
+    return planned
+
+
+def _subtitle(experiments):
+    """The data and hardware of the figure's runs, as the table shows them."""
+    data = sorted({text for experiment in experiments for text in experiment_data(experiment['runs'])[0]})
+    machines = sorted({hardware(run['config']) for experiment in experiments for run in experiment['runs']})
+    return '; '.join(data + machines)
 
 
 def write_plots(experiments, folder, report):
@@ -489,10 +646,10 @@ def write_plots(experiments, folder, report):
         report('plots skipped: matplotlib is not installed (pip install matplotlib)')
         return []
     written = []
-    for experiment in experiments:
-        path = plot_path(experiment, folder, written)
+    for path, title, members in plot_groups(experiments, folder):
         try:
-            plot_experiment(experiment, path)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            overlay_figure(members, title, _subtitle(members)).savefig(path)
         except OSError as error:
             report(f'{path}: plot not written ({error})')
             continue
@@ -516,8 +673,9 @@ def get_args_parser():
     output.add_argument('--json', action='store_true', help='print the table as a JSON list instead of Markdown')
     plots = parser.add_mutually_exclusive_group()
     plots.add_argument('--plots', metavar='DIR', default=None,
-                       help=f'write each experiment\'s error curves to DIR/<experiment>.png '
-                            f'(default: {PLOT_NAME} inside each experiment folder)')
+                       help=f'write one figure per top-level folder (its experiments overlaid: error and learning '
+                            f'rate against epoch) to DIR/<folder>.png (default: {PLOTS_FOLDER}/ inside the results '
+                            f'folder, ignored by git there)')
     plots.add_argument('--no-plots', dest='no_plots', action='store_true', help='write no plots')
     parser.add_argument('--readme', metavar='FILE',
                         help=f'rewrite the block between {README_BEGIN} and {README_END} in FILE '

@@ -17,16 +17,22 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 def write_run(folder, seed=0, test_accuracies=(0.5, 0.7, 0.9), finished=True, epochs=3, epoch_time=10.0,
-              environment=None, **settings):
-    """A run folder as main.py leaves it: config.json, log.json and (once finished) summary.json."""
+              environment=None, test_images=10000, lrs=None, data=None, **settings):
+    """A run folder as main.py leaves it: config.json, log.json (with each evaluation's images/s and time,
+    whose product is the ``test_images`` counted) and, once finished, summary.json. ``data``: config.json's
+    "data" object, which main.py does not write yet."""
     os.makedirs(folder, exist_ok=True)
     settings = {'arch': 'resnet', 'depth': 20, 'base_lr': 0.1, 'epochs': epochs, 'dataset': 'CIFAR10',
                 'dataset_dir': 'data', 'seed': seed, 'outdir': str(folder), 'device': 'cpu', 'resume': False,
                 **settings}
     config = {'settings': settings, 'explicit_flags': sorted(settings),
               'environment': environment or {'torch': '2.14.1', 'device': 'cpu'}}
-    log = [{'epoch': epoch, 'train_accuracy': min(accuracy + 0.05, 1.0), 'test_accuracy': accuracy,
-            'epoch_time': epoch_time} for epoch, accuracy in enumerate(test_accuracies, 1)]
+    if data is not None:
+        config['data'] = data
+    lrs = [settings['base_lr']] * len(test_accuracies) if lrs is None else lrs
+    log = [{'epoch': epoch, 'lr': lr, 'train_accuracy': min(accuracy + 0.05, 1.0), 'test_accuracy': accuracy,
+            'test_time': 0.5, 'test_images_per_sec': test_images / 0.5, 'epoch_time': epoch_time}
+           for epoch, accuracy, lr in zip(range(1, len(test_accuracies) + 1), test_accuracies, lrs)]
     with open(os.path.join(folder, 'config.json'), 'w') as f:
         json.dump(config, f)
     with open(os.path.join(folder, 'log.json'), 'w') as f:
@@ -75,7 +81,8 @@ def test_statistics_against_hand_values(tmp_path, capsys):
     lines = out.splitlines()
     assert lines[0].startswith('| experiment | runs | test error % (median) | mean ± std |')
     assert 'selected on test set' in lines[0] and 'epochs (done/planned)' in lines[0]
-    assert '| r20/cutout | 3 | 20.00 | 23.33 ± 15.28 | 15.00 | 3/3 | 33 s | CPU, torch 2.14.1 | – |' in lines
+    assert ('| r20/cutout | 3 | 20.00 | 23.33 ± 15.28 | 15.00 | 3/3 | 33 s | CPU, torch 2.14.1 '
+            '| CIFAR10 (data): 10,000 test | – |') in lines
 
 
 def test_in_progress_missing_and_corrupt_runs(tmp_path, capsys):
@@ -193,21 +200,142 @@ def png_size(path):
     return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
 
 
-def test_plots_one_png_per_experiment(tmp_path, capsys):
+def test_data_column_names_each_experiments_data(tmp_path, capsys):
+    """Experiments on different data side by side: the column says what each ran on. Counts come from
+    config.json's "data" where recorded, else the evaluated images counted in log.json."""
+    write_run(tmp_path / 'results' / 'short' / '0', dataset_dir='.data/c10k', test_images=2000)
+    write_run(tmp_path / 'results' / 'full' / '0', dataset='CIFAR100', dataset_dir='/scratch/cifar100',
+              data={'dataset': 'CIFAR100', 'train_images': 50000, 'test_images': 10000, 'test_split': 'test'})
+    write_run(tmp_path / 'results' / 'default_folder' / '0', dataset_dir=None, test_images=10000)
+    rows, _ = as_json(capsys, tmp_path / 'results')
+    assert rows['short']['data'] == ['CIFAR10 (c10k): 2,000 test'] and rows['short']['differing_data'] == {}
+    assert rows['full']['data'] == ['CIFAR100 (cifar100): 50,000 train, 10,000 test']
+    assert rows['default_folder']['data'] == ['CIFAR10: 10,000 test']
+    _, out, _ = run_summarize(capsys, tmp_path / 'results', '--no-plots')
+    lines = out.splitlines()
+    assert lines[0].split(' | ')[-2:] == ['data (images)', 'published % |']
+    assert '| short | 1 | 10.00 |' in out
+    assert any(line.endswith('| CIFAR10 (c10k): 2,000 test | – |') for line in lines)
+    assert any(line.startswith('| full |') and '| CIFAR100 (cifar100): 50,000 train, 10,000 test |' in line
+               for line in lines)
+    _, out, _ = run_summarize(capsys, '--csv', '--no-plots', tmp_path / 'results')
+    assert {row['experiment']: row['data'] for row in csv.DictReader(io.StringIO(out))}['short'] == \
+        'CIFAR10 (c10k): 2,000 test'
+
+
+def test_runs_on_different_data_are_flagged(tmp_path, capsys):
+    # seed 1 ran on the full set: another folder, another test count (dataset_dir is a run-only flag)
+    write_run(tmp_path / 'exp' / '0', 0, dataset_dir='.data/c10k', test_images=2000)
+    write_run(tmp_path / 'exp' / '1', 1, dataset_dir='.data', test_images=10000)
+    # one run records the data object, the other not: the parts both know agree, so one description
+    write_run(tmp_path / 'same' / '0', 0, test_images=10000)
+    write_run(tmp_path / 'same' / '1', 1, test_images=10000,
+              data={'dataset': 'CIFAR10', 'train_images': 50000, 'test_images': 10000, 'test_split': 'test'})
+    rows, _ = as_json(capsys, tmp_path)
+    assert rows['exp']['differing_data'] == {'0': 'CIFAR10 (c10k): 2,000 test', '1': 'CIFAR10 (.data): 10,000 test'}
+    assert rows['exp']['differing_settings'] == {}
+    assert rows['same']['differing_data'] == {}
+    assert rows['same']['data'] == ['CIFAR10 (data): 50,000 train, 10,000 test']
+    _, out, _ = run_summarize(capsys, tmp_path, '--no-plots')
+    lines = out.splitlines()
+    assert any(line.startswith('| exp * |') and '| differ: CIFAR10 (.data): 10,000 test; CIFAR10 (c10k): 2,000 test |'
+               in line for line in lines)
+    assert '* exp: data differ between runs: 0: CIFAR10 (c10k): 2,000 test; 1: CIFAR10 (.data): 10,000 test' in lines
+    assert any(line.startswith('| same |') for line in lines)
+
+
+def _gids(artists, kind):
+    return sorted(a.get_gid()[len(kind) + 1:] for a in artists if (a.get_gid() or '').startswith(kind + ':'))
+
+
+def test_overlay_figure_of_a_table(tmp_path, capsys):
+    """One figure per top-level folder: a test-error line per experiment (median), its min-max band where
+    there are several runs, train error dashed, and the learning rate in a second panel."""
+    pytest.importorskip('matplotlib')
+    cosine = [0.1, 0.075, 0.025]
+    for seed, accuracies in enumerate([(0.5, 0.7, 0.9), (0.6, 0.8, 0.85), (0.55, 0.75, 0.8)]):
+        write_run(tmp_path / 'results' / 'rp56' / 'cutout' / str(seed), seed, test_accuracies=accuracies, lrs=cosine)
+    write_run(tmp_path / 'results' / 'rp56' / 'plain' / '0', lrs=[0.2, 0.02, 0.002])
+    write_run(tmp_path / 'results' / 'vgg15' / '0')
+    experiments = summarize.collect([tmp_path / 'results'], pytest.fail)
+    planned = summarize.plot_groups(experiments, str(tmp_path / 'figures'))
+    assert [(path, [e['name'] for e in members]) for path, _, members in planned] == [
+        (str(tmp_path / 'figures' / 'results.png'), ['vgg15']),
+        (str(tmp_path / 'figures' / 'rp56.png'), ['rp56/cutout', 'rp56/plain'])]
+    _, title, members = planned[1]
+    figure = summarize.overlay_figure(members, title)
+    error_axes, lr_axes = figure.axes
+    assert _gids(error_axes.lines, 'test') == ['rp56/cutout', 'rp56/plain']
+    assert _gids(error_axes.lines, 'train') == ['rp56/cutout', 'rp56/plain']
+    assert _gids(error_axes.collections, 'band') == ['rp56/cutout']  # one run: no band
+    cutout = next(line for line in error_axes.lines if line.get_gid() == 'test:rp56/cutout')
+    assert list(cutout.get_xdata()) == [1, 2, 3] and list(cutout.get_ydata()) == pytest.approx([45, 25, 15])
+    assert next(l for l in error_axes.lines if l.get_gid() == 'train:rp56/cutout').get_linestyle() == '--'
+    labels = error_axes.get_legend().get_texts()
+    assert [t.get_text() for t in labels[:2]] == ['cutout: 15.00% median (3 runs)', 'plain: 10.00% (1 run)']
+    assert _gids(lr_axes.lines, 'lr') == ['rp56/cutout', 'rp56/plain'] and 'learning rate' in lr_axes.get_ylabel()
+    assert list(next(l for l in lr_axes.lines if l.get_gid() == 'lr:rp56/cutout').get_ydata()) == cosine
+    assert lr_axes.get_yscale() == 'log'  # 0.2 to 0.002
+    assert list(lr_axes.get_xticks()) == [1, 2, 3] and lr_axes.get_xlim() == (0.5, 3.5)
+
+    status, _, err = run_summarize(capsys, tmp_path / 'results', '--plots', tmp_path / 'figures')
+    assert status == 0 and sorted(os.listdir(tmp_path / 'figures')) == ['results.png', 'rp56.png']
+    assert png_size(tmp_path / 'figures' / 'rp56.png') == (1000, 640) and str(tmp_path / 'figures' / 'rp56.png') in err
+
+
+def test_one_epoch_runs_plot(tmp_path):
+    """A 1-epoch run: a marker at epoch 1, one tick, no empty band; several seeds show their spread as a bar."""
+    pytest.importorskip('matplotlib')
+    write_run(tmp_path / 'results' / 'quick' / 'one' / '0', test_accuracies=(0.3,), epochs=1)
+    for seed, accuracy in enumerate((0.35, 0.38, 0.33)):
+        write_run(tmp_path / 'results' / 'quick' / 'seeds' / str(seed), seed, test_accuracies=(accuracy,), epochs=1)
+    experiments = summarize.collect([tmp_path / 'results'], pytest.fail)
+    figure = summarize.overlay_figure(experiments, 'quick')
+    error_axes, lr_axes = figure.axes
+    one = next(line for line in error_axes.lines if line.get_gid() == 'test:quick/one')
+    assert list(one.get_xdata()) == [1] and one.get_marker() == 'o'
+    assert _gids(error_axes.collections, 'band') == ['quick/seeds']
+    bar = next(c for c in error_axes.collections if c.get_gid() == 'band:quick/seeds')
+    assert [list(map(float, segment[:, 1])) for segment in bar.get_segments()] == [pytest.approx([62, 67])]
+    assert list(lr_axes.get_xticks()) == [1] and lr_axes.get_xlim() == (0.5, 1.5)
+    figure.savefig(tmp_path / 'quick.png')
+    assert png_size(tmp_path / 'quick.png') == (1000, 640)
+
+
+def test_plots_never_go_into_run_or_experiment_folders_by_default(tmp_path, capsys):
     pytest.importorskip('matplotlib')
     write_run(tmp_path / 'results' / 'rp56' / 'cutout' / '0', 0)
-    write_run(tmp_path / 'results' / 'rp56' / 'cutout' / '1', 1, test_accuracies=(0.6, 0.8, 0.85))
-    write_run(tmp_path / 'results' / 'rp56' / 'cutout' / '2', 2, test_accuracies=(0.6,), finished=False)
-    write_run(tmp_path / 'results' / 'vgg15' / '0', 0)
-    status, _, err = run_summarize(capsys, tmp_path / 'results', '--plots', tmp_path / 'figures')
-    assert status == 0
-    for name in ('rp56/cutout.png', 'vgg15.png'):
-        path = tmp_path / 'figures' / name
-        assert os.path.getsize(path) > 1000 and png_size(path) == (640, 400)
-        assert str(path) in err
-    status, _, _ = run_summarize(capsys, tmp_path / 'results')  # default: inside each experiment's folder
-    assert png_size(tmp_path / 'results' / 'rp56' / 'cutout' / 'error_curves.png') == (640, 400)
-    assert len(summarize.find_run_folders(tmp_path / 'results')) == 4  # the PNGs made no folder a run
+    write_run(tmp_path / 'results' / 'rp56' / 'cutout' / '1', 1, test_accuracies=(0.6,), finished=False)
+    write_run(tmp_path / 'results' / 'single_run', 0)
+    for given in (tmp_path / 'results', tmp_path / 'results' / 'rp56'):
+        status, _, err = run_summarize(capsys, given)
+        assert status == 0 and 'wrote' in err
+    written = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path)
+                     for f in files if f.endswith('.png'))
+    assert written == [os.path.join('results', 'plots', 'results.png'), os.path.join('results', 'plots', 'rp56.png')]
+    assert len(summarize.find_run_folders(tmp_path / 'results')) == 3  # plots/ made no run
+
+
+def test_user_runs_under_results_are_ignored_by_git():
+    """results/ keeps the project's measurements tracked and ignores the rest (a user's runs, plots/):
+    every tracked file there stays un-ignored, and the SPEC's example run folder is ignored."""
+    try:
+        tracked = subprocess.run(['git', 'ls-files', 'results'], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip('not a git checkout')
+    files = tracked.stdout.splitlines()
+    assert 'results/README.md' in files and 'results/.gitignore' in files
+
+    def ignored(paths):
+        result = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=ROOT, input='\n'.join(paths),
+                                capture_output=True, text=True)
+        return result.stdout.splitlines()
+
+    assert ignored(files) == []
+    user = ['results/resnet_preact_56/00/config.json', 'results/r20/0/log.json', 'results/x/model_state.pth',
+            'results/plots/cpu_seeds.png', 'results/my_table.csv']
+    assert ignored(user) == user
+    assert not [f for f in files if f.endswith('.png')]  # no generated figures shipped
 
 
 def test_without_matplotlib_the_table_still_prints(tmp_path, capsys, monkeypatch):
@@ -216,12 +344,13 @@ def test_without_matplotlib_the_table_still_prints(tmp_path, capsys, monkeypatch
     status, out, err = run_summarize(capsys, tmp_path)
     assert status == 0 and '| exp | 1 |' in out
     assert err == 'plots skipped: matplotlib is not installed (pip install matplotlib)\n'
-    assert not (tmp_path / 'exp' / 'error_curves.png').exists()
+    assert not (tmp_path / 'plots').exists()
 
 
 def test_readme_block_replaced_between_markers(tmp_path, capsys):
     write_run(tmp_path / 'results' / 'cpu_reg' / 'plain' / '0')
-    write_run(tmp_path / 'results' / 'cpu_reg' / 'cutout' / '0', dataset_dir='/data/cifar10_jpeg_q75')
+    write_run(tmp_path / 'results' / 'cpu_reg' / 'cutout' / '0', dataset_dir='/data/cifar10_jpeg_q75',
+              test_images=2000)
     write_run(tmp_path / 'results' / 'resnet110' / '0', environment={'torch': '2.11', 'device': 'cuda',
                                                                      'gpu': 'NVIDIA H100', 'gpu_count': 8})
     before = '# Measured results\r\n\r\nHand-written text, trailing spaces   \n\n'.encode()
@@ -236,10 +365,11 @@ def test_readme_block_replaced_between_markers(tmp_path, capsys):
     block = text[len(before):-len(after)].decode()
     assert block.startswith('<!-- summarize:begin -->\n') and block.endswith('<!-- summarize:end -->\n')
     assert 'old table' not in block
-    assert (f'### `{results}`: 8x NVIDIA H100, torch 2.11; data: CIFAR10 from data\n' in block)
-    assert (f'### `{results / "cpu_reg"}`: CPU, torch 2.14.1; data: CIFAR10 from data; '
-            f'JPEG copy (CIFAR10 from /data/cifar10_jpeg_q75)\n') in block
-    assert '| cpu_reg/cutout | 1 | 10.00 |' in block and '| resnet110 | 1 |' in block
+    assert f'### `{results}`: 8x NVIDIA H100, torch 2.11\n' in block
+    assert f'### `{results / "cpu_reg"}`: CPU, torch 2.14.1\n' in block
+    assert ('| cpu_reg/cutout | 1 | 10.00 | 10.00 | 10.00 | 3/3 | 30 s | CIFAR10 (cifar10_jpeg_q75): 2,000 test '
+            '| – |') in block.splitlines()
+    assert '| resnet110 | 1 |' in block
     assert block.count('| experiment |') == 2
 
     run_summarize(capsys, results, '--no-plots', '--readme', readme)
