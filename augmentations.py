@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.transforms import v2
 
+from flags import UsageError
+
 
 def _reflect(index, size):
     """Map indices in [-size + 1, 2 * size - 2] into [0, size) by mirroring at the borders
@@ -227,7 +229,7 @@ def random_erasing(images, prob=0.5, area_ratio_range=(0.02, 0.4), min_aspect_ra
       the normalized image. The original tool's Random Erasing results were trained with it.
     """
     if fill not in RANDOM_ERASING_FILLS:
-        raise ValueError(f'--random_erasing_fill {fill!r}: choose {", ".join(RANDOM_ERASING_FILLS)}')
+        raise UsageError(f'--random_erasing_fill {fill!r}: choose {", ".join(RANDOM_ERASING_FILLS)}')
     batch, _, height, width = images.shape
     device = images.device
     erase, top, left, box_height, box_width = _random_erasing_boxes(
@@ -389,7 +391,7 @@ def dual_cutout_loss(logits, targets, alpha=0.1, label_smoothing=0.0, distance='
     elif distance == 'softmax':
         consistency = (first_view.softmax(1) - second_view.softmax(1)).pow(2).sum(1).mean()
     else:
-        raise ValueError(f'--dual_cutout_distance {distance!r}: choose softmax or logits')
+        raise UsageError(f'--dual_cutout_distance {distance!r}: choose softmax or logits')
     return cross_entropy + alpha * consistency
 
 
@@ -416,7 +418,7 @@ AUTOAUGMENT_POLICIES = ('cifar10', 'svhn', 'imagenet')
 
 
 def _exclusive_policies_error(flags):
-    return ValueError(f'{" and ".join("--" + flag for flag in flags)} cannot be combined: AutoAugment, '
+    return UsageError(f'{" and ".join("--" + flag for flag in flags)} cannot be combined: AutoAugment, '
                       'RandAugment, TrivialAugment and AugMix are mutually exclusive')
 
 
@@ -458,41 +460,11 @@ class AugmentPolicy:
     def __init__(self, name, autoaugment_policy='cifar10', randaugment_ops=2, randaugment_magnitude=9,
                  augmix_severity=3, group_size=8):
         if name not in POLICY_SWITCHES.values():
-            raise ValueError(f'augmentation policy {name!r}: choose {", ".join(POLICY_SWITCHES.values())}')
-        checks = [
-            (name == 'autoaugment', autoaugment_policy in AUTOAUGMENT_POLICIES,
-             f'--autoaugment_policy {autoaugment_policy}: choose {", ".join(AUTOAUGMENT_POLICIES)}'),
-            (name == 'randaugment', _is_int(randaugment_ops) and randaugment_ops >= 1,
-             f'--randaugment_ops {randaugment_ops}: must be a positive integer'),
-            (name == 'randaugment', _is_int(randaugment_magnitude) and 0 <= randaugment_magnitude <= 30,
-             f'--randaugment_magnitude {randaugment_magnitude}: must be an integer in [0, 30]'),
-            (name == 'augmix', _is_int(augmix_severity) and 1 <= augmix_severity <= 10,
-             f'--augmix_severity {augmix_severity}: must be an integer in [1, 10]'),
-            (True, _is_int(group_size) and group_size >= 1,
-             f'--policy_group_size {group_size}: must be a positive integer'),
-        ]
-        for applies, valid, message in checks:
-            if applies and not valid:
-                raise ValueError(message)
+            raise UsageError(f'augmentation policy {name!r}: choose {", ".join(POLICY_SWITCHES.values())}')
         self.name, self.autoaugment_policy = name, autoaugment_policy
         self.randaugment_ops, self.randaugment_magnitude = randaugment_ops, randaugment_magnitude
         self.augmix_severity, self.group_size = augmix_severity, group_size
         self._batch_transform = None
-
-    @classmethod
-    def from_args(cls, args):
-        """The policy the flags switch on, or None; two switches on raise ValueError."""
-        chosen = [flag for flag in POLICY_SWITCHES if getattr(args, flag, False)]
-        if len(chosen) > 1:
-            raise _exclusive_policies_error(chosen)
-        if not chosen:
-            return None
-        options = {}
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name not in ('self', 'name'):
-                value = getattr(args, 'policy_group_size' if name == 'group_size' else name, None)
-                options[name] = parameter.default if value is None else value
-        return cls(POLICY_SWITCHES[chosen[0]], **options)
 
     def _transform(self, module):
         """The policy as a transform of ``module``: torchvision.transforms (per image) or its v2."""
@@ -524,8 +496,20 @@ class AugmentPolicy:
         return f'{self.name}({options}{", " if options else ""}group_size={self.group_size})'
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+def policy_kwargs(args):
+    """:func:`build_policy`'s arguments from the command line's settings: the policy its switch chose (at
+    most one, see :func:`resolve_policy_switches`) and the policies' options."""
+    chosen = [flag for flag in POLICY_SWITCHES if getattr(args, flag, False)]
+    if len(chosen) > 1:
+        raise _exclusive_policies_error(chosen)
+    return dict(name=POLICY_SWITCHES[chosen[0]] if chosen else None, autoaugment_policy=args.autoaugment_policy,
+                randaugment_ops=args.randaugment_ops, randaugment_magnitude=args.randaugment_magnitude,
+                augmix_severity=args.augmix_severity, group_size=args.policy_group_size)
+
+
+def build_policy(name=None, **options):
+    """The :class:`AugmentPolicy` ``name`` with ``options``, or None when no policy is chosen."""
+    return None if name is None else AugmentPolicy(name, **options)
 
 
 def as_policy(policy):
@@ -555,6 +539,13 @@ def distillation_loss(student_logits, teacher_logits, temperature):
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, reduction='batchmean', log_target=True) * temperature ** 2
+
+
+def regularizer_kwargs(args):
+    """:class:`BatchRegularizer`'s arguments (but the class count) from the command line's settings; a
+    setting that ``args`` lacks or holds as None takes the regularizer's default."""
+    names = [name for name in inspect.signature(BatchRegularizer).parameters if name != 'num_classes']
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 class BatchRegularizer:
@@ -592,53 +583,17 @@ class BatchRegularizer:
         self.use_label_smoothing, self.label_smoothing_epsilon = use_label_smoothing, label_smoothing_epsilon
         self._validate()
 
-    @classmethod
-    def from_args(cls, args, num_classes):
-        """Build from an argparse namespace; flags missing from it (or None) take the defaults above."""
-        options = {}
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name not in ('self', 'num_classes'):
-                value = getattr(args, name, None)
-                options[name] = parameter.default if value is None else value
-        return cls(num_classes, **options)
-
     def _validate(self):
+        """The relations of the regularizers' settings (each setting's range is its flag's domain)."""
         mixing = [flag for flag, used in [('--use_mixup', self.use_mixup), ('--use_ricap', self.use_ricap),
                                           ('--use_cutmix', self.use_cutmix),
                                           ('--use_dual_cutout', self.use_dual_cutout)] if used]
         if len(mixing) > 1:
-            raise ValueError(f'{" and ".join(mixing)} cannot be combined: '
+            raise UsageError(f'{" and ".join(mixing)} cannot be combined: '
                              'mixup, ricap, cutmix and dual_cutout are mutually exclusive')
         if self.use_dual_cutout and self.use_cutout:
-            raise ValueError('--use_dual_cutout already applies Cutout to both views; drop --use_cutout '
+            raise UsageError('--use_dual_cutout already applies Cutout to both views; drop --use_cutout '
                              '(--cutout_size, --cutout_prob and --cutout_inside still apply)')
-        checks = [
-            (self.use_cutout or self.use_dual_cutout, self.cutout_size >= 1, '--cutout_size must be >= 1'),
-            (self.use_cutout or self.use_dual_cutout, 0 <= self.cutout_prob <= 1,
-             '--cutout_prob must be in [0, 1]'),
-            (self.use_random_erasing, 0 <= self.random_erasing_prob <= 1,
-             '--random_erasing_prob must be in [0, 1]'),
-            (self.use_random_erasing, len(self.random_erasing_area_ratio_range) == 2
-             and 0 < self.random_erasing_area_ratio_range[0] <= self.random_erasing_area_ratio_range[-1] <= 1,
-             '--random_erasing_area_ratio_range must be [low, high] with 0 < low <= high <= 1'),
-            (self.use_random_erasing, 0 < self.random_erasing_min_aspect_ratio <= 1,
-             '--random_erasing_min_aspect_ratio must be in (0, 1]'),
-            (self.use_random_erasing, self.random_erasing_max_attempt >= 1,
-             '--random_erasing_max_attempt must be >= 1'),
-            (self.use_random_erasing, self.random_erasing_fill in RANDOM_ERASING_FILLS,
-             f'--random_erasing_fill must be one of {", ".join(RANDOM_ERASING_FILLS)}'),
-            (self.use_mixup, self.mixup_alpha > 0, '--mixup_alpha must be > 0'),
-            (self.use_ricap, self.ricap_beta > 0, '--ricap_beta must be > 0'),
-            (self.use_cutmix, self.cutmix_alpha > 0, '--cutmix_alpha must be > 0'),
-            (self.use_dual_cutout, self.dual_cutout_alpha >= 0, '--dual_cutout_alpha must be >= 0'),
-            (self.use_dual_cutout, self.dual_cutout_distance in ('softmax', 'logits'),
-             '--dual_cutout_distance must be softmax or logits'),
-            (self.use_label_smoothing, 0 <= self.label_smoothing_epsilon < 1,
-             '--label_smoothing_epsilon must be in [0, 1)'),
-        ]
-        for enabled, valid, message in checks:
-            if enabled and not valid:
-                raise ValueError(message)
 
     @property
     def mixes_labels(self):

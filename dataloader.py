@@ -268,7 +268,7 @@ class DeviceLoader:
     epoch across the ranks (the tail that does not fill a global batch is dropped, as in one
     process). The alternating-flip phases belong to the images, so an image flips on every other
     epoch whichever rank it goes to. Evaluation: the single-process batches of ``batch_size`` are
-    dealt out, rank r taking batches r, r + world_size, ... (:func:`merge_sharded_batches` puts
+    dealt out, rank r taking batches r, r + world_size, ... (``engine.merge_sharded_batches`` puts
     per-batch results back in order). With ``seed`` None (a plain single-process run) the
     permutation comes from the global generator, as it always has.
     """
@@ -540,18 +540,21 @@ class Data:
     test_split_name: str
 
 
-def merge_sharded_batches(per_rank):
-    """Per-batch results of the ranks (lists, as the evaluation loaders deal the batches out) in the
-    order of the single-process batches."""
-    world_size = len(per_rank)
-    total = sum(len(results) for results in per_rank)
-    return [per_rank[batch % world_size][batch // world_size] for batch in range(total)]
-
-
 def fetch_dataset(dataset, dataset_dir):
     """Download a missing built-in dataset (one process per machine, before the others read it)."""
     if dataset in DATASETS and missing(dataset_dir, dataset):
         _download(dataset_dir, dataset)
+
+
+def data_kwargs(args):
+    """:func:`build_data`'s arguments from the command line's settings, but the batch size, device, policy
+    and sharding, which main.py works out."""
+    return dict(dataset=args.dataset, dataset_dir=args.dataset_dir, data_pipeline=args.data_pipeline,
+                num_workers=args.num_workers, use_random_crop=args.use_random_crop,
+                random_crop_padding=args.random_crop_padding, use_horizontal_flip=args.use_horizontal_flip,
+                val_ratio=args.val_ratio, download=args.download, image_size=args.image_size,
+                test_batch_size=args.test_batch_size, padding_mode=args.padding_mode,
+                flip_mode='alternating' if args.alternating_flip else 'random')
 
 
 def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device', num_workers=2,
@@ -572,6 +575,9 @@ def build_data(dataset, dataset_dir, batch_size, device, data_pipeline='device',
     if dataset not in DATASETS:
         raise UsageError(f'--dataset {dataset!r}: unknown; choose from {", ".join(DATASET_CHOICES)}')
     info = DATASETS[dataset]
+    if image_size is not None:
+        raise UsageError(f'--image_size applies to --dataset ImageFolder only ({dataset} images are '
+                         f'{info.image_size}x{info.image_size})')
     train_images, train_labels = load_split(dataset_dir, dataset, train=True, download=download)
     if val_ratio > 0:
         (train_images, train_labels), (test_images, test_labels) = split_validation(
@@ -609,3 +615,45 @@ def _build_image_folder_data(dataset_dir, batch_size, test_batch_size, device, n
     workers = dict(shard=sharding['shard'], seed=sharding['seed'] or 0)
     return Data(info, WorkersLoader(splits['train'], batch_size, device, True, num_workers, **workers),
                 WorkersLoader(splits['test'], test_batch_size, device, False, num_workers, **workers), 'test')
+
+
+# Class names of the built-in datasets, used where the dataset files hold none (CIFAR-10's batches.meta
+# and CIFAR-100's meta hold theirs).
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle
+    caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant
+    flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+    maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+    plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
+    snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout
+    tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+CLASS_NAMES = {
+    'CIFAR10': CIFAR10_CLASSES, 'CIFAR100': CIFAR100_CLASSES, 'MNIST': tuple('0123456789'),
+    'FashionMNIST': ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                     'Ankle boot'),
+    # Kuzushiji-MNIST (arXiv 1812.01718): the hiragana of each class, romanized
+    'KMNIST': ('o', 'ki', 'su', 'tsu', 'na', 'ha', 'ma', 'ya', 're', 'wo'),
+}
+_CIFAR_META = {'CIFAR10': ('cifar-10-batches-py', 'batches.meta', 'label_names'),
+               'CIFAR100': ('cifar-100-python', 'meta', 'fine_label_names')}
+
+
+def class_names(dataset, dataset_dirs):
+    """The class names of ``dataset``: from CIFAR's meta file in the first of ``dataset_dirs`` that has
+    one, the class folders of an ImageFolder, else the built-in lists."""
+    for directory in [d for d in dataset_dirs if d]:
+        if dataset in _CIFAR_META:
+            folder, file_name, key = _CIFAR_META[dataset]
+            path = os.path.join(directory, folder, file_name)
+            if os.path.isfile(path):
+                try:
+                    with open(path, 'rb') as f:
+                        names = pickle.load(f, encoding='latin1')[key]
+                    if len(names) == DATASETS[dataset].num_classes:
+                        return tuple(names)
+                except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+                    pass
+        elif dataset == 'ImageFolder' and os.path.isdir(os.path.join(directory, 'train')):
+            return tuple(sorted(entry.name for entry in os.scandir(os.path.join(directory, 'train')) if entry.is_dir()))
+    return CLASS_NAMES.get(dataset)

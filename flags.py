@@ -383,3 +383,16 @@ class ListOf(Domain):
 
     def valid(self):
         return [self._example()]
+
+
+def check_setting(name, domain, value, source):
+    """Raise UsageError unless ``value``, read from ``source`` (a --config file, an arch's defaults), lies in
+    the ``domain`` of flag ``name``; the message names the JSON type that was found."""
+    try:
+        domain.check(value)
+    except ValueError:
+        kind = {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
+                type(None): 'null'}.get(type(value), type(value).__name__)
+        expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
+        raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {kind}): expected '
+                         f'{expected} (--{name})') from None

@@ -34,12 +34,15 @@ warmup curves).
 import contextlib
 import copy
 import functools
+import json
 import math
 import os
 
 import numpy as np
 import torch
 from torch import nn
+
+from flags import UsageError
 
 OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound', 'muon')
 SCHEDULER_CHOICES = ('none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial')
@@ -494,11 +497,11 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, filters, auxiliary, lr=0.24, momentum=0.6, nesterov=True, ns_steps=3,
                  normalize_weights=True):
         if not hasattr(torch.optim, 'Muon'):
-            raise ValueError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
+            raise UsageError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
                              f'{torch.__version__}')
         self.filters = list(filters)
         if not self.filters:
-            raise ValueError('--optimizer muon: the model has no trainable convolution filters')
+            raise UsageError('--optimizer muon: the model has no trainable convolution filters')
         self.channels_last = [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                               for p in self.filters]
         self.matrices = [_filter_matrix(p.detach(), cl) for p, cl in zip(self.filters, self.channels_last)]
@@ -644,11 +647,35 @@ def _kernel_options(groups):
     return {'foreach': True}
 
 
+def optimizer_kwargs(args):
+    """:func:`build_optimizer`'s arguments from the command line's settings."""
+    return dict(optimizer=args.optimizer, base_lr=args.base_lr, momentum=args.momentum, nesterov=args.nesterov,
+                weight_decay=args.weight_decay, no_weight_decay_on_bn=args.no_weight_decay_on_bn,
+                betas=tuple(args.betas), adabound_final_lr=args.adabound_final_lr,
+                adabound_gamma=args.adabound_gamma, use_sam=args.use_sam, sam_rho=args.sam_rho,
+                sam_adaptive=args.sam_adaptive, bn_bias_lr_factor=args.bn_bias_lr_factor,
+                head_lr_factor=args.head_lr_factor, whiten_bias_epochs=args.whiten_bias_epochs,
+                muon_lr=args.muon_lr, muon_momentum=args.muon_momentum, muon_ns_steps=args.muon_ns_steps,
+                muon_normalize_weights=args.muon_normalize_weights, lars_eps=args.lars_eps,
+                lars_thresh=args.lars_thresh, asam_eta=args.asam_eta)
+
+
+def whitening_bias_schedule(model, whiten_bias_epochs):
+    """{bias: epochs} for the biases of the data-initialized patch-whitening layers (airbench trains them
+    for its first epochs only), or None without ``whiten_bias_epochs``."""
+    if whiten_bias_epochs is None:
+        return None
+    layers = [module for module in model.modules() if hasattr(module, 'initialize_from_images')]
+    if not layers:
+        raise UsageError('--whiten_bias_epochs: this --arch has no patch-whitening layer')
+    return {layer.bias: whiten_bias_epochs for layer in layers}
+
+
 def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
                     no_weight_decay_on_bn=False, betas=(0.9, 0.999), adabound_final_lr=0.1, adabound_gamma=1e-3,
                     use_sam=False, sam_rho=None, sam_adaptive=False, bn_bias_lr_factor=1.0, head_lr_factor=1.0,
-                    schedule_epochs=None, muon_lr=0.24, muon_momentum=0.6, muon_ns_steps=3,
-                    muon_normalize_weights=True, lars_eps=1e-9, lars_thresh=1e-2, asam_eta=0.01):
+                    schedule_epochs=None, whiten_bias_epochs=None, muon_lr=0.24, muon_momentum=0.6,
+                    muon_ns_steps=3, muon_normalize_weights=True, lars_eps=1e-9, lars_thresh=1e-2, asam_eta=0.01):
     """The optimizer named by ``--optimizer`` over ``model``'s parameters, optionally wrapped in SAM.
 
     Weight decay lives in the param groups (L2 in the gradient for sgd/adam/lars/adabound, decoupled
@@ -657,20 +684,20 @@ def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=
     ``sam_rho=None`` is the authors' radius: 0.05 for SAM (Foret et al.), 0.5 for ASAM (the CIFAR-10
     command of SamsungLabs/ASAM's README and ``asam.py``'s default). ASAM scales the parameters whose
     name in ``model.named_parameters()`` contains 'weight', as the authors' ``asam.py``.
+    ``schedule_epochs`` (see :func:`parameter_groups`) or ``whiten_bias_epochs`` (the patch-whitening
+    biases, :func:`whitening_bias_schedule`) give parameters a schedule of their own.
+    The settings' single values are checked by their flags' domains (main.py's parser).
     """
     if optimizer not in OPTIMIZER_CHOICES:
-        raise ValueError(f'--optimizer {optimizer!r} is not supported; choose from {", ".join(OPTIMIZER_CHOICES)}')
+        raise UsageError(f'--optimizer {optimizer!r} is not supported; choose from {", ".join(OPTIMIZER_CHOICES)}')
     if sam_rho is None:
         sam_rho = default_sam_rho(sam_adaptive)
-    if sam_rho < 0:
-        raise ValueError(f'--sam_rho must be >= 0, got {sam_rho}')
-    for flag, factor in (('--bn_bias_lr_factor', bn_bias_lr_factor), ('--head_lr_factor', head_lr_factor)):
-        if factor <= 0:
-            raise ValueError(f'{flag} must be positive, got {factor}')
+    if whiten_bias_epochs is not None:
+        schedule_epochs = whitening_bias_schedule(model, whiten_bias_epochs)
     filters = []
     if optimizer == 'muon':
         if use_sam:
-            raise ValueError('--use_sam does not combine with --optimizer muon')
+            raise UsageError('--use_sam does not combine with --optimizer muon')
         filters = [param for param in model.parameters() if param.ndim == 4 and param.requires_grad]
     groups = parameter_groups(model, weight_decay, no_weight_decay_on_bn, base_lr, bn_bias_lr_factor,
                               head_lr_factor, exclude=filters, schedule_epochs=schedule_epochs)
@@ -703,6 +730,10 @@ def default_sam_rho(adaptive):
     return 0.5 if adaptive else 0.05
 
 
+def _format_number(value):
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
 def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmup_exponent=4.0):
     """The warmup multiplier at ``step``; 1 from ``warmup_steps`` on.
 
@@ -722,7 +753,7 @@ def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmu
         return warmup_start_factor + (1.0 - warmup_start_factor) * progress ** warmup_exponent
     if warmup_method == 'geometric':
         return warmup_start_factor ** (1.0 - progress)
-    raise ValueError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
+    raise UsageError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
 
 
 def _sgdr_position(step, first_period, period_multiplier):
@@ -772,41 +803,60 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
     elif scheduler == 'polynomial':
         factor = min_factor + (1.0 - min_factor) * (1.0 - progress) ** poly_power
     else:
-        raise ValueError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
+        raise UsageError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
     return factor * _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmup_exponent)
+
+
+def scheduler_kwargs(args):
+    """:func:`build_scheduler`'s arguments from the command line's settings, but the run's length. Milestones
+    and warmup that come from an arch's defaults may lie beyond a trial run shorter than the arch's
+    schedule; given ones (and default milestones in a run of fractional epochs or --total_steps) may not."""
+    unchecked = {'milestones', 'warmup_epochs'} - set(args.explicit)
+    if args.total_steps is not None or not float(args.epochs).is_integer():
+        unchecked.discard('milestones')
+    return dict(scheduler=args.scheduler, milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min,
+                T0=args.T0, T_mul=args.T_mul, poly_power=args.poly_power, warmup_epochs=args.warmup_epochs,
+                warmup_method=args.warmup_method, warmup_start_factor=args.warmup_start_factor,
+                lr_end_factor=args.lr_end_factor, warmup_exponent=args.warmup_exponent,
+                milestones_after_warmup=args.milestones_after_warmup, unchecked=tuple(sorted(unchecked)))
 
 
 def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoch=1, milestones=(80, 120),
                     lr_decay=0.1, lr_min=0.0, T0=10, T_mul=1, poly_power=1.0, warmup_epochs=0,
                     warmup_method='linear', warmup_start_factor=1e-3, lr_end_factor=None, warmup_exponent=4.0,
-                    milestones_after_warmup=True):
+                    milestones_after_warmup=True, unchecked=()):
     """A ``LambdaLR`` following ``lr_factor``, to be stepped once per iteration (not per epoch).
 
     The lambdas are closures, so the scheduler's state_dict holds only counters: a scheduler
-    rebuilt from the same arguments and loaded resumes the same curve.
+    rebuilt from the same arguments and loaded resumes the same curve. The relations of the
+    settings are checked here: the milestones and the warmup fall inside the run (but those named in
+    ``unchecked``), a param group's own ``schedule_epochs`` (the whitening bias) too, one final
+    learning rate (``lr_end_factor`` or ``lr_min``), a geometric warmup starts above 0. Each setting's
+    own range is its flag's domain (main.py's parser).
     """
     if scheduler not in SCHEDULER_CHOICES:
-        raise ValueError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
+        raise UsageError(f'--scheduler {scheduler!r} is not supported; choose from {", ".join(SCHEDULER_CHOICES)}')
     if warmup_method not in WARMUP_METHODS:
-        raise ValueError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
-    if steps_per_epoch < 1 or epochs < 0:
-        raise ValueError(f'--epochs must be >= 0 and steps_per_epoch >= 1, got {epochs} and {steps_per_epoch}')
-    if warmup_epochs < 0:
-        raise ValueError(f'--warmup_epochs must be >= 0, got {warmup_epochs}')
-    if warmup_epochs > 0 and not 0 <= warmup_start_factor <= 1:
-        raise ValueError(f'--warmup_start_factor must be in [0, 1], got {warmup_start_factor}')
+        raise UsageError(f'--warmup_method {warmup_method!r} is not supported; choose from {", ".join(WARMUP_METHODS)}')
+    total_steps = round(epochs * steps_per_epoch)
+    run = f'the run ({total_steps} steps of {steps_per_epoch} per epoch)'
+    milestone_offset = warmup_epochs if milestones_after_warmup else 0
+    if scheduler == 'multistep' and 'milestones' not in unchecked and any(
+            (milestone + milestone_offset) * steps_per_epoch > total_steps for milestone in milestones):
+        after = f', counted after {_format_number(warmup_epochs)} warmup epochs' if milestone_offset else ''
+        raise UsageError(f'--milestones {json.dumps(list(milestones))}: beyond the end of {run}{after}; expected '
+                         f'epochs before the end')
+    if 'warmup_epochs' not in unchecked and warmup_epochs > 0 and warmup_epochs * steps_per_epoch >= total_steps:
+        raise UsageError(f'--warmup_epochs {_format_number(warmup_epochs)}: expected fewer epochs than {run} '
+                         f'(warmup shorter than the run)')
+    for group in optimizer.param_groups:
+        if group.get('schedule_epochs', 0) > epochs:
+            raise UsageError(f'--whiten_bias_epochs must be in (0, --epochs], got {group["schedule_epochs"]}')
+    if lr_end_factor is not None and lr_min > 0:
+        raise UsageError(f'--lr_end_factor {lr_end_factor} cannot be combined with --lr_min {lr_min}: choose one '
+                         f'final learning rate')
     if warmup_epochs > 0 and warmup_method == 'geometric' and warmup_start_factor <= 0:
-        raise ValueError('--warmup_method geometric needs --warmup_start_factor > 0')
-    if warmup_epochs > 0 and warmup_method == 'exponential' and not warmup_exponent > 0:
-        raise ValueError(f'--warmup_exponent must be positive, got {warmup_exponent}')
-    if scheduler == 'sgdr' and (T0 < 1 or T_mul < 1):
-        raise ValueError(f'--T0 and --T_mul must be >= 1, got {T0} and {T_mul}')
-    if scheduler == 'multistep' and list(milestones) != sorted(milestones):
-        raise ValueError(f'--milestones must be increasing, got {list(milestones)}')
-    if lr_min < 0:
-        raise ValueError(f'--lr_min must be >= 0, got {lr_min}')
-    if lr_end_factor is not None and (not 0 <= lr_end_factor <= 1 or lr_min > 0):
-        raise ValueError(f'--lr_end_factor must be in [0, 1] and excludes --lr_min, got {lr_end_factor}')
+        raise UsageError('--warmup_method geometric needs --warmup_start_factor in (0, 1], got 0')
     schedule = dict(scheduler=scheduler, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     milestones=tuple(milestones), lr_decay=lr_decay, lr_min=lr_min, T0=T0, T_mul=T_mul,
                     poly_power=poly_power, warmup_epochs=warmup_epochs, warmup_method=warmup_method,
@@ -939,10 +989,6 @@ def create_ema(model, ema_decay, every=1):
     ``every=K`` only every K-th call updates, with ``decay^K`` in place of ``decay`` (the same
     horizon in steps; see :class:`ExponentialMovingAverage`).
     """
-    if not 0 <= ema_decay <= 1:
-        raise ValueError(f'--ema_decay must be in [0, 1], got {ema_decay}')
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f'--ema_every must be an integer >= 1, got {every}')
     return ExponentialMovingAverage(model, ema_decay, every)
 
 

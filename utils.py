@@ -541,6 +541,15 @@ def distribute(model, dist, device, sync_bn=False, find_unused_parameters=False)
     rank 0's at the end of each epoch, before evaluation and saving. ``find_unused_parameters``
     is DDP's: needed when a step may leave parameters out of the loss (layers skipped at random).
     """
+    if sync_bn:
+        if not dist.enabled:
+            raise UsageError('--sync_bn needs a distributed launch (torchrun --nproc_per_node N main.py ...)')
+        if device.type != 'cuda':
+            raise UsageError(f'--sync_bn: torch\'s SyncBatchNorm runs on GPUs only, not on {device.type}; '
+                             f'without --sync_bn each rank normalizes its own images')
+        if any(getattr(module, 'num_splits', 1) > 1 for module in model.modules()):
+            raise UsageError('--sync_bn with --ghost_bn_splits: ghost batch norm normalizes small groups on purpose; '
+                             'choose one')
     if not dist.enabled:
         return model, model
     if sync_bn:

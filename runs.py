@@ -1,0 +1,356 @@
+"""The run folder as a file format: what a run writes, how it resumes, how its weights are read back.
+
+    config.json       every resolved setting, the flags given, the parameter count, command line, environment
+    log.json          one record per epoch, replaced atomically every epoch
+    summary.json      final and best test accuracy, labelled apart
+    checkpoint.pth    model, trainer state (optimizer, schedule, scaler, EMA, lookahead), RNG states,
+                      settings, log, and the position inside an epoch for a mid-epoch checkpoint
+    model_state.pth   the final weights (model_state_ema.pth: the EMA's)
+    tensorboard/      scalars
+
+main.py writes runs through :class:`RunDirectory`; summarize.py, the benchmarks and the tests read them
+with the functions here. Every file is written atomically (utils.save_json, utils.save_checkpoint).
+"""
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+import engine
+import models
+import utils
+from flags import UsageError, show
+
+# Flags that never change what a run computes, so a resumed run may give them anew.
+RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
+                  'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
+                  'epochs', 'eval_every',
+                  'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
+                  'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
+FINAL_WEIGHTS = 'model_state.pth'
+EMA_WEIGHTS = 'model_state_ema.pth'
+
+
+class RunDirectory:
+    """The files of one run: refuses to overwrite another run, writes atomically.
+
+    In a distributed run rank 0 alone checks the directory (its verdict reaches every rank) and
+    writes; on the other ranks the ``save_*`` methods write nothing, so a run has one set of files.
+    Nothing is created before :meth:`create`, which main.py calls once all the input is checked.
+    """
+
+    def __init__(self, outdir, resume, dist=utils.SINGLE_PROCESS):
+        self.outdir = outdir
+        self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
+        self.writes = dist.is_main
+        self.dist = dist
+        self.writer = None
+        self.has_checkpoint = dist.run_on_main(lambda: self._check(resume))
+
+    def _check(self, resume):
+        """The verdict on the directory, touching nothing: bad input must leave the disk as it was."""
+        outdir = self.outdir
+        if os.path.exists(outdir) and not os.path.isdir(outdir):
+            raise UsageError(f'--outdir {outdir}: exists and is not a directory')
+        existing = os.path.abspath(outdir)  # the directory itself, or the nearest ancestor that exists
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is not a directory)')
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
+        has_checkpoint = os.path.isfile(self.checkpoint_path)
+        if resume:
+            utils.remove_temporaries(outdir)  # of a write that a kill interrupted
+            if not has_checkpoint:
+                # the run stopped before its first checkpoint (inside epoch 1, or before the first
+                # --save_every epoch): nothing to restore, so it starts again and rewrites its log
+                print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+        elif os.path.isdir(outdir) and os.listdir(outdir):
+            raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
+                             f'or choose another directory')
+        return has_checkpoint
+
+    def create(self):
+        """Make the directory, once every check of the input has passed."""
+        self.dist.run_on_main(self._create)
+
+    def _create(self):
+        outdir = self.outdir
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            probe = os.path.join(outdir, '.write-test')
+            with open(probe, 'w'):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
+
+    def path(self, name):
+        return os.path.join(self.outdir, name)
+
+    def save_json(self, obj, name):
+        if self.writes:
+            utils.save_json(obj, self.path(name))
+
+    def save_checkpoint(self, state):
+        """checkpoint.pth, atomically (torch.save to a temporary file, then rename)."""
+        if self.writes:
+            utils.save_checkpoint(state, self.checkpoint_path)
+
+    def save_weights(self, state_dict, name):
+        """model_state.pth, atomically as the checkpoint."""
+        if self.writes:
+            utils.save_weights(state_dict, self.path(name))
+
+    def write_config(self, args, n_params, device):
+        config = {
+            'settings': {k: v for k, v in vars(args).items() if k != 'explicit'},
+            'explicit_flags': args.explicit,
+            'n_params': n_params,
+            'model_flags': {k: getattr(args, k) for k in models.model_params(args.arch)
+                            if getattr(args, k) is not None},
+            'command_line': ' '.join(shlex.quote(a) for a in sys.argv),
+            'environment': utils.environment_info(device),
+        }
+        if self.dist.enabled:
+            per_rank = args.batch_size // self.dist.world_size
+            config['distributed'] = {
+                'world_size': self.dist.world_size, 'backend': self.dist.backend, 'launcher': 'torchrun',
+                'global_batch_size': args.batch_size, 'per_rank_batch_size': per_rank, 'sync_bn': args.sync_bn,
+                # the images each BatchNorm layer normalizes over in a training forward pass
+                'bn_batch_size': (args.batch_size if args.sync_bn else per_rank) // args.subdivision,
+            }
+        self.save_json(config, 'config.json')
+
+    def open_tensorboard(self, purge_step=None):
+        """TensorBoard scalars: tensorboardX (the SPEC's dependency), else PyTorch's own writer.
+
+        torch.utils.tensorboard needs the tensorboard package; with neither installed the run goes
+        on without scalars and says so once (log.json holds the same figures). ``purge_step``: a
+        resumed run's TensorBoard discards the scalars at and after that epoch that the interrupted
+        run wrote.
+        """
+        if not self.writes:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print('--tensorboard: neither tensorboardX nor tensorboard is installed; writing no scalars '
+                      '(log.json has them)', file=sys.stderr)
+                return
+        # a file name of its own: the writer names its file by the second, and a run resumed within the
+        # same second would otherwise truncate the interrupted run's file
+        self.writer = SummaryWriter(self.path('tensorboard'), purge_step=purge_step,
+                                    filename_suffix=f'.{time.time_ns()}')
+
+    def log_epoch(self, log, checkpoint=None):
+        """The end-of-epoch writes: log.json, TensorBoard scalars and the checkpoint (when one is due)."""
+        self.save_json(log, 'log.json')
+        if self.writer is not None:  # before the checkpoint: a resumed run purges the scalars of epochs it repeats
+            record = log[-1]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != 'epoch':
+                    self.writer.add_scalar(key.replace('_', '/', 1), value, record['epoch'])
+            self.writer.flush()
+        utils.kill_point('after_log')
+        if checkpoint is not None:
+            self.save_checkpoint(checkpoint)
+
+    def finish(self, model, ema_model, log, split):
+        """The files of a finished run: model_state.pth (and the EMA's), summary.json."""
+        self.save_weights(model.state_dict(), FINAL_WEIGHTS)
+        if ema_model is not None:
+            self.save_weights(ema_model.state_dict(), EMA_WEIGHTS)
+        self.save_json(summarize([record for record in log if record['epoch'] > 0], split), 'summary.json')
+        if self.writer is not None:
+            self.writer.close()
+
+    def is_finished(self, with_ema):
+        names = [FINAL_WEIGHTS, 'summary.json'] + ([EMA_WEIGHTS] if with_ema else [])
+        return all(os.path.isfile(self.path(name)) for name in names)
+
+
+def summarize(log, split):
+    """summary.json: the final epoch's accuracy (the one to report) and the best one, labelled apart."""
+    final = log[-1]
+    best = max((record for record in log if f'{split}_accuracy' in record),
+               key=lambda record: record[f'{split}_accuracy'])
+    summary = {
+        f'final_{split}_accuracy': final[f'{split}_accuracy'],
+        f'final_{split}_error': 1 - final[f'{split}_accuracy'],
+        f'best_{split}_accuracy': best[f'{split}_accuracy'],
+        f'best_{split}_epoch': best['epoch'],
+        'epochs': final['epoch'],
+    }
+    if split == 'test':
+        summary['note'] = ('report final_test_accuracy; best_test_accuracy selects on the test set and is '
+                           'optimistic (use --val_ratio for model selection)')
+    return summary
+
+
+def best_so_far(log, metrics, epoch, split):
+    """``best_{split}_accuracy`` and ``best_{split}_epoch`` over the logged epochs and this one's ``metrics``."""
+    best = max([record for record in log if f'{split}_accuracy' in record and record['epoch'] > 0]
+               + [{'epoch': epoch, **metrics}], key=lambda record: record[f'{split}_accuracy'])
+    return {f'best_{split}_accuracy': best[f'{split}_accuracy'], f'best_{split}_epoch': best['epoch']}
+
+
+# ----------------------------------------------------------------------------- checkpoints and resuming
+
+def checkpoint_state(trainer, epoch, args, log, position=None):
+    """The full state after ``epoch`` complete epochs, and ``position`` inside the next one if given
+    (a mid-epoch checkpoint: the step reached, the epoch's order, the partial meters)."""
+    state = {'epoch': epoch, 'model': trainer.model.state_dict(), **trainer.state_dict(), 'rng': utils.get_rng_state(),
+             'args': dict(vars(args)), 'log': log}
+    if trainer.dist.enabled:
+        # every rank's random stream (its augmentation), so that a resumed run draws what this one would
+        state['rng_ranks'] = trainer.dist.all_gather_object(state['rng'])
+        state['world_size'] = trainer.dist.world_size
+    if position is not None:
+        state['position'] = position
+    return state
+
+
+def load_checkpoint(path, flag):
+    """utils.load_checkpoint, its one-line error naming the flag that pointed at the file."""
+    try:
+        return utils.load_checkpoint(path)
+    except UsageError as error:
+        raise UsageError(f'{flag}: {error}') from None
+
+
+def restore_args(args, checkpoint):
+    """A resumed run keeps its saved settings; only run-control flags (and --epochs) may change."""
+    saved = checkpoint.get('args')
+    if not isinstance(saved, dict):
+        raise UsageError(f'--resume: {args.outdir}/checkpoint.pth holds no settings')
+    changed = sorted(name for name in args.explicit
+                     if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
+    if changed:
+        differences = ', '.join(f'--{name} {show(getattr(args, name))} (saved run: {show(saved[name])})'
+                                for name in changed)
+        raise UsageError(f'--resume: settings differ from the saved run: {differences}; a resumed run keeps its '
+                         f'settings (start a new --outdir instead)')
+    restored = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RUN_ONLY_FLAGS}})
+    restored.resume = True
+    return restored
+
+
+def resume(checkpoint, model, trainer, args):
+    """Load a checkpoint of this run into the model and trainer; returns (log, first epoch to run,
+    position inside that epoch or None).
+
+    Each rank continues the random stream of the saved run's rank of the same number (a single
+    process's is rank 0's); a rank the saved run did not have starts a stream of its own.
+    """
+    dist = trainer.dist
+    if not isinstance(checkpoint.get('model'), dict):
+        raise UsageError('--resume: checkpoint.pth holds no model')
+    load_weights(model, checkpoint['model'], '--resume: checkpoint.pth', checkpoint.get('args'), args, None)
+    position = checkpoint.get('position')
+    if position is not None and position.get('world_size', 1) != dist.world_size:
+        raise UsageError(f'--resume: checkpoint.pth stopped inside epoch {position["epoch"]} with '
+                         f'{position.get("world_size", 1)} process(es); resume it with as many (this run has '
+                         f'{dist.world_size})')
+    try:
+        trainer.load_state_dict(checkpoint)
+        rng_states = checkpoint.get('rng_ranks') or [checkpoint['rng']]
+        if dist.rank < len(rng_states):
+            utils.set_rng_state(rng_states[dist.rank])
+        else:
+            utils.set_seed(utils.derived_seed(args.seed, dist.rank, checkpoint['epoch']))
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '
+                         f'{str(error).splitlines()[0] if str(error) else ""})') from None
+    log = list(checkpoint['log'])
+    trainer.nonfinite_before = sum(record.get('nonfinite_steps', 0) for record in log)
+    return log, checkpoint['epoch'] + 1, position
+
+
+def resume_command(argv=None, dist=utils.SINGLE_PROCESS):
+    """The command line of this run with --resume (under torchrun, with its launcher)."""
+    words = list(sys.argv) if argv is None else ['./main.py', *argv]
+    if '--resume' not in words:
+        words.append('--resume')
+    command = shlex.join(words)
+    if dist.enabled:
+        command = f'torchrun --nproc_per_node {dist.world_size} {command}'
+    return command
+
+
+# ----------------------------------------------------------------------------- weights of a run
+
+def saved_settings(weights_path):
+    """The settings in the config.json beside ``weights_path`` ({} if there is none)."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), 'config.json')
+    if not os.path.isfile(config_path):
+        return {}
+    return utils.load_json(config_path, what='config').get('settings', {})
+
+
+def adopt_saved_settings(args, settings):
+    """Take the arch, dataset and model flags of a saved run where the command line does not give them."""
+    for name in ['arch', 'dataset', *models.model_flags()]:
+        if name not in args.explicit and name in settings:
+            setattr(args, name, settings[name])
+
+
+def read_weights(path, flag):
+    """The state_dict in a model_state.pth or in a checkpoint.pth's ``model``, without DDP's ``module.``;
+    a file that is no checkpoint is refused in one line naming ``flag``."""
+    state = load_checkpoint(path, flag)
+    if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
+        state = state['model']
+    if isinstance(state, dict):
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
+    return state
+
+
+def describe_weights(state_dict, settings=None):
+    """'resnet_preact depth 20 for 10 classes, 3 input channels': what a state_dict holds, from its
+    settings (a checkpoint's or config.json's) where known, and from the shapes of its first
+    convolution (input channels) and last linear layer (classes)."""
+    name = 'weights'
+    if settings:
+        arch = settings.get('arch')
+        known = models.model_params(arch) if arch in models.list_models() else {}
+        name = ' '.join([str(arch)] + [f'{flag} {show(settings[flag])}' for flag in ('depth', 'widening_factor')
+                                       if settings.get(flag) is not None and flag in known])
+    tensors = [value for value in state_dict.values() if torch.is_tensor(value)] if isinstance(state_dict, dict) else []
+    convolutions = [value for value in tensors if value.dim() == 4]
+    linears = [value for value in tensors if value.dim() == 2]
+    shape = [f'for {linears[-1].shape[0]} classes'] if linears else []
+    shape += [f'{convolutions[0].shape[1]} input channels'] if convolutions else []
+    return f'{name} {", ".join(shape)}' if shape else name
+
+
+def load_weights(model, state_dict, what, saved_settings, settings, info):
+    """``model.load_state_dict(state_dict)``, or a UsageError naming what the file holds and what this run
+    builds (another architecture, class count or channel count) instead of a shape traceback."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as error:
+        settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+        this_run = describe_weights(model.state_dict(), settings)
+        raise UsageError(f'{what} is {describe_weights(state_dict, saved_settings)}; this run is {this_run} '
+                         f'({info.name if info else settings.get("dataset")}); they do not fit '
+                         f'({type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:160]})') from None
+
+
+def load_run_model(weights, flag, settings, info, device, state=None, saved=None):
+    """The model a run's ``weights`` file (model_state.pth or checkpoint.pth, of any run, distributed or
+    not) holds: built with ``settings`` (arch, model flags, channels_last) for the dataset ``info`` on
+    ``device`` and loaded, in eval mode. ``state`` and ``saved``: the state_dict and saved settings if
+    already read (under torchrun rank 0 reads them and sends them to the others)."""
+    saved = saved_settings(weights) if saved is None else saved
+    state = read_weights(weights, flag) if state is None else state
+    model = engine.build_model(settings, info, device)
+    load_weights(model, state, f'{flag}: {weights}', saved, settings, info)
+    return model.eval()
