@@ -268,16 +268,16 @@ INVALID = [
     ('resnet', dict(depth=21), '--depth 21', '6n+2'),
     ('resnet', dict(depth=21, block_type='bottleneck'), '--depth 21', '9n+2'),
     ('resnet', dict(block_type='wide'), '--block_type wide', 'basic'),
-    ('resnet', dict(base_channels=0), '--base_channels 0', 'positive'),
+    ('resnet', dict(base_channels=0), '--base_channels 0', 'an integer >= 1'),
     ('resnet_preact', dict(depth=8, preact_stage=[True, False]), '--preact_stage', '3'),
     ('resnet_preact', dict(depth=8, remove_first_relu='maybe'), '--remove_first_relu', 'true or false'),
-    ('resnet_preact', dict(depth=8, widening_factor=0), '--widening_factor 0', 'positive'),
-    ('se_resnet_preact', dict(depth=8, se_reduction=0), '--se_reduction 0', 'positive'),
+    ('resnet_preact', dict(depth=8, widening_factor=0), '--widening_factor 0', 'an integer >= 1'),
+    ('se_resnet_preact', dict(depth=8, se_reduction=0), '--se_reduction 0', 'an integer >= 1'),
     ('wrn', dict(depth=26), '--depth 26', '6n+4'),
     ('wrn', dict(depth=10, drop_rate=1.0), '--drop_rate 1.0', '[0, 1)'),
     ('vgg', dict(n_channels=[64, 128, 256, 512]), '--n_channels', 'n_layers'),
-    ('vgg', dict(n_layers=[2, 2, 0, 3, 3]), '--n_layers 0', 'positive'),
-    ('vgg', dict(n_channels=[]), '--n_channels', 'non-empty'),
+    ('vgg', dict(n_layers=[2, 2, 0, 3, 3]), '--n_layers [2, 2, 0, 3, 3]', 'integers >= 1'),
+    ('vgg', dict(n_channels=[]), '--n_channels []', 'a JSON list of 1 or more'),
 ]
 
 

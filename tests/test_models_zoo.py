@@ -17,7 +17,7 @@ import models
 import optim
 from conftest import run_main
 from models.airbench import ConvGroup, PatchWhitening
-from models.common import GhostBatchNorm2d
+from models.resnet9 import GhostBatchNorm2d
 from models.densenet import DenseLayer
 from models.resnet9 import conv_bn_act
 from models.shake_shake import ShakeShakeBlock, shake_shake_mix
@@ -191,17 +191,17 @@ def test_children_are_named_by_stage_and_block():
     ('shake_shake', dict(base_channels=5), '--base_channels 5'),
     ('resnet9', dict(base_channels=0), '--base_channels 0'),
     ('resnet9', dict(depth=9), '--depth does not apply to --arch resnet9'),
-    ('resnet9', dict(activation='gelu'), '--activation gelu: resnet9 accepts relu or celu'),
-    ('resnet9', dict(activation='celu', celu_alpha=0.0), '--celu_alpha 0.0: resnet9 needs a positive number'),
+    ('resnet9', dict(activation='gelu'), '--activation gelu: resnet9 needs one of relu, celu'),
+    ('resnet9', dict(activation='celu', celu_alpha=0.0), '--celu_alpha 0.0: resnet9 needs a number > 0'),
     ('resnet9', dict(celu_alpha=0.075), '--celu_alpha 0.075: applies only with --activation celu'),
-    ('resnet9', dict(ghost_bn_splits=0), '--ghost_bn_splits 0: resnet9 needs a positive integer'),
-    ('resnet9', dict(head_scale=0.0), '--head_scale 0.0: resnet9 needs a positive number'),
+    ('resnet9', dict(ghost_bn_splits=0), '--ghost_bn_splits 0: resnet9 needs an integer >= 1'),
+    ('resnet9', dict(head_scale=0.0), '--head_scale 0.0: resnet9 needs a number > 0'),
     ('resnet', dict(activation='celu'), '--activation does not apply to --arch resnet'),
     ('wrn', dict(celu_alpha=0.3), '--celu_alpha does not apply to --arch wrn'),
     ('airbench', dict(ghost_bn_splits=16), '--ghost_bn_splits does not apply to --arch airbench'),
     ('densenet', dict(head_scale=0.0625), '--head_scale does not apply to --arch densenet'),
     ('airbench', dict(n_channels=[64, 256]), '--n_channels [64, 256]: airbench needs three widths'),
-    ('airbench', dict(n_channels=[64, 0, 256]), '--n_channels 0: airbench needs a positive integer'),
+    ('airbench', dict(n_channels=[64, 0, 256]), '--n_channels [64, 0, 256]: airbench needs a JSON list of 1 or more integers >= 1'),
     ('airbench', dict(depth=8), '--depth does not apply to --arch airbench'),
 ])
 def test_invalid_configuration_names_the_flag(arch, flags, message_start):

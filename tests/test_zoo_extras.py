@@ -17,7 +17,8 @@ import dataloader
 import main
 import models
 from conftest import TINY_RUN, run_main, write_image_folder
-from models.common import ShakeDrop, linear_survival_probabilities, reinitialize
+from models.common import reinitialize
+from models.pyramidnet import ShakeDrop, linear_survival_probabilities
 
 CIFAR10 = dataloader.DATASETS['CIFAR10']
 
