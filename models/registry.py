@@ -26,6 +26,7 @@ without torch.
 """
 import collections.abc
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -314,22 +315,15 @@ def model_flags():
     return dict(_flag_specs())
 
 
-_SPECS_CACHE = {}
-
-
 def _flag_specs():
     """:func:`model_flags`, computed once per set of registered builders (create_model asks every time)."""
-    key = tuple(_BUILDERS.items())
-    if key not in _SPECS_CACHE:
-        _SPECS_CACHE.clear()
-        _SPECS_CACHE[key] = _generate_flag_specs()
-    return _SPECS_CACHE[key]
+    return _generate_flag_specs(tuple(sorted(_BUILDERS.items())))
 
 
-def _generate_flag_specs():
+@functools.lru_cache(maxsize=1)
+def _generate_flag_specs(builders):
     kinds, choices, archs, doc_help, elements = {}, {}, {}, {}, {}
-    for arch in list_models():
-        builder = _BUILDERS[arch]
+    for arch, builder in builders:
         for flag, param in _keyword_params(builder).items():
             archs.setdefault(flag, []).append(arch)
             kind, flag_choices = _kind_of(param)
