@@ -41,7 +41,6 @@ def one_line_error(capsys):
     return err
 
 
-
 # ----------------------------------------------------------------------------- model flags and training defaults
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -129,7 +128,6 @@ def test_generated_flags_parse_like_the_hand_written_ones():
         main.parse_args(['--outdir', 'x', '--block_type', 'wide'])
 
 
-
 # ----------------------------------------------------------------------------- ShakeDrop and ResNet-9 through main.py
 
 def shakedrop_modules(model):
@@ -145,7 +143,6 @@ def test_shakedrop_flags_reach_pyramidnet_only(capsys):
     assert '--use_shakedrop does not apply to --arch resnet' in one_line_error(capsys)
 
 
-
 def test_resnet9_final_options_train_one_epoch(cifar10_dir, tmp_path):
     argv = ['--arch', 'resnet9', '--base_channels', '4', '--activation', 'celu', '--ghost_bn_splits', '2',
             '--batch_size', '20', '--padding_mode', 'reflect', '--use_cutout', '--cutout_inside', '--cutout_size', '8',
@@ -156,7 +153,6 @@ def test_resnet9_final_options_train_one_epoch(cifar10_dir, tmp_path):
     assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1
     settings = json.load(open(tmp_path / 'run' / 'config.json'))['settings']
     assert (settings['activation'], settings['ghost_bn_splits'], settings['padding_mode']) == ('celu', 2, 'reflect')
-
 
 
 # ----------------------------------------------------------------------------- knowledge distillation
@@ -231,7 +227,6 @@ def test_teacher_bad_input(trained_run, cifar10_dir, tmp_path, capsys):
     assert '--kd_alpha' in one_line_error(capsys)
 
 
-
 # ----------------------------------------------------------------------------- --init
 
 def test_init_flag_reaches_the_built_model(capsys):
@@ -243,7 +238,6 @@ def test_init_flag_reaches_the_built_model(capsys):
     assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.8 * bound
     assert run_main(['--init', 'he', '--dry_run']) == 2
     assert '--init' in one_line_error(capsys)
-
 
 
 # ----------------------------------------------------------------------------- augmentation policies through main.py
@@ -278,7 +272,6 @@ def test_policy_bad_flags_are_one_line(extra, message, capsys):
     assert message in one_line_error(capsys)
 
 
-
 # ----------------------------------------------------------------------------- --list_archs
 
 @pytest.mark.parametrize('depth, params_m, macs_m', [(20, 0.27, 41), (56, 0.85, 125), (110, 1.7, 253)])
@@ -311,7 +304,6 @@ def test_list_archs_prints_parameters_and_multiply_adds(capsys):
     assert listed == models.list_models()
     assert run_main(['--list_archs', '--arch', 'nope']) == 2
     assert 'nope' in one_line_error(capsys)
-
 
 
 # ----------------------------------------------------------------------------- --predict

@@ -75,6 +75,7 @@ def config_id(arch, flags):
 
 
 # ----------------------------------------------------------------------------- every registered model
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_every_model_registers_a_small_test_config(arch):
     config = models.get_test_config(arch)
@@ -149,6 +150,8 @@ def test_forward_backward(arch, flags, in_channels, size, num_classes):
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
     with torch.no_grad():
         assert model(torch.randn(3, in_channels, size, size)).shape == (3, num_classes)
+
+
 @pytest.mark.parametrize('arch', ARCHS)
 def test_eval_is_deterministic_and_batch_independent(arch):
     torch.manual_seed(0)
@@ -182,6 +185,8 @@ def test_builder_defaults_lie_in_their_flags_domains(arch):
         specs[flag].domain.check(as_flag_value(default))
         if default is not None:
             models.registry.check_flag(specs[flag], default, arch)  # what create_model checks
+
+
 def test_no_family_imports_another_family():
     """Shared blocks and validators live in models/common.py; a family file imports only common and registry."""
     folder = os.path.dirname(models.__file__)
@@ -216,6 +221,7 @@ def test_common_holds_only_what_two_families_share():
 
 
 # ----------------------------------------------------------------------------- model flags and their domains
+
 def test_flag_types_come_from_annotations_defaults_and_docstrings():
     registry = models.registry
 
@@ -399,6 +405,8 @@ def test_invalid_configuration_names_the_flag(arch, flags, prefix, mention):
     assert str(error.value).startswith(prefix)
     if mention is not None:
         assert mention in str(error.value)
+
+
 def test_create_model_drops_none_and_rejects_foreign_flags():
     model = create_model('resnet', depth=8, base_channels=None, block_type=None, drop_rate=None,
                          n_channels=None, se_reduction=None)
@@ -406,6 +414,8 @@ def test_create_model_drops_none_and_rejects_foreign_flags():
     assert isinstance(model.stage1.block1.shortcut, nn.Identity)
     with pytest.raises(ModelConfigError, match='^--drop_rate'):
         create_model('resnet', depth=8, drop_rate=0.1)
+
+
 def test_image_size_reaches_only_builders_that_take_it():
     vit = models.create_model('vit', image_size=28, **models.get_test_config('vit'))
     assert vit.pos_embed.shape[1] == 7 * 7 + 1
@@ -924,7 +934,6 @@ def test_other_families_keep_kaiming_fan_out_and_unit_bn_scales():
                for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
-
 # ----------------------------------------------------------------------------- training and model flag defaults
 
 # SPEC section 2's table; all SGD momentum 0.9 Nesterov (main.py's defaults).
@@ -962,7 +971,6 @@ def test_model_flag_defaults_match_spec():
         se_reduction=16)
     assert plain(model_params('wrn')) == dict(depth=28, widening_factor=10, base_channels=16, drop_rate=0.0,
                                               se_reduction=None)
-
 
 
 SPEC_TABLE = {
@@ -1009,7 +1017,6 @@ def test_resnet9_schedule_is_pages_piecewise_linear():
 def test_airbench_training_defaults():
     defaults = models.train_defaults('airbench')
     assert (defaults['epochs'], defaults['batch_size']) == (8, 2000)
-
 
 
 # --------------------------------------------------------------------------- DenseNet, PyramidNet, ResNeXt, Shake-Shake
@@ -1062,7 +1069,6 @@ def test_pyramidnet_widens_additively_to_base_plus_alpha(flags):
     steps = [b - a for a, b in zip([flags.get('base_channels', 16)] + widths, widths)]
     step = flags['pyramid_alpha'] / len(widths)
     assert all(math.floor(step) <= s <= math.ceil(step) for s in steps)
-
 
 
 @pytest.mark.parametrize('arch, flags', [
@@ -1279,7 +1285,6 @@ def test_dense_layer_adds_growth_rate_channels():
     assert layer.conv1.out_channels == 12  # 4k bottleneck channels
 
 
-
 # ----------------------------------------------------------------------------- ShakeDrop (pyramidnet)
 
 def shakedrop_modules(model):
@@ -1353,7 +1358,6 @@ def test_shakedrop_pyramidnet_trains_randomly_and_evaluates_deterministically():
     assert not all(torch.allclose(outputs[0], o) for o in outputs[1:])
     model.eval()
     assert torch.equal(model(x), model(x))
-
 
 
 # ----------------------------------------------------------------------------- ResNet-9: Page's final network
@@ -1567,7 +1571,6 @@ def test_resnet9_head_scale_scales_the_logits():
         assert torch.allclose(halved(inputs), default(inputs) / 2)
 
 
-
 # ----------------------------------------------------------------------------- airbench
 
 def test_airbench_parameter_count():
@@ -1700,7 +1703,6 @@ def test_airbench_head_scale_selects_airbench94s_head():
         models.create_model('airbench', head_scale=0)
 
 
-
 # --------------------------------------------------------------------------- transformers: CIFAR sizing, windows, masks
 
 @pytest.mark.parametrize('size', [32, 28])
@@ -1802,7 +1804,6 @@ def test_mobilevit_odd_maps_are_resized_for_the_transformer():
     assert captured == [torch.Size([8, 16, 8])]
 
 
-
 # ----------------------------------------------------------------------------- stochastic depth, dual path networks
 
 def test_stochastic_depth_skips_whole_branches_in_training_and_scales_them_in_eval():
@@ -1847,7 +1848,6 @@ def test_dual_path_block_adds_residual_and_appends_dense_channels():
     assert model.num_features == 256 + 2 * 16
 
 
-
 # ----------------------------------------------------------------------------- --init: re-initializing a built model
 
 def conv_and_linear(model):
@@ -1885,7 +1885,6 @@ def test_init_default_is_pytorchs_reset_parameters():
         bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_ with a = sqrt(5)
         assert conv.weight.abs().max().item() <= bound
         assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
-
 
 
 if __name__ == '__main__':
