@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import check_int_list, check_positive_number
 from models.registry import ModelConfigError, register_model
 
 
@@ -133,7 +132,4 @@ def airbench(*, n_channels=(64, 256, 256), head_scale: float = None, num_classes
     widths = list(n_channels)
     if len(widths) != 3:
         raise ModelConfigError(f'--n_channels {widths}: airbench needs three widths, e.g. [64,256,256]')
-    check_int_list('--n_channels', widths, 'airbench')
-    if head_scale is not None:
-        check_positive_number('--head_scale', head_scale, 'airbench')
     return AirbenchNet(tuple(widths), num_classes=num_classes, in_channels=in_channels, head_scale=head_scale)

@@ -24,10 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from models.common import (TRANSFORMER_RECIPE, Attention, ConvBNAct, Mlp, RelativePositionBias, SqueezeExcite,
-                           check_int_list, check_multiple, check_positive_int, check_probability,
-                           initialize_transformer_weights, linear_drop_rates)
-from models.registry import register_model
+from models.common import (Attention, ConvBNAct, Mlp, RelativePositionBias, SqueezeExcite, check_length,
+                           check_multiple, initialize_transformer_weights, linear_drop_rates)
+from models.registry import TRANSFORMER_RECIPE, register_model
 
 BLOCK_TYPES = ('conv', 'conv', 'transformer', 'transformer')
 
@@ -131,10 +130,8 @@ class CoAtNet(nn.Module):
 
 
 def build_coatnet(arch, n_blocks, n_channels, head_dim, drop_path_rate, image_size, num_classes, in_channels):
-    check_int_list('--n_blocks', n_blocks, arch, length=5)
-    check_int_list('--n_channels', n_channels, arch, length=5)
-    check_positive_int('--head_dim', head_dim, arch)
-    check_probability('--drop_path_rate', drop_path_rate, arch)
+    check_length('--n_blocks', n_blocks, 5, arch)
+    check_length('--n_channels', n_channels, 5, arch)
     # the transformer stages' heads split their width
     for width in n_channels[3:5]:
         check_multiple('--n_channels', width, head_dim, '--head_dim', arch)

@@ -1,43 +1,21 @@
-"""Building blocks, the stage builder and the validation vocabulary shared by the model families.
+"""Building blocks, the stage builder and the relation checks shared by the model families.
 
 Stages are built as torchvision's ``_make_layer`` and timm's ``make_blocks`` build them:
 :func:`make_stage` makes children ``block1..n`` whose first block carries the stage's stride and
 width change (kuangliu's ``strides = [stride] + [1] * (n - 1)``); :class:`StagedNetwork` adds
 ``stage1..N`` and runs them. Network classes take blocks per stage and widths; the builders do
-the papers' depth arithmetic (:func:`blocks_per_stage`) and validate their flags with the
-``check_*`` helpers here, whose messages start with the flag (``--depth 21: ...``), the line a
-user sees. The transformer layers at the end use ``F.scaled_dot_product_attention``.
+the papers' depth arithmetic (:func:`blocks_per_stage`). Each flag's own range is its domain in
+``models/registry.py``, checked by ``create_model`` before a builder runs; the checks here relate a
+flag to the network or to another flag (:func:`check_length`, :func:`check_multiple`), with messages
+that start with the flag (``--depth 21: ...``), the line a user sees. Layers that one family alone
+uses live in its file. The transformer layers at the end use ``F.scaled_dot_product_attention``.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
 from models.registry import ModelConfigError
-
-
-# ----------------------------------------------------------------------------- training recipes
-
-# The recipes the families added with the CIFAR tricks collection register as their defaults.
-# CNNs: kuangliu/pytorch-cifar's main.py, whose models that collection copies: SGD with lr 0.1,
-# momentum 0.9 without Nesterov, weight decay 5e-4, batch 128, cosine annealing to 0 over 200
-# epochs, pad-4 random crop and horizontal flip.
-CNN_RECIPE = dict(epochs=200, batch_size=128, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=False,
-                  weight_decay=5e-4, scheduler='cosine', lr_min=0.0)
-# Transformers trained from scratch: the CIFAR-10 recipe of Compact Transformers (Hassani et al.,
-# arXiv 2104.05704; SHI-Labs/Compact-Transformers configs/datasets/cifar10.yml): AdamW with lr 5.5e-4
-# and weight decay 0.06 (none on norms and biases, timm's rule), batch 128, 300 epochs, 10 warmup
-# epochs from lr 1e-5, cosine to 1e-5, label smoothing 0.1, CutMix (alpha 1; theirs alternates it
-# with Mixup 0.8 per batch), Random Erasing with probability 0.25 and random pixels, and RandAugment
-# with 2 operations of magnitude 9 (timm's rand-m9; torchvision's RandAugment here).
-TRANSFORMER_RECIPE = dict(epochs=300, batch_size=128, optimizer='adamw', base_lr=5.5e-4, weight_decay=0.06,
-                          no_weight_decay_on_bn=True, scheduler='cosine', lr_min=1e-5, warmup_epochs=10,
-                          warmup_start_factor=1e-5 / 5.5e-4, use_label_smoothing=True,
-                          label_smoothing_epsilon=0.1, use_cutmix=True, cutmix_alpha=1.0,
-                          use_random_erasing=True, random_erasing_prob=0.25, random_erasing_fill='random',
-                          use_randaugment=True, randaugment_ops=2, randaugment_magnitude=9)
 
 
 # ----------------------------------------------------------------------------- convolutions
@@ -63,59 +41,12 @@ class ConvBNAct(nn.Sequential):
             self.act = activation()
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- relation checks
 
-def _is_number(value):
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def check_positive_int(flag, value, arch):
-    """Raise ModelConfigError, message starting with ``flag``, unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelConfigError(f'{flag} {value}: {arch} needs a positive integer')
-
-
-def check_positive_number(flag, value, arch):
-    """A finite number > 0 (multipliers, scales, ratios)."""
-    if not _is_number(value) or not value > 0:
-        raise ModelConfigError(f'{flag} {value}: {arch} needs a positive number')
-
-
-def check_range(flag, value, arch, low, high, include_low=True, include_high=False):
-    """A number in the interval from ``low`` to ``high``, each end closed or open as given."""
-    inside = _is_number(value) and (value >= low if include_low else value > low) \
-        and (value <= high if include_high else value < high)
-    if not inside:
-        interval = f'{"[" if include_low else "("}{low}, {high}{"]" if include_high else ")"}'
-        raise ModelConfigError(f'{flag} {value}: {arch} needs a number in {interval}')
-
-
-def check_probability(flag, value, arch):
-    """Dropout and drop-path rates: a probability in [0, 1)."""
-    if not _is_number(value) or not 0 <= value < 1:
-        raise ModelConfigError(f'{flag} {value}: {arch} needs a probability in [0, 1)')
-
-
-def check_bool(flag, value, arch):
-    """Booleans from JSON/CLI; 0 and 1 are accepted as well."""
-    if value not in (True, False):
-        raise ModelConfigError(f'{flag} {value}: {arch} needs true or false')
-
-
-def check_choice(flag, value, choices, arch):
-    """Raise ModelConfigError, message starting with ``flag``, unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ModelConfigError(f'{flag} {value}: {arch} accepts {" or ".join(map(str, choices))}')
-
-
-def check_int_list(flag, values, arch, length=None):
-    """A non-empty list of positive integers (of ``length`` entries, one per stage, if given)."""
-    if not isinstance(values, (list, tuple)) or not values:
-        raise ModelConfigError(f'{flag} {values}: {arch} needs a non-empty list of integers')
-    if length is not None and len(values) != length:
+def check_length(flag, values, length, arch):
+    """One entry per stage: ``values`` (a list already checked by the flag's domain) has ``length`` entries."""
+    if len(values) != length:
         raise ModelConfigError(f'{flag} {list(values)}: {arch} needs {length} entries, one per stage')
-    for value in values:
-        check_positive_int(flag, value, arch)
 
 
 def check_multiple(flag, value, divisor, divisor_name, arch):
@@ -124,21 +55,11 @@ def check_multiple(flag, value, divisor, divisor_name, arch):
         raise ModelConfigError(f'{flag} {value}: {arch} needs a multiple of {divisor_name} ({divisor})')
 
 
-def check_se_reduction(se_reduction, arch):
-    """None or 0 switches squeeze-and-excitation off; otherwise a positive reduction ratio."""
-    if se_reduction:
-        check_positive_int('--se_reduction', se_reduction, arch)
-    elif se_reduction not in (None, 0):
-        raise ModelConfigError(f'--se_reduction {se_reduction}: {arch} needs a positive integer '
-                               'or 0 (off)')
-
-
 def blocks_per_stage(depth, layers_per_block, n_stages=3, extra_layers=2, arch='', flag='--depth'):
     """Solve the papers' depth arithmetic ``depth = n_stages * layers_per_block * n + extra``.
 
     E.g. a CIFAR ResNet with basic blocks: depth = 3 * 2 * n + 2 = 6n + 2.
     """
-    check_positive_int(flag, depth, arch)
     per_n = n_stages * layers_per_block
     n, remainder = divmod(depth - extra_layers, per_n)
     if remainder or n < 1:
@@ -154,8 +75,6 @@ def residual_blocks_per_stage(depth, block_type, arch):
     Basic blocks have 2 weighted layers, bottlenecks 3; with the stem conv and the
     classifier: depth = 6n+2 (basic) or 9n+2 (bottleneck).
     """
-    check_choice('--block_type', block_type, ('basic', 'bottleneck'), arch)
-    check_positive_int('--depth', depth, arch)
     layers_per_block = 2 if block_type == 'basic' else 3
     return blocks_per_stage(depth, layers_per_block, arch=f'{arch} with {block_type} blocks')
 
@@ -249,67 +168,6 @@ def linear_drop_rates(drop_path_rate, n_blocks):
     return [drop_path_rate * (index + 1) / n_blocks for index in range(n_blocks)]
 
 
-# ----------------------------------------------------------------------------- ShakeDrop
-
-class ShakeDropFunction(torch.autograd.Function):
-    """``x`` where ``gate`` is True, ``alpha * x`` elsewhere; the gradient by ``beta`` instead of ``alpha``.
-
-    ShakeDrop (Yamada et al., arXiv 1802.02375, eq. 8, ``b + alpha - b alpha`` with b in {0, 1}): where
-    the Bernoulli gate is on the branch passes unchanged both ways; where it is off the forward pass
-    scales by ``alpha`` and the backward pass by an independent ``beta``. The tensors broadcast
-    against ``x``; ``gate`` is boolean, so a kept branch is passed exactly, without rounding.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate, alpha, beta):
-        ctx.save_for_backward(gate, beta)
-        return x * torch.where(gate, 1.0, alpha)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        gate, beta = ctx.saved_tensors
-        return grad_output * torch.where(gate, 1.0, beta), None, None, None
-
-
-class ShakeDrop(nn.Module):
-    """ShakeDrop on a residual branch, which survives (passes unchanged) with probability ``survival``.
-
-    Training: one Bernoulli gate per batch and alpha in ``alpha_range``, beta in ``beta_range``
-    uniform per element, as the authors' code draws them (imenurok/ShakeDrop, ShakeDrop.lua: one
-    ``torch.rand(1)`` gate per forward pass, ``uniform()`` over the whole output) and the paper
-    states ("independent uniform random variables in each element", alpha in [-1, 1], beta in
-    [0, 1]). Every draw happens on the branch's device, so a step never waits for it. Evaluation:
-    the expectation ``survival + (1 - survival) * E[alpha]``, i.e. ``survival`` for alpha in [-1, 1].
-    """
-
-    def __init__(self, survival, alpha_range=(-1.0, 1.0), beta_range=(0.0, 1.0)):
-        super().__init__()
-        self.survival = survival
-        self.alpha_range, self.beta_range = tuple(alpha_range), tuple(beta_range)
-
-    def expected_scale(self):
-        return self.survival + (1 - self.survival) * sum(self.alpha_range) / 2
-
-    def forward(self, x):
-        if not self.training:
-            return x * self.expected_scale()
-        gate = torch.rand((1,) * x.dim(), device=x.device) < self.survival
-        (alpha_low, alpha_high), (beta_low, beta_high) = self.alpha_range, self.beta_range
-        alpha = torch.rand_like(x).mul_(alpha_high - alpha_low).add_(alpha_low)
-        beta = torch.rand_like(x).mul_(beta_high - beta_low).add_(beta_low)
-        return ShakeDropFunction.apply(x, gate, alpha, beta)
-
-    def extra_repr(self):
-        return f'survival={self.survival:.4g}, alpha_range={self.alpha_range}, beta_range={self.beta_range}'
-
-
-def linear_survival_probabilities(final_survival, n_blocks):
-    """ShakeDrop's linear decay rule (arXiv 1802.02375, from stochastic depth, arXiv 1603.09382):
-    block l of L survives with probability ``1 - (l / L)(1 - final_survival)``, the last with
-    ``final_survival`` (0.5 in the paper)."""
-    return [1 - rate for rate in linear_drop_rates(1 - final_survival, n_blocks)]
-
-
 # ----------------------------------------------------------------------------- shortcuts and gates
 
 def projection_shortcut(in_channels, out_channels, stride):
@@ -371,82 +229,6 @@ class SqueezeExcite(nn.Module):
         scale = self.activation(self.fc1(scale))
         scale = torch.sigmoid(self.fc2(scale))
         return x * scale
-
-
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of ``num_splits`` ghost batches.
-
-    Ghost batch norm (Hoffer et al., arXiv 1705.08741), as David Page used it at batch 512 with 16
-    splits ("How to train your ResNet 8: Bag of tricks", myrtle.ai; cifar10-fast's
-    ``GhostBatchNorm``): in training, the batch of N images is cut into ``num_splits`` consecutive
-    groups of N / num_splits and each group is normalized with its own mean and variance, i.e.
-    with the noisier statistics of a small batch, which regularize. Everything else (the
-    convolutions, the loss, the backward pass) still runs once on the whole batch.
-
-    Running statistics: Page kept one running mean and variance per split, each updated with
-    ``momentum`` as BatchNorm2d does, and averaged them over the splits when switching to eval. The
-    update is linear, so that average equals one running buffer updated with the mean over splits
-    of the per-split statistics (unbiased variances), which is what this layer keeps: its
-    state_dict is BatchNorm2d's. In eval the running statistics are used, like BatchNorm2d; with
-    ``num_splits=1`` the layer is BatchNorm2d. Page reshaped the batch so that image i went to split
-    i % num_splits; consecutive groups are the same thing for a shuffled batch.
-
-    Unlike ``main.py --subdivision k``, which splits the batch at the trainer (k forward and
-    backward passes, gradients accumulated, the running statistics updated k times per step), the
-    split here is inside each BN layer of one forward pass: the convolutions keep the whole batch.
-    Outputs and gradients of the two agree when the groups are the same (``--subdivision`` uses
-    consecutive chunks too); the running statistics do not (one update per step here).
-
-    The batch must divide into ``num_splits`` equal groups; otherwise a :class:`ModelConfigError`
-    names ``--ghost_bn_splits`` and ``--batch_size``.
-    """
-
-    def __init__(self, num_features, num_splits=1, **kwargs):
-        super().__init__(num_features, **kwargs)
-        check_positive_int('--ghost_bn_splits', num_splits, 'ghost batch norm')
-        self.num_splits = num_splits
-
-    def extra_repr(self):
-        return f'{super().extra_repr()}, num_splits={self.num_splits}'
-
-    def forward(self, x):
-        use_batch_stats = self.training or self.running_mean is None
-        if self.num_splits == 1 or not use_batch_stats:
-            return super().forward(x)
-        self._check_input_dim(x)
-        batch = x.shape[0]
-        if batch % self.num_splits:
-            raise ModelConfigError(
-                f'--ghost_bn_splits {self.num_splits}: a batch of {batch} images does not split into '
-                f'{self.num_splits} equal ghost batches; use a --batch_size (divided by --subdivision) '
-                f'that is a multiple of {self.num_splits}')
-        groups = x.unflatten(0, (self.num_splits, batch // self.num_splits))
-        count = groups[0].numel() // self.num_features
-        if count < 2:
-            raise ValueError(f'ghost batch norm: expected more than 1 value per channel in each of the '
-                             f'{self.num_splits} ghost batches when training, got input size {tuple(x.shape)}')
-        # statistics in float32 or better also under autocast, as BatchNorm2d computes them
-        stats_dtype = torch.promote_types(x.dtype, torch.float32)
-        var, mean = torch.var_mean(groups.to(stats_dtype), dim=(1, 3, 4), correction=0)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var * (count / (count - 1)))
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        scale = scale.to(x.dtype)[:, None, :, None, None]
-        shift = shift.to(x.dtype)[:, None, :, None, None]
-        return torch.addcmul(shift, groups, scale).flatten(0, 1)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean, unbiased_var):
-        self.num_batches_tracked.add_(1)
-        # momentum=None: cumulative average, as in BatchNorm2d
-        factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_var.mean(0).to(self.running_var.dtype), factor)
 
 
 class ClassifierHead(nn.Module):

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from models.common import (TRANSFORMER_RECIPE, Mlp, check_int_list, check_multiple, check_positive_int,
-                           check_probability, initialize_transformer_weights, linear_drop_rates)
-from models.registry import register_model
+from models.common import Mlp, check_length, check_multiple, initialize_transformer_weights, linear_drop_rates
+from models.registry import TRANSFORMER_RECIPE, register_model
 
 EMBED_KERNEL, EMBED_STRIDE = 3, 2
 
@@ -139,10 +138,8 @@ def cvt(*, n_blocks=(1, 2, 10), n_channels=(64, 192, 384), head_dim=64, drop_pat
            num_classes=10, in_channels=3):
     """CvT-13 for CIFAR (19.6 M parameters)."""
     arch = 'cvt'
-    check_int_list('--n_blocks', n_blocks, arch, length=3)
-    check_int_list('--n_channels', n_channels, arch, length=3)
-    check_positive_int('--head_dim', head_dim, arch)
+    check_length('--n_blocks', n_blocks, 3, arch)
+    check_length('--n_channels', n_channels, 3, arch)
     for width in n_channels:
         check_multiple('--n_channels', width, head_dim, '--head_dim', arch)
-    check_probability('--drop_path_rate', drop_path_rate, arch)
     return CvT(list(n_blocks), list(n_channels), head_dim, float(drop_path_rate), num_classes, in_channels)

@@ -15,10 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.common import (CNN_RECIPE, ClassifierHead, StagedNetwork, blocks_per_stage, check_choice,
-                           check_int_list, check_positive_int, check_probability, check_range, conv1x1, conv3x3,
-                           initialize_weights)
-from models.registry import register_model
+from models.common import ClassifierHead, StagedNetwork, blocks_per_stage, conv1x1, conv3x3, initialize_weights
+from models.registry import CNN_RECIPE, register_model
 
 
 class DenseLayer(nn.Module):
@@ -155,12 +153,6 @@ class DenseNet(StagedNetwork):
         return F.relu(self.norm(x), inplace=True)
 
 
-def check_densenet_flags(arch, growth_rate, compression_rate, drop_rate):
-    check_positive_int('--growth_rate', growth_rate, arch)
-    check_range('--compression_rate', compression_rate, arch, 0, 1, include_low=False, include_high=True)
-    check_probability('--drop_rate', drop_rate, arch)
-
-
 @register_model('densenet', test_config=dict(depth=10, block_type='bottleneck', growth_rate=4),
                 epochs=300, batch_size=64, base_lr=0.1, weight_decay=1e-4,
                 scheduler='multistep', milestones=[150, 225], lr_decay=0.1)
@@ -173,8 +165,6 @@ def densenet(*, depth=100, block_type: Literal['basic', 'bottleneck'] = 'bottlen
     transitions. ``memory_efficient`` trades compute for memory (arXiv 1707.06990) and gives
     the same outputs, gradients and BN statistics.
     """
-    check_choice('--block_type', block_type, ('basic', 'bottleneck'), 'densenet')
-    check_densenet_flags('densenet', growth_rate, compression_rate, drop_rate)
     bottleneck = block_type == 'bottleneck'
     # three dense blocks of n layers, 1 (basic) or 2 (bottleneck) convolutions each, plus the stem
     # conv, two transition convs and the classifier: depth = 3n+4 or 6n+4
@@ -197,7 +187,5 @@ def densenet121(*, growth_rate=32, n_blocks=(6, 12, 24, 16), compression_rate=0.
     2 x 58 + stem + 3 transitions + classifier = 121 layers) with a CIFAR stem: one 3x3 convolution
     to 2k channels instead of the 7x7 stride-2 convolution and max-pool, as kuangliu/pytorch-cifar's
     DenseNet121 (7.0 M parameters)."""
-    check_int_list('--n_blocks', n_blocks, 'densenet121')
-    check_densenet_flags('densenet121', growth_rate, compression_rate, drop_rate)
     return DenseNet(list(n_blocks), growth_rate, True, compression_rate, 2 * growth_rate, drop_rate,
                     bool(memory_efficient), num_classes, in_channels)

@@ -12,9 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, StagedNetwork, check_positive_int, conv3x3,
-                           initialize_weights, projection_shortcut)
-from models.registry import register_model
+from models.common import ClassifierHead, ConvBNAct, StagedNetwork, conv3x3, initialize_weights, projection_shortcut
+from models.registry import CNN_RECIPE, register_model
 
 # (level, width / base_channels, stride) of the four trees
 TREES = [(1, 4, 1), (2, 8, 2), (2, 16, 2), (1, 32, 2)]
@@ -93,5 +92,4 @@ class DLA(StagedNetwork):
 @register_model('dla', test_config=dict(base_channels=2), **CNN_RECIPE)
 def dla(*, base_channels=16, num_classes=10, in_channels=3):
     """DLA-34 for CIFAR (16.3 M parameters)."""
-    check_positive_int('--base_channels', base_channels, 'dla')
     return DLA(base_channels, num_classes, in_channels)

@@ -17,10 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, StagedNetwork, check_int_list, check_multiple,
-                           check_positive_int, check_positive_number, conv1x1, conv3x3, initialize_weights,
-                           make_stage, scale_widths)
-from models.registry import register_model
+from models.common import (ClassifierHead, ConvBNAct, StagedNetwork, check_length, check_multiple, conv1x1, conv3x3,
+                           initialize_weights, make_stage, scale_widths)
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 64
 # bottleneck, residual and dense widths of the four stages (Table 1)
@@ -90,9 +89,7 @@ class DPN(StagedNetwork):
 
 
 def build_dpn(arch, n_blocks, width_multiplier, cardinality, num_classes, in_channels):
-    check_int_list('--n_blocks', n_blocks, arch, length=4)
-    check_positive_number('--width_multiplier', width_multiplier, arch)
-    check_positive_int('--cardinality', cardinality, arch)
+    check_length('--n_blocks', n_blocks, 4, arch)
     bottleneck = scale_widths(BOTTLENECK_CHANNELS, width_multiplier)
     for width in bottleneck:
         check_multiple('--width_multiplier', width, cardinality, '--cardinality (the bottleneck widths)', arch)

@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, SqueezeExcite, StagedNetwork,
-                           check_positive_number, check_probability, initialize_weights, linear_drop_rates,
-                           make_stage)
-from models.registry import register_model
+from models.common import (ClassifierHead, ConvBNAct, SqueezeExcite, StagedNetwork, initialize_weights,
+                           linear_drop_rates, make_stage)
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -90,10 +89,6 @@ class EfficientNet(StagedNetwork):
 def efficientnet_b0(*, width_multiplier=1.0, depth_multiplier=1.0, drop_path_rate=0.2, num_classes=10,
                     in_channels=3):
     """EfficientNet-B0 for CIFAR (4.0 M parameters)."""
-    arch = 'efficientnet_b0'
-    check_positive_number('--width_multiplier', width_multiplier, arch)
-    check_positive_number('--depth_multiplier', depth_multiplier, arch)
-    check_probability('--drop_path_rate', drop_path_rate, arch)
     stages = [(expansion, round_channels(channels, width_multiplier), math.ceil(n_blocks * depth_multiplier),
                kernel_size, stride) for expansion, channels, n_blocks, kernel_size, stride in STAGES]
     return EfficientNet(stages, round_channels(STEM_CHANNELS, width_multiplier),

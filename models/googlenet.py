@@ -11,9 +11,8 @@ auxiliary classifiers. ``width_multiplier`` scales every width (for small test n
 import torch
 import torch.nn as nn
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, StagedNetwork, check_positive_number,
-                           initialize_weights, scale_widths)
-from models.registry import register_model
+from models.common import ClassifierHead, ConvBNAct, StagedNetwork, initialize_weights, scale_widths
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 192
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; stages 3, 4 and 5
@@ -73,8 +72,6 @@ class GoogLeNet(StagedNetwork):
 @register_model('googlenet', test_config=dict(width_multiplier=0.0625), **CNN_RECIPE)
 def googlenet(*, width_multiplier=1.0, num_classes=10, in_channels=3):
     """GoogLeNet for CIFAR (5.9 M parameters)."""
-    check_positive_number('--width_multiplier', width_multiplier, 'googlenet')
-
     stage_widths = [[tuple(scale_widths(widths, width_multiplier)) for widths in stage] for stage in INCEPTION_STAGES]
     stem_channels, = scale_widths([STEM_CHANNELS], width_multiplier)
     return GoogLeNet(stage_widths, stem_channels, num_classes, in_channels)

@@ -12,9 +12,8 @@ ends in a 2x2 map (the paper downsamples 32 times). The layers are ``stage1..13`
 """
 import torch.nn as nn
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, StagedNetwork, check_positive_number,
-                           initialize_weights, scale_widths)
-from models.registry import register_model
+from models.common import ClassifierHead, ConvBNAct, StagedNetwork, initialize_weights, scale_widths
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 32
 # (channels, stride) of the depthwise separable layers
@@ -50,8 +49,6 @@ class MobileNet(StagedNetwork):
 @register_model('mobilenet', test_config=dict(width_multiplier=0.125), **CNN_RECIPE)
 def mobilenet(*, width_multiplier=1.0, num_classes=10, in_channels=3):
     """MobileNet-``width_multiplier`` for CIFAR (3.2 M parameters at 1.0)."""
-    check_positive_number('--width_multiplier', width_multiplier, 'mobilenet')
-
     widths = scale_widths([width for width, _ in LAYERS], width_multiplier)
     stem_channels, = scale_widths([STEM_CHANNELS], width_multiplier)
     return MobileNet(list(zip(widths, [stride for _, stride in LAYERS])), stem_channels, num_classes, in_channels)

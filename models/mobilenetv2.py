@@ -14,9 +14,8 @@ kuangliu's, blocks that change the width have no shortcut, as in the paper.
 """
 import torch.nn as nn
 
-from models.common import (CNN_RECIPE, ClassifierHead, ConvBNAct, InvertedResidual, StagedNetwork,
-                           check_positive_number, initialize_weights, make_stage)
-from models.registry import register_model
+from models.common import ClassifierHead, ConvBNAct, InvertedResidual, StagedNetwork, initialize_weights, make_stage
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -55,7 +54,6 @@ class MobileNetV2(StagedNetwork):
 @register_model('mobilenetv2', test_config=dict(width_multiplier=0.25), **CNN_RECIPE)
 def mobilenetv2(*, width_multiplier=1.0, num_classes=10, in_channels=3):
     """MobileNetV2-``width_multiplier`` for CIFAR (2.2 M parameters at 1.0)."""
-    check_positive_number('--width_multiplier', width_multiplier, 'mobilenetv2')
     stages = [(expansion, make_divisible(channels * width_multiplier), n_blocks, stride)
               for expansion, channels, n_blocks, stride in STAGES]
     head_channels = make_divisible(HEAD_CHANNELS * width_multiplier) if width_multiplier > 1 else HEAD_CHANNELS

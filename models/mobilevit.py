@@ -28,10 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (TRANSFORMER_RECIPE, ClassifierHead, ConvBNAct, InvertedResidual, StagedNetwork,
-                           TransformerBlock, check_int_list, check_multiple, check_positive_int,
-                           initialize_transformer_weights)
-from models.registry import register_model
+from models.common import (ClassifierHead, ConvBNAct, InvertedResidual, StagedNetwork, TransformerBlock,
+                           check_length, check_multiple, initialize_transformer_weights)
+from models.registry import TRANSFORMER_RECIPE, register_model
 
 STEM_CHANNELS = 16
 STAGE_STRIDES = [1, 1, 2, 2, 1]
@@ -115,10 +114,9 @@ class MobileViT(StagedNetwork):
 
 
 def build_mobilevit(arch, n_channels, embed_dims, n_blocks, num_heads, expansion, num_classes, in_channels):
-    check_int_list('--n_channels', n_channels, arch, length=5)
-    check_int_list('--embed_dims', embed_dims, arch, length=3)
-    check_int_list('--n_blocks', n_blocks, arch, length=3)
-    check_positive_int('--num_heads', num_heads, arch)
+    check_length('--n_channels', n_channels, 5, arch)
+    check_length('--embed_dims', embed_dims, 3, arch)
+    check_length('--n_blocks', n_blocks, 3, arch)
     for dim in embed_dims:
         check_multiple('--embed_dims', dim, num_heads, '--num_heads', arch)
     return MobileViT(list(n_channels), list(embed_dims), list(n_blocks), expansion, num_heads, num_classes,

@@ -9,13 +9,72 @@ residual branch, as the authors' code adds it to PyramidNet (imenurok/ShakeDrop,
 import math
 from typing import Literal
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ClassifierHead, ShakeDrop, StagedNetwork, check_bool, check_choice, check_positive_int,
-                           check_range, conv1x1, conv3x3, initialize_weights, linear_survival_probabilities,
+from models.common import (ClassifierHead, StagedNetwork, conv1x1, conv3x3, initialize_weights, linear_drop_rates,
                            residual_blocks_per_stage, zero_padded_shortcut)
 from models.registry import ModelConfigError, register_model
+
+
+class ShakeDropFunction(torch.autograd.Function):
+    """``x`` where ``gate`` is True, ``alpha * x`` elsewhere; the gradient by ``beta`` instead of ``alpha``.
+
+    ShakeDrop (Yamada et al., arXiv 1802.02375, eq. 8, ``b + alpha - b alpha`` with b in {0, 1}): where
+    the Bernoulli gate is on the branch passes unchanged both ways; where it is off the forward pass
+    scales by ``alpha`` and the backward pass by an independent ``beta``. The tensors broadcast
+    against ``x``; ``gate`` is boolean, so a kept branch is passed exactly, without rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, alpha, beta):
+        ctx.save_for_backward(gate, beta)
+        return x * torch.where(gate, 1.0, alpha)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gate, beta = ctx.saved_tensors
+        return grad_output * torch.where(gate, 1.0, beta), None, None, None
+
+
+class ShakeDrop(nn.Module):
+    """ShakeDrop on a residual branch, which survives (passes unchanged) with probability ``survival``.
+
+    Training: one Bernoulli gate per batch and alpha in ``alpha_range``, beta in ``beta_range``
+    uniform per element, as the authors' code draws them (imenurok/ShakeDrop, ShakeDrop.lua: one
+    ``torch.rand(1)`` gate per forward pass, ``uniform()`` over the whole output) and the paper
+    states ("independent uniform random variables in each element", alpha in [-1, 1], beta in
+    [0, 1]). Every draw happens on the branch's device, so a step never waits for it. Evaluation:
+    the expectation ``survival + (1 - survival) * E[alpha]``, i.e. ``survival`` for alpha in [-1, 1].
+    """
+
+    def __init__(self, survival, alpha_range=(-1.0, 1.0), beta_range=(0.0, 1.0)):
+        super().__init__()
+        self.survival = survival
+        self.alpha_range, self.beta_range = tuple(alpha_range), tuple(beta_range)
+
+    def expected_scale(self):
+        return self.survival + (1 - self.survival) * sum(self.alpha_range) / 2
+
+    def forward(self, x):
+        if not self.training:
+            return x * self.expected_scale()
+        gate = torch.rand((1,) * x.dim(), device=x.device) < self.survival
+        (alpha_low, alpha_high), (beta_low, beta_high) = self.alpha_range, self.beta_range
+        alpha = torch.rand_like(x).mul_(alpha_high - alpha_low).add_(alpha_low)
+        beta = torch.rand_like(x).mul_(beta_high - beta_low).add_(beta_low)
+        return ShakeDropFunction.apply(x, gate, alpha, beta)
+
+    def extra_repr(self):
+        return f'survival={self.survival:.4g}, alpha_range={self.alpha_range}, beta_range={self.beta_range}'
+
+
+def linear_survival_probabilities(final_survival, n_blocks):
+    """ShakeDrop's linear decay rule (arXiv 1802.02375, from stochastic depth, arXiv 1603.09382):
+    block l of L survives with probability ``1 - (l / L)(1 - final_survival)``, the last with
+    ``final_survival`` (0.5 in the paper)."""
+    return [1 - rate for rate in linear_drop_rates(1 - final_survival, n_blocks)]
 
 
 class BasicBlock(nn.Module):
@@ -125,10 +184,6 @@ def pyramidnet(*, depth=272, block_type: Literal['basic', 'bottleneck'] = 'bottl
         use_shakedrop: pyramidnet: ShakeDrop on every residual branch (arXiv 1802.02375)
         shakedrop_survival: pyramidnet --use_shakedrop: last block's survival probability (0.5; linear from 1)
     """
-    check_choice('--block_type', block_type, ('basic', 'bottleneck'), 'pyramidnet')
-    check_range('--pyramid_alpha', pyramid_alpha, 'pyramidnet', 0, float('inf'))
-    check_positive_int('--base_channels', base_channels, 'pyramidnet')
-    check_bool('--use_shakedrop', use_shakedrop, 'pyramidnet')
     if shakedrop_survival is not None and not use_shakedrop:
         raise ModelConfigError(f'--shakedrop_survival {shakedrop_survival}: needs --use_shakedrop')
     n_blocks = residual_blocks_per_stage(depth, block_type, 'pyramidnet')
@@ -138,6 +193,5 @@ def pyramidnet(*, depth=272, block_type: Literal['basic', 'bottleneck'] = 'bottl
     survival = None
     if use_shakedrop:
         shakedrop_survival = 0.5 if shakedrop_survival is None else shakedrop_survival
-        check_range('--shakedrop_survival', shakedrop_survival, 'pyramidnet', 0, 1, include_high=True)
         survival = linear_survival_probabilities(shakedrop_survival, 3 * n_blocks)
     return PyramidNet(block, stage_widths, base_channels, num_classes, in_channels, survival)

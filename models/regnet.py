@@ -19,9 +19,9 @@ convolution at stride 1 instead of the 3x3 stride-2 one, and stage strides 1, 1,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (CNN_RECIPE, ConvStemNetwork, SqueezeExcite, check_int_list, check_multiple,
-                           check_positive_int, conv1x1, conv3x3, projection_shortcut)
-from models.registry import register_model
+from models.common import (ConvStemNetwork, SqueezeExcite, check_length, check_multiple, conv1x1, conv3x3,
+                           projection_shortcut)
+from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 32
 STAGE_STRIDES = [1, 1, 2, 2]
@@ -52,9 +52,8 @@ class XBlock(nn.Module):
 
 
 def build_regnet(arch, n_blocks, n_channels, group_width, se_ratio, num_classes, in_channels):
-    check_int_list('--n_blocks', n_blocks, arch, length=4)
-    check_int_list('--n_channels', n_channels, arch, length=4)
-    check_positive_int('--group_width', group_width, arch)
+    check_length('--n_blocks', n_blocks, 4, arch)
+    check_length('--n_channels', n_channels, 4, arch)
     for width in n_channels:
         check_multiple('--n_channels', width, group_width, '--group_width', arch)
     # a conv-BN-ReLU stem, four stages of X blocks (strides 1, 1, 2, 2), global pooling, linear

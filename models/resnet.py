@@ -19,9 +19,9 @@ from typing import Literal
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (CNN_RECIPE, ConvStemNetwork, SqueezeExcite, check_positive_int, check_se_reduction,
-                           conv1x1, conv3x3, projection_shortcut, residual_blocks_per_stage)
-from models.registry import register_model
+from models.common import (ConvStemNetwork, SqueezeExcite, conv1x1, conv3x3, projection_shortcut,
+                           residual_blocks_per_stage)
+from models.registry import CNN_RECIPE, register_model
 
 
 class BasicBlock(nn.Module):
@@ -86,8 +86,6 @@ def resnet(*, depth=110, base_channels=16, block_type: Literal['basic', 'bottlen
            se_reduction: int = None, num_classes=10, in_channels=3):
     """CIFAR ResNet-``depth`` (6n+2 basic or 9n+2 bottleneck); se_reduction adds SE gates."""
     n_blocks = residual_blocks_per_stage(depth, block_type, 'resnet')
-    check_positive_int('--base_channels', base_channels, 'resnet')
-    check_se_reduction(se_reduction, 'resnet')
     block = BLOCKS[block_type]
     # stage widths (16, 32, 64) x expansion, so ResNet-164's stages end in 64/128/256 channels
     stage_channels = [base_channels * block.expansion * 2 ** index for index in range(3)]
@@ -97,7 +95,6 @@ def resnet(*, depth=110, base_channels=16, block_type: Literal['basic', 'bottlen
 
 def imagenet_resnet(arch, block_type, blocks_per_stage, base_channels, num_classes, in_channels):
     """ResNet-18/34/50 of Table 1 with a CIFAR stem: stages ``base_channels`` x (1, 2, 4, 8) x expansion."""
-    check_positive_int('--base_channels', base_channels, arch)
     block = BLOCKS[block_type]
     stage_channels = [base_channels * block.expansion * 2 ** index for index in range(4)]
     return ResNet(block, blocks_per_stage, stage_channels, base_channels, num_classes, in_channels)

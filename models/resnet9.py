@@ -8,11 +8,11 @@ cifar10-fast, ``bag_of_tricks.ipynb`` and ``new_dawn.py``).
 """
 from typing import Literal
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (GhostBatchNorm2d, check_choice, check_positive_int, check_positive_number,
-                           conv3x3)
+from models.common import conv3x3
 from models.registry import ModelConfigError, register_model
 
 # Page scales the logits by 1/8, keeping them small at initialization (his tuned value); his
@@ -22,7 +22,81 @@ HEAD_SCALE = 0.125
 # he used 0.075; freezing them at 1 instead of their mid-training value of about 1/4 rescales
 # alpha by 4 (and the BN-bias lr and weight decay by 16 and 1/16) for the same function.
 CELU_ALPHA = 0.3
-ACTIVATIONS = ('relu', 'celu')
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of ``num_splits`` ghost batches.
+
+    Ghost batch norm (Hoffer et al., arXiv 1705.08741), as David Page used it at batch 512 with 16
+    splits ("How to train your ResNet 8: Bag of tricks", myrtle.ai; cifar10-fast's
+    ``GhostBatchNorm``): in training, the batch of N images is cut into ``num_splits`` consecutive
+    groups of N / num_splits and each group is normalized with its own mean and variance, i.e.
+    with the noisier statistics of a small batch, which regularize. Everything else (the
+    convolutions, the loss, the backward pass) still runs once on the whole batch.
+
+    Running statistics: Page kept one running mean and variance per split, each updated with
+    ``momentum`` as BatchNorm2d does, and averaged them over the splits when switching to eval. The
+    update is linear, so that average equals one running buffer updated with the mean over splits
+    of the per-split statistics (unbiased variances), which is what this layer keeps: its
+    state_dict is BatchNorm2d's. In eval the running statistics are used, like BatchNorm2d; with
+    ``num_splits=1`` the layer is BatchNorm2d. Page reshaped the batch so that image i went to split
+    i % num_splits; consecutive groups are the same thing for a shuffled batch.
+
+    Unlike ``main.py --subdivision k``, which splits the batch at the trainer (k forward and
+    backward passes, gradients accumulated, the running statistics updated k times per step), the
+    split here is inside each BN layer of one forward pass: the convolutions keep the whole batch.
+    Outputs and gradients of the two agree when the groups are the same (``--subdivision`` uses
+    consecutive chunks too); the running statistics do not (one update per step here).
+
+    The batch must divide into ``num_splits`` equal groups; otherwise a :class:`ModelConfigError`
+    names ``--ghost_bn_splits`` and ``--batch_size``.
+    """
+
+    def __init__(self, num_features, num_splits=1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def extra_repr(self):
+        return f'{super().extra_repr()}, num_splits={self.num_splits}'
+
+    def forward(self, x):
+        use_batch_stats = self.training or self.running_mean is None
+        if self.num_splits == 1 or not use_batch_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        batch = x.shape[0]
+        if batch % self.num_splits:
+            raise ModelConfigError(
+                f'--ghost_bn_splits {self.num_splits}: a batch of {batch} images does not split into '
+                f'{self.num_splits} equal ghost batches; use a --batch_size (divided by --subdivision) '
+                f'that is a multiple of {self.num_splits}')
+        groups = x.unflatten(0, (self.num_splits, batch // self.num_splits))
+        count = groups[0].numel() // self.num_features
+        if count < 2:
+            raise ValueError(f'ghost batch norm: expected more than 1 value per channel in each of the '
+                             f'{self.num_splits} ghost batches when training, got input size {tuple(x.shape)}')
+        # statistics in float32 or better also under autocast, as BatchNorm2d computes them
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        var, mean = torch.var_mean(groups.to(stats_dtype), dim=(1, 3, 4), correction=0)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, var * (count / (count - 1)))
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        scale = scale.to(x.dtype)[:, None, :, None, None]
+        shift = shift.to(x.dtype)[:, None, :, None, None]
+        return torch.addcmul(shift, groups, scale).flatten(0, 1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, unbiased_var):
+        self.num_batches_tracked.add_(1)
+        # momentum=None: cumulative average, as in BatchNorm2d
+        factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.mean(0).to(self.running_var.dtype), factor)
 
 
 def conv_bn_act(in_channels, out_channels, activation='relu', celu_alpha=CELU_ALPHA, ghost_bn_splits=1):
@@ -111,14 +185,8 @@ def resnet9(*, base_channels=64, activation: Literal['relu', 'celu'] = 'relu', c
     (:class:`GhostBatchNorm2d`, 32 images per group at batch 512) and ``head_scale=1/16``;
     ``run_experiments.sh fast_resnet9`` has the whole recipe. None of them changes the parameters.
     """
-    arch = 'resnet9'
-    check_positive_int('--base_channels', base_channels, arch)
-    check_choice('--activation', activation, ACTIVATIONS, arch)
-    check_positive_number('--celu_alpha', celu_alpha, arch)
     if activation != 'celu' and celu_alpha != CELU_ALPHA:
         raise ModelConfigError(f'--celu_alpha {celu_alpha}: applies only with --activation celu')
-    check_positive_int('--ghost_bn_splits', ghost_bn_splits, arch)
-    check_positive_number('--head_scale', head_scale, arch)
     return ResNet9(base_channels=base_channels, num_classes=num_classes, in_channels=in_channels,
                    activation=activation, celu_alpha=celu_alpha, ghost_bn_splits=ghost_bn_splits,
                    head_scale=head_scale)

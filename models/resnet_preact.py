@@ -36,10 +36,9 @@ from typing import Literal
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (CNN_RECIPE, ClassifierHead, SqueezeExcite, StagedNetwork, blocks_per_stage,
-                           check_bool, check_positive_int, check_probability, check_se_reduction, conv1x1,
-                           conv3x3, initialize_weights, residual_blocks_per_stage)
-from models.registry import ModelConfigError, register_model
+from models.common import (ClassifierHead, SqueezeExcite, StagedNetwork, blocks_per_stage, conv1x1, conv3x3,
+                           initialize_weights, residual_blocks_per_stage)
+from models.registry import CNN_RECIPE, ModelConfigError, register_model
 
 
 def preact_shortcut(in_channels, out_channels, stride):
@@ -157,18 +156,11 @@ BLOCKS = {'basic': PreActBasicBlock, 'bottleneck': PreActBottleneckBlock}
 
 def build_resnet_preact(arch, depth, base_channels, block_type, widening_factor, preact_stage,
                         remove_first_relu, add_last_bn, se_reduction, num_classes, in_channels):
-    """Validate the flags of ``arch`` (resnet_preact or se_resnet_preact) and build it."""
+    """Build ``arch`` (resnet_preact or se_resnet_preact): 3 stages of (depth - 2) / 6 or / 9 blocks."""
     n_blocks = residual_blocks_per_stage(depth, block_type, arch)
-    check_positive_int('--base_channels', base_channels, arch)
-    check_positive_int('--widening_factor', widening_factor, arch)
-    if not isinstance(preact_stage, (list, tuple)) or len(preact_stage) != 3:
+    if len(preact_stage) != 3:
         raise ModelConfigError(f'--preact_stage {preact_stage}: {arch} needs a list of 3 booleans, '
                                'one per stage, e.g. [true,false,false]')
-    for value in preact_stage:
-        check_bool('--preact_stage', value, arch)
-    check_bool('--remove_first_relu', remove_first_relu, arch)
-    check_bool('--add_last_bn', add_last_bn, arch)
-    check_se_reduction(se_reduction, arch)
     block = BLOCKS[block_type]
     stage_channels = [base_channels * widening_factor * block.expansion * 2 ** index
                       for index in range(3)]
@@ -196,10 +188,8 @@ def resnet_preact(*, depth=110, base_channels=16, block_type: Literal['basic', '
 def se_resnet_preact(*, depth=110, base_channels=16, block_type: Literal['basic', 'bottleneck'] = 'basic',
                      widening_factor=1, preact_stage=(True, False, False), remove_first_relu=True,
                      add_last_bn=True, se_reduction=16, num_classes=10, in_channels=3):
-    """Pre-activation ResNet-``depth`` with an SE gate of reduction ``se_reduction`` per block."""
-    if not se_reduction:
-        raise ModelConfigError(f'--se_reduction {se_reduction}: se_resnet_preact needs a positive '
-                               'integer (use --arch resnet_preact for no SE gates)')
+    """Pre-activation ResNet-``depth`` with an SE gate of reduction ``se_reduction`` per block
+    (``--arch resnet_preact`` for none)."""
     return build_resnet_preact('se_resnet_preact', depth, base_channels, block_type,
                                widening_factor, preact_stage, remove_first_relu, add_last_bn,
                                se_reduction, num_classes, in_channels)
@@ -240,10 +230,6 @@ def wrn(*, depth=28, widening_factor=10, base_channels=16, drop_rate=0.0, se_red
         num_classes=10, in_channels=3):
     """WRN-``depth``-``widening_factor``; se_reduction adds SE gates (off by default)."""
     n_blocks = blocks_per_stage(depth, layers_per_block=2, extra_layers=4, arch='wrn')
-    check_positive_int('--widening_factor', widening_factor, 'wrn')
-    check_positive_int('--base_channels', base_channels, 'wrn')
-    check_probability('--drop_rate', drop_rate, 'wrn')
-    check_se_reduction(se_reduction, 'wrn')
     stage_channels = [base_channels * widening_factor * 2 ** index for index in range(3)]
     model = PreActResNet(PreActBasicBlock, [n_blocks] * 3, base_channels, stage_channels,
                          shortcut_preactivation(base_channels, stage_channels), num_classes, in_channels,
@@ -252,8 +238,7 @@ def wrn(*, depth=28, widening_factor=10, base_channels=16, drop_rate=0.0, se_red
     return model
 
 
-def resnet18_preact(arch, base_channels, se_reduction, num_classes, in_channels):
-    check_positive_int('--base_channels', base_channels, arch)
+def resnet18_preact(base_channels, se_reduction, num_classes, in_channels):
     stage_channels = [base_channels * 2 ** index for index in range(4)]
     return PreActResNet(PreActBasicBlock, [2, 2, 2, 2], base_channels, stage_channels,
                         shortcut_preactivation(base_channels, stage_channels), num_classes, in_channels,
@@ -263,11 +248,10 @@ def resnet18_preact(arch, base_channels, se_reduction, num_classes, in_channels)
 @register_model('preact_resnet18', test_config=dict(base_channels=4), **CNN_RECIPE)
 def preact_resnet18(*, base_channels=64, num_classes=10, in_channels=3):
     """PreAct-ResNet-18 with a CIFAR stem (11.2 M parameters)."""
-    return resnet18_preact('preact_resnet18', base_channels, None, num_classes, in_channels)
+    return resnet18_preact(base_channels, None, num_classes, in_channels)
 
 
 @register_model('senet18', test_config=dict(base_channels=8, se_reduction=4), **CNN_RECIPE)
 def senet18(*, base_channels=64, se_reduction=16, num_classes=10, in_channels=3):
     """SENet-18: PreAct-ResNet-18 with an SE gate of reduction ``se_reduction`` per block (11.3 M)."""
-    check_positive_int('--se_reduction', se_reduction, 'senet18')
-    return resnet18_preact('senet18', base_channels, se_reduction, num_classes, in_channels)
+    return resnet18_preact(base_channels, se_reduction, num_classes, in_channels)

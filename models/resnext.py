@@ -6,8 +6,7 @@ Networks", arXiv 1611.05431.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ClassifierHead, StagedNetwork, blocks_per_stage, check_positive_int, conv1x1, conv3x3,
-                           initialize_weights)
+from models.common import ClassifierHead, StagedNetwork, blocks_per_stage, conv1x1, conv3x3, initialize_weights
 from models.registry import register_model
 
 # Stem and stage widths of the CIFAR template (section 5.3): a 64-channel 3x3 conv, then
@@ -77,8 +76,6 @@ def resnext(*, depth=29, cardinality=8, base_channels=64, num_classes=10, in_cha
     doubling per stage), while the stem (64) and stage outputs (256, 512, 1024) are fixed.
     hysts' version ties those to ``base_channels`` too; both agree at d = 64.
     """
-    check_positive_int('--cardinality', cardinality, 'resnext')
-    check_positive_int('--base_channels', base_channels, 'resnext')
     n_blocks = blocks_per_stage(depth, 3, arch='resnext')
     # the bottleneck width d doubles with every stage, like the output width
     group_widths = [base_channels * 2 ** index for index in range(3)]

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ClassifierHead, StagedNetwork, blocks_per_stage, check_bool, conv1x1, conv3x3,
-                           initialize_weights)
+from models.common import ClassifierHead, StagedNetwork, blocks_per_stage, conv1x1, conv3x3, initialize_weights
 from models.registry import ModelConfigError, register_model
 
 # Width of the first convolution in the author's code, whatever the network width.
@@ -151,13 +150,9 @@ def shake_shake(*, depth=26, base_channels=96, shake_forward=True, shake_backwar
     ("Even"); ``shake_image``: a coefficient per image, else one per mini-batch. The paper's
     S-S-I is (True, True, True), S-E-I (True, False, True), E-E-E (False, False, any).
     """
-    if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 2 \
-            or base_channels % 2:
+    if base_channels % 2:
         raise ModelConfigError(f'--base_channels {base_channels}: shake_shake needs a positive even '
                                'width (the projection shortcut concatenates two halves)')
-    for flag, value in (('--shake_forward', shake_forward), ('--shake_backward', shake_backward),
-                        ('--shake_image', shake_image)):
-        check_bool(flag, value, 'shake_shake')
     # two 3x3 convolutions per block (both branches run in parallel), plus stem and classifier
     n_blocks = blocks_per_stage(depth, 2, arch='shake_shake')
     stage_channels = [base_channels * 2 ** index for index in range(3)]

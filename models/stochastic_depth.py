@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import (ConvStemNetwork, check_positive_int, check_probability, conv3x3, linear_drop_rates,
-                           residual_blocks_per_stage, zero_padded_shortcut)
+from models.common import (ConvStemNetwork, conv3x3, linear_drop_rates, residual_blocks_per_stage,
+                           zero_padded_shortcut)
 from models.registry import register_model
 
 
@@ -56,8 +56,6 @@ class StochasticDepthBlock(nn.Module):
 def resnet_stochastic_depth(*, depth=110, base_channels=16, drop_path_rate=0.5, num_classes=10, in_channels=3):
     """ResNet-``depth`` (6n+2) with stochastic depth, the last block dropping with ``drop_path_rate``."""
     n_blocks = residual_blocks_per_stage(depth, 'basic', 'resnet_stochastic_depth')
-    check_positive_int('--base_channels', base_channels, 'resnet_stochastic_depth')
-    check_probability('--drop_path_rate', drop_path_rate, 'resnet_stochastic_depth')
     stage_channels = [base_channels * 2 ** index for index in range(3)]
     rates = [dict(drop_rate=rate) for rate in linear_drop_rates(float(drop_path_rate), 3 * n_blocks)]
     # a conv-BN-ReLU stem, stages of stochastic-depth blocks whose drop rates rise linearly, pooling, linear

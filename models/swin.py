@@ -22,10 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from models.common import (TRANSFORMER_RECIPE, Attention, Mlp, RelativePositionBias, check_int_list,
-                           check_multiple, check_positive_int, check_probability, initialize_transformer_weights,
-                           linear_drop_rates)
-from models.registry import ModelConfigError, register_model
+from models.common import (Attention, Mlp, RelativePositionBias, check_length, check_multiple,
+                           initialize_transformer_weights, linear_drop_rates)
+from models.registry import TRANSFORMER_RECIPE, ModelConfigError, register_model
 
 N_STAGES = 4
 # logit of the pairs a shifted window must not attend to (the authors' -100)
@@ -158,12 +157,8 @@ def stage_windows(image_size, patch_size, window_size, arch):
 
 def build_swin(arch, embed_dim, n_blocks, head_dim, window_size, patch_size, drop_path_rate, image_size,
                num_classes, in_channels):
-    for flag, value in (('--embed_dim', embed_dim), ('--head_dim', head_dim), ('--window_size', window_size),
-                        ('--patch_size', patch_size)):
-        check_positive_int(flag, value, arch)
-    check_int_list('--n_blocks', n_blocks, arch, length=N_STAGES)
+    check_length('--n_blocks', n_blocks, N_STAGES, arch)
     check_multiple('--embed_dim', embed_dim, head_dim, '--head_dim', arch)
-    check_probability('--drop_path_rate', drop_path_rate, arch)
     windows = stage_windows(image_size, patch_size, window_size, arch)
     return SwinTransformer(embed_dim, list(n_blocks), head_dim, windows, patch_size, float(drop_path_rate),
                            num_classes, in_channels)

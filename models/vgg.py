@@ -8,7 +8,7 @@ layer: on 32x32 inputs the last map is 1x1, so this equals hysts' flatten + line
 """
 import torch.nn as nn
 
-from models.common import ClassifierHead, StagedNetwork, check_bool, check_int_list, conv3x3, initialize_weights
+from models.common import ClassifierHead, StagedNetwork, conv3x3, initialize_weights
 from models.registry import ModelConfigError, register_model
 
 
@@ -52,11 +52,8 @@ class VGG(StagedNetwork):
 def vgg(*, n_channels=(64, 128, 256, 512, 512), n_layers=(2, 2, 3, 3, 3), use_bn=True,
         num_classes=10, in_channels=3):
     """VGG with ``n_layers[i]`` convs of ``n_channels[i]`` channels in stage i."""
-    check_int_list('--n_channels', n_channels, 'vgg')
-    check_int_list('--n_layers', n_layers, 'vgg')
     if len(n_channels) != len(n_layers):
         raise ModelConfigError(
             f'--n_channels {list(n_channels)}: vgg needs one entry per stage, as many as '
             f'--n_layers {list(n_layers)} ({len(n_channels)} != {len(n_layers)})')
-    check_bool('--use_bn', use_bn, 'vgg')
     return VGG(list(n_channels), list(n_layers), bool(use_bn), num_classes, in_channels)

@@ -13,10 +13,8 @@ table). Blocks are dropped per sample with rates rising to ``drop_path_rate`` (s
 import torch
 import torch.nn as nn
 
-from models.common import (TRANSFORMER_RECIPE, TransformerBlock, check_multiple, check_positive_int,
-                           check_positive_number, check_probability, initialize_transformer_weights,
-                           linear_drop_rates)
-from models.registry import ModelConfigError, register_model
+from models.common import TransformerBlock, check_multiple, initialize_transformer_weights, linear_drop_rates
+from models.registry import TRANSFORMER_RECIPE, ModelConfigError, register_model
 
 
 class VisionTransformer(nn.Module):
@@ -56,11 +54,6 @@ def vit(*, patch_size=4, embed_dim=384, depth=7, num_heads=8, mlp_ratio=4.0, dro
         num_classes=10, in_channels=3, image_size=32):
     """ViT with patches of ``patch_size`` pixels (12.5 M parameters at the defaults)."""
     arch = 'vit'
-    for flag, value in (('--patch_size', patch_size), ('--embed_dim', embed_dim), ('--depth', depth),
-                        ('--num_heads', num_heads)):
-        check_positive_int(flag, value, arch)
-    check_positive_number('--mlp_ratio', mlp_ratio, arch)
-    check_probability('--drop_path_rate', drop_path_rate, arch)
     check_multiple('--embed_dim', embed_dim, num_heads, '--num_heads', arch)
     if image_size % patch_size:
         raise ModelConfigError(f'--patch_size {patch_size}: {arch} needs a divisor of the image size ({image_size})')

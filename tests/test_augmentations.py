@@ -9,10 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms
 
 import augmentations
+import dataloader
 from augmentations import (BatchRegularizer, cutmix, cutout, dual_cutout, dual_cutout_loss, mixup, one_hot,
                            random_erasing, ricap, smooth_targets, soft_target_cross_entropy, weighted_accuracy)
+
+CIFAR10 = dataloader.DATASETS['CIFAR10']
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -725,3 +729,92 @@ def test_batch_regularizer_from_args_reads_flags_and_defaults():
     assert chosen.dual_cutout_joint_forward
     with pytest.raises(ValueError, match='--use_mixup'):
         BatchRegularizer.from_args(argparse.Namespace(use_mixup=True, use_ricap=True), num_classes=10)
+
+
+# ----------------------------------------------------------------------------- knowledge distillation
+
+def test_distillation_loss_matches_the_closed_form():
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    teacher = torch.tensor([[1.0, 1.5, -0.5], [2.0, -1.0, 0.5]])
+    temperature = 4.0
+    expected = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        zs = sum(math.exp(v / temperature) for v in s_row)
+        zt = sum(math.exp(v / temperature) for v in t_row)
+        for s, t in zip(s_row, t_row):
+            p_t, p_s = math.exp(t / temperature) / zt, math.exp(s / temperature) / zs
+            expected += p_t * math.log(p_t / p_s)
+    expected = temperature ** 2 * expected / len(student)
+    student.requires_grad_()
+    loss = augmentations.distillation_loss(student, teacher, temperature)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # its gradient: T (softmax(s / T) - softmax(t / T)) / B (Hinton et al., eq. 2 times T^2)
+    loss.backward()
+    closed_form = temperature * (F.softmax(student / temperature, 1) - F.softmax(teacher / temperature, 1)) / 2
+    assert torch.allclose(student.grad, closed_form.detach(), atol=1e-6)
+    assert augmentations.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- augmentation policies
+
+POLICIES = [('autoaugment', {}), ('autoaugment', dict(autoaugment_policy='svhn')), ('randaugment', {}),
+            ('trivialaugment', {}), ('augmix', {})]
+
+
+def uint8_batch(n=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize('name, options', POLICIES)
+def test_policy_changes_a_batch_and_keeps_its_type(name, options):
+    torch.manual_seed(0)
+    images = uint8_batch()
+    out = augmentations.AugmentPolicy(name, group_size=4, **options)(images)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    changed = (out != images).flatten(1).any(1)
+    assert changed.sum() >= 8  # at least two of the eight groups drew an operation that changes pixels
+    assert augmentations.AugmentPolicy(name, **options)(images[:0]).shape == (0, 3, 32, 32)
+    with pytest.raises(TypeError, match='uint8'):
+        augmentations.AugmentPolicy(name, **options)(images.float())
+
+
+@pytest.mark.parametrize('name', ['autoaugment', 'randaugment', 'trivialaugment'])
+def test_policy_group_shares_one_draw(name):
+    torch.manual_seed(1)
+    images = uint8_batch(1).expand(16, -1, -1, -1).contiguous()  # sixteen copies of one image
+    out = augmentations.AugmentPolicy(name, group_size=4)(images)
+    groups = out.unflatten(0, (4, 4))
+    assert all((group == group[0]).all() for group in groups)  # same draw within a group
+    per_image = augmentations.AugmentPolicy(name, group_size=1)(images)
+    assert len({bytes(image.numpy()) for image in per_image}) > 2  # a draw per image
+
+
+def test_augmix_mixes_each_image_with_its_own_weights_within_a_group():
+    torch.manual_seed(0)
+    images = uint8_batch(1).expand(8, -1, -1, -1).contiguous()
+    out = augmentations.AugmentPolicy('augmix', group_size=8)(images)
+    assert len({bytes(image.numpy()) for image in out}) > 1
+
+
+def test_policy_options_select_torchvisions_transforms():
+    auto = augmentations.AugmentPolicy('autoaugment', autoaugment_policy='imagenet').sample_transform()
+    assert isinstance(auto, transforms.AutoAugment) and auto.policy == transforms.AutoAugmentPolicy.IMAGENET
+    rand = augmentations.AugmentPolicy('randaugment', randaugment_ops=3, randaugment_magnitude=5).sample_transform()
+    assert (rand.num_ops, rand.magnitude) == (3, 5)
+    assert isinstance(augmentations.AugmentPolicy('trivialaugment').sample_transform(), transforms.TrivialAugmentWide)
+    assert augmentations.AugmentPolicy('augmix', augmix_severity=7).sample_transform().severity == 7
+    sample = dataloader.build_sample_transform(CIFAR10, True, random_crop_padding=4,
+                                               policy=augmentations.AugmentPolicy('trivialaugment'))
+    assert isinstance(sample.transforms[0], transforms.TrivialAugmentWide)
+
+
+def test_device_loader_applies_the_policy(monkeypatch):
+    calls = []
+    policy = augmentations.AugmentPolicy('trivialaugment', group_size=5)
+    monkeypatch.setattr(augmentations.AugmentPolicy, '__call__', lambda self, images: calls.append(len(images))
+                        or images)
+    images, labels = uint8_batch(20).numpy(), np.arange(20) % 10
+    loader = dataloader.DeviceLoader(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10, 10,
+                                     torch.device('cpu'), True, policy=policy)
+    assert sum(len(batch[0]) for batch in loader) == 20 and calls == [10, 10]

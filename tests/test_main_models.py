@@ -1,5 +1,10 @@
-"""Issue 14, items 4-6: ShakeDrop, knowledge distillation, --init, the augmentation policies,
---list_archs with parameters and multiply-adds, and --predict."""
+"""Tests of main.py's model-facing parts, moved unchanged from the model test files (test_models_registry,
+test_models_zoo, test_zoo_extras) when tests/test_models.py took their model-only tests: the model flags
+main.py generates from the registry, the archs' training defaults as main.py settings, --list_archs and
+its costs, --init, --teacher (distillation), --predict, the augmentation policies' flags, ShakeDrop and
+ResNet-9's options through the command line.
+"""
+import inspect
 import json
 import math
 import os
@@ -10,16 +15,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms
 
 import augmentations
 import dataloader
 import main
 import models
 from conftest import TINY_RUN, run_main, write_image_folder
-from models.common import ShakeDrop, linear_survival_probabilities, reinitialize
+from models.pyramidnet import ShakeDrop
 
 CIFAR10 = dataloader.DATASETS['CIFAR10']
+ARCHS = models.list_models()
 
 
 @pytest.fixture(scope='module')
@@ -36,88 +41,97 @@ def one_line_error(capsys):
     return err
 
 
-# ----------------------------------------------------------------------------- ShakeDrop
+# ----------------------------------------------------------------------------- model flags and training defaults
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_builder_docstring_and_training_defaults(arch):
+    builder = models.registry.get_builder(arch)
+    assert builder.__doc__, f'{arch}: the builder needs a docstring (--list_archs and the flags use it)'
+    module = inspect.getmodule(builder)
+    assert 'arXiv' in module.__doc__ or 'myrtle.ai' in module.__doc__, f'{module.__name__}: cite the paper'
+    import main
+    settings = {action.dest for action in main.get_args_parser()._actions}
+    unknown = set(models.train_defaults(arch)) - settings
+    assert not unknown, f'{arch}: training defaults that are not main.py settings: {sorted(unknown)}'
+
+
+# The model flags main.py had before they were generated: type, choices and help text stay the same.
+HAND_WRITTEN_FLAGS = {
+    'depth': ('int', None, 'number of layers'),
+    'base_channels': ('int', None, 'channels of the first stage'),
+    'block_type': ('str', ('basic', 'bottleneck'), None),
+    'n_channels': ('list', None, "vgg: channels per stage, e.g. '[64,128,256,512,512]'"),
+    'n_layers': ('list', None, "vgg: conv layers per stage, e.g. '[2,2,3,3,3]'"),
+    'use_bn': ('bool', None, 'vgg: batch norm after each conv'),
+    'remove_first_relu': ('bool', None, 'resnet_preact'),
+    'add_last_bn': ('bool', None, 'resnet_preact'),
+    'preact_stage': ('list', None, "resnet_preact, e.g. '[true,false,false]'"),
+    'widening_factor': ('int', None, 'wrn, resnet_preact'),
+    'drop_rate': ('float', None, 'dropout (wrn, densenet)'),
+    'growth_rate': ('int', None, 'densenet k'),
+    'compression_rate': ('float', None, 'densenet-BC transition compression'),
+    'memory_efficient': ('bool', None, 'densenet: recompute concatenations in backward (less memory)'),
+    'pyramid_alpha': ('int', None, 'pyramidnet widening'),
+    'cardinality': ('int', None, 'resnext groups'),
+    'shake_forward': ('bool', None, 'shake_shake: random alpha'),
+    'shake_backward': ('bool', None, 'shake_shake: random beta'),
+    'shake_image': ('bool', None, 'shake_shake: per image (true) or per batch'),
+    'se_reduction': ('int', None, 'squeeze-and-excitation reduction ratio'),
+    'activation': ('str', ('relu', 'celu'), "resnet9: activation (celu: Page's final recipe)"),
+    'celu_alpha': ('float', None, 'resnet9 with --activation celu: CELU alpha (0.3)'),
+    'ghost_bn_splits': ('int', None, None),
+    'head_scale': ('float', None, None),
+}
+
+
+def model_actions():
+    import main
+    return {action.dest: action for action in main.get_args_parser()._actions
+            if action.dest in main.MODEL_FLAGS}
+
+
+def test_every_builder_argument_is_a_flag():
+    import main
+    actions = model_actions()
+    for arch in ARCHS:
+        assert set(models.model_params(arch)) <= set(actions), arch
+    assert set(main.MODEL_FLAGS) == set(models.model_flags())
+
+
+@pytest.mark.parametrize('flag', sorted(HAND_WRITTEN_FLAGS))
+def test_existing_flags_keep_type_choices_and_help(flag):
+    kind, choices, help_text = HAND_WRITTEN_FLAGS[flag]
+    spec = models.model_flags()[flag]
+    assert spec.kind == kind
+    assert spec.choices == choices
+    if help_text is not None:
+        assert spec.help == help_text
+    action = model_actions()[flag]
+    assert action.help == spec.help and action.default is None
+    assert tuple(action.choices) == choices if choices else action.choices is None
+
+
+def test_generated_flags_parse_like_the_hand_written_ones():
+    import main
+    args = main.parse_args(['--outdir', 'x', '--arch', 'vgg', '--n_channels', '[64,128]', '--n_layers', '[1,2]',
+                            '--use_bn', 'false'])
+    assert (args.n_channels, args.n_layers, args.use_bn) == ([64, 128], [1, 2], False)
+    args = main.parse_args(['--outdir', 'x', '--arch', 'shake_shake', '--shake_image'])
+    assert args.shake_image is True and args.shake_forward is None and args.depth is None
+    args = main.parse_args(['--outdir', 'x', '--arch', 'swin_t', '--n_blocks', '[2,2,2,2]', '--drop_path_rate',
+                            '0.1', '--window_size', '4'])
+    assert (args.n_blocks, args.drop_path_rate, args.window_size) == ([2, 2, 2, 2], 0.1, 4)
+    assert main.model_kwargs(args)['n_blocks'] == [2, 2, 2, 2]
+    with pytest.raises(main.UsageError, match='--depth deep: expected an integer >= 1'):
+        main.parse_args(['--outdir', 'x', '--depth', 'deep'])
+    with pytest.raises(main.UsageError, match='--block_type wide: expected one of basic, bottleneck'):
+        main.parse_args(['--outdir', 'x', '--block_type', 'wide'])
+
+
+# ----------------------------------------------------------------------------- ShakeDrop and ResNet-9 through main.py
 
 def shakedrop_modules(model):
     return [module for module in model.modules() if isinstance(module, ShakeDrop)]
-
-
-@pytest.mark.parametrize('final, block_type, depth', [(0.5, 'basic', 20), (0.8, 'bottleneck', 20)])
-def test_shakedrop_survival_decays_linearly_to_the_last_block(final, block_type, depth):
-    flags = {} if final == 0.5 else dict(shakedrop_survival=final)
-    model = models.create_model('pyramidnet', depth=depth, block_type=block_type, pyramid_alpha=12,
-                                use_shakedrop=True, **flags)
-    survival = [module.survival for module in shakedrop_modules(model)]
-    n_blocks = len(survival)
-    assert n_blocks == 3 * ((depth - 2) // (6 if block_type == 'basic' else 9))
-    # p_l = 1 - l / L (1 - p_L), l = 1..L (arXiv 1802.02375, section 4.1)
-    assert survival == pytest.approx([1 - (l / n_blocks) * (1 - final) for l in range(1, n_blocks + 1)])
-    assert survival[-1] == pytest.approx(final)
-    assert linear_survival_probabilities(0.5, 2) == pytest.approx([0.75, 0.5])
-
-
-def test_shakedrop_adds_no_parameters_and_is_off_by_default():
-    plain = models.create_model('pyramidnet', depth=20, block_type='basic', pyramid_alpha=12)
-    shaken = models.create_model('pyramidnet', depth=20, block_type='basic', pyramid_alpha=12, use_shakedrop=True)
-    assert not shakedrop_modules(plain)
-    assert plain.state_dict().keys() == shaken.state_dict().keys()
-    assert shaken(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_shakedrop_at_eval_is_its_expectation_in_training():
-    torch.manual_seed(0)
-    shakedrop = ShakeDrop(0.7)
-    x = torch.randn(4, 3, 5, 5)
-    assert torch.allclose(shakedrop.eval()(x), 0.7 * x)
-    shakedrop.train()
-    draws = torch.stack([shakedrop(x) for _ in range(4000)])
-    # E[b + alpha - b alpha] = p + (1 - p) E[alpha] = p for alpha uniform in [-1, 1]
-    ratio = (draws / x).mean()
-    assert ratio.item() == pytest.approx(0.7, abs=0.03)
-    # per forward pass one gate: the draws that kept the branch are x exactly, the others are not
-    kept = (draws == x).flatten(1).all(1)
-    assert 0.6 < kept.float().mean().item() < 0.8
-    assert not torch.isclose(draws[~kept], x.expand_as(draws)[~kept]).all()
-    # other alpha range: expectation p + (1 - p)(low + high) / 2
-    assert torch.allclose(ShakeDrop(0.5, alpha_range=(0, 1)).eval()(x), 0.75 * x)
-
-
-def test_shakedrop_dropped_branch_scales_forward_by_alpha_and_backward_by_independent_beta():
-    torch.manual_seed(0)
-    x = torch.rand(2000).add_(0.5).requires_grad_()
-    y = ShakeDrop(0.0)(x)  # never survives: forward alpha x, backward beta grad
-    y.sum().backward()
-    alpha, beta = (y / x).detach(), x.grad
-    assert alpha.min() < -0.9 and alpha.max() > 0.9 and (alpha >= -1).all() and (alpha <= 1).all()
-    assert beta.min() < 0.05 and beta.max() > 0.95 and (beta >= 0).all() and (beta <= 1).all()
-    assert abs(np.corrcoef(alpha.numpy(), beta.numpy())[0, 1]) < 0.1
-    x.grad = None
-    ShakeDrop(1.0)(x).sum().backward()  # always survives: identity both ways
-    assert torch.equal(x.grad, torch.ones_like(x))
-
-
-def test_shakedrop_pyramidnet_trains_randomly_and_evaluates_deterministically():
-    torch.manual_seed(0)
-    model = models.create_model('pyramidnet', depth=11, block_type='bottleneck', pyramid_alpha=12,
-                                use_shakedrop=True, shakedrop_survival=0.5)
-    x = torch.randn(4, 3, 32, 32)
-    model.train()
-    out = model(x)
-    out.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    outputs = [model(x) for _ in range(3)]
-    assert not all(torch.allclose(outputs[0], o) for o in outputs[1:])
-    model.eval()
-    assert torch.equal(model(x), model(x))
-
-
-@pytest.mark.parametrize('flags, message', [
-    (dict(shakedrop_survival=0.5), 'needs --use_shakedrop'),
-    (dict(use_shakedrop=True, shakedrop_survival=1.5), '--shakedrop_survival'),
-])
-def test_shakedrop_bad_flags(flags, message):
-    with pytest.raises(models.ModelConfigError, match=message):
-        models.create_model('pyramidnet', depth=20, block_type='basic', **flags)
 
 
 def test_shakedrop_flags_reach_pyramidnet_only(capsys):
@@ -129,29 +143,19 @@ def test_shakedrop_flags_reach_pyramidnet_only(capsys):
     assert '--use_shakedrop does not apply to --arch resnet' in one_line_error(capsys)
 
 
+def test_resnet9_final_options_train_one_epoch(cifar10_dir, tmp_path):
+    argv = ['--arch', 'resnet9', '--base_channels', '4', '--activation', 'celu', '--ghost_bn_splits', '2',
+            '--batch_size', '20', '--padding_mode', 'reflect', '--use_cutout', '--cutout_inside', '--cutout_size', '8',
+            '--epochs', '1', '--device', 'cpu', '--no-tensorboard', '--dataset_dir', cifar10_dir,
+            '--outdir', str(tmp_path / 'run')]
+    assert run_main(argv) == 0
+    record = json.load(open(tmp_path / 'run' / 'log.json'))[0]
+    assert math.isfinite(record['train_loss']) and 0 <= record['test_accuracy'] <= 1
+    settings = json.load(open(tmp_path / 'run' / 'config.json'))['settings']
+    assert (settings['activation'], settings['ghost_bn_splits'], settings['padding_mode']) == ('celu', 2, 'reflect')
+
+
 # ----------------------------------------------------------------------------- knowledge distillation
-
-def test_distillation_loss_matches_the_closed_form():
-    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
-    teacher = torch.tensor([[1.0, 1.5, -0.5], [2.0, -1.0, 0.5]])
-    temperature = 4.0
-    expected = 0.0
-    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
-        zs = sum(math.exp(v / temperature) for v in s_row)
-        zt = sum(math.exp(v / temperature) for v in t_row)
-        for s, t in zip(s_row, t_row):
-            p_t, p_s = math.exp(t / temperature) / zt, math.exp(s / temperature) / zs
-            expected += p_t * math.log(p_t / p_s)
-    expected = temperature ** 2 * expected / len(student)
-    student.requires_grad_()
-    loss = augmentations.distillation_loss(student, teacher, temperature)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # its gradient: T (softmax(s / T) - softmax(t / T)) / B (Hinton et al., eq. 2 times T^2)
-    loss.backward()
-    closed_form = temperature * (F.softmax(student / temperature, 1) - F.softmax(teacher / temperature, 1)) / 2
-    assert torch.allclose(student.grad, closed_form.detach(), atol=1e-6)
-    assert augmentations.distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0, abs=1e-6)
-
 
 def test_trainer_mixes_distillation_and_hard_target_loss(trained_run, cifar10_dir):
     teacher_path = os.path.join(trained_run, 'model_state.pth')
@@ -225,43 +229,6 @@ def test_teacher_bad_input(trained_run, cifar10_dir, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- --init
 
-def conv_and_linear(model):
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.numel() > 2000]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return convs, linears
-
-
-def test_init_kaiming_and_xavier_statistics():
-    torch.manual_seed(0)
-    model = models.create_model('wrn', depth=10, widening_factor=2)
-    reinitialize(model, 'kaiming')
-    convs, linears = conv_and_linear(model)
-    for conv in convs:
-        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
-    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
-    reinitialize(model, 'xavier')
-    for layer in convs + linears:
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
-        bound = math.sqrt(6 / (fan_in + fan_out))
-        assert layer.weight.abs().max().item() <= bound
-        assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
-        assert layer.bias is None or not layer.bias.any()
-
-
-def test_init_default_is_pytorchs_reset_parameters():
-    torch.manual_seed(0)
-    model = models.create_model('resnet', depth=20)  # resnet's own init is Kaiming normal, fan_out
-    convs, _ = conv_and_linear(model)
-    reinitialize(model, 'default')
-    for conv in convs:
-        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_ with a = sqrt(5)
-        assert conv.weight.abs().max().item() <= bound
-        assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
-
-
 def test_init_flag_reaches_the_built_model(capsys):
     torch.manual_seed(0)
     args = main.parse_args(['--arch', 'resnet', '--depth', '20', '--init', 'xavier', '--outdir', 'x'])
@@ -273,59 +240,7 @@ def test_init_flag_reaches_the_built_model(capsys):
     assert '--init' in one_line_error(capsys)
 
 
-# ----------------------------------------------------------------------------- augmentation policies
-
-POLICIES = [('autoaugment', {}), ('autoaugment', dict(autoaugment_policy='svhn')), ('randaugment', {}),
-            ('trivialaugment', {}), ('augmix', {})]
-
-
-def uint8_batch(n=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-
-
-@pytest.mark.parametrize('name, options', POLICIES)
-def test_policy_changes_a_batch_and_keeps_its_type(name, options):
-    torch.manual_seed(0)
-    images = uint8_batch()
-    out = augmentations.AugmentPolicy(name, group_size=4, **options)(images)
-    assert out.dtype == torch.uint8 and out.shape == images.shape
-    changed = (out != images).flatten(1).any(1)
-    assert changed.sum() >= 8  # at least two of the eight groups drew an operation that changes pixels
-    assert augmentations.AugmentPolicy(name, **options)(images[:0]).shape == (0, 3, 32, 32)
-    with pytest.raises(TypeError, match='uint8'):
-        augmentations.AugmentPolicy(name, **options)(images.float())
-
-
-@pytest.mark.parametrize('name', ['autoaugment', 'randaugment', 'trivialaugment'])
-def test_policy_group_shares_one_draw(name):
-    torch.manual_seed(1)
-    images = uint8_batch(1).expand(16, -1, -1, -1).contiguous()  # sixteen copies of one image
-    out = augmentations.AugmentPolicy(name, group_size=4)(images)
-    groups = out.unflatten(0, (4, 4))
-    assert all((group == group[0]).all() for group in groups)  # same draw within a group
-    per_image = augmentations.AugmentPolicy(name, group_size=1)(images)
-    assert len({bytes(image.numpy()) for image in per_image}) > 2  # a draw per image
-
-
-def test_augmix_mixes_each_image_with_its_own_weights_within_a_group():
-    torch.manual_seed(0)
-    images = uint8_batch(1).expand(8, -1, -1, -1).contiguous()
-    out = augmentations.AugmentPolicy('augmix', group_size=8)(images)
-    assert len({bytes(image.numpy()) for image in out}) > 1
-
-
-def test_policy_options_select_torchvisions_transforms():
-    auto = augmentations.AugmentPolicy('autoaugment', autoaugment_policy='imagenet').sample_transform()
-    assert isinstance(auto, transforms.AutoAugment) and auto.policy == transforms.AutoAugmentPolicy.IMAGENET
-    rand = augmentations.AugmentPolicy('randaugment', randaugment_ops=3, randaugment_magnitude=5).sample_transform()
-    assert (rand.num_ops, rand.magnitude) == (3, 5)
-    assert isinstance(augmentations.AugmentPolicy('trivialaugment').sample_transform(), transforms.TrivialAugmentWide)
-    assert augmentations.AugmentPolicy('augmix', augmix_severity=7).sample_transform().severity == 7
-    sample = dataloader.build_sample_transform(CIFAR10, True, random_crop_padding=4,
-                                               policy=augmentations.AugmentPolicy('trivialaugment'))
-    assert isinstance(sample.transforms[0], transforms.TrivialAugmentWide)
-
+# ----------------------------------------------------------------------------- augmentation policies through main.py
 
 @pytest.mark.parametrize('pipeline, policy', [('device', ['--use_randaugment']),
                                               ('device', ['--use_augmix', '--policy_group_size', '4']),
@@ -336,17 +251,6 @@ def test_policies_train_in_both_pipelines(pipeline, policy, cifar10_dir, tmp_pat
     assert run_main([*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(outdir),
                      '--data_pipeline', pipeline, '--num_workers', '0', *policy]) == 0
     assert len(json.load(open(outdir / 'log.json'))) == 1
-
-
-def test_device_loader_applies_the_policy(monkeypatch):
-    calls = []
-    policy = augmentations.AugmentPolicy('trivialaugment', group_size=5)
-    monkeypatch.setattr(augmentations.AugmentPolicy, '__call__', lambda self, images: calls.append(len(images))
-                        or images)
-    images, labels = uint8_batch(20).numpy(), np.arange(20) % 10
-    loader = dataloader.DeviceLoader(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10, 10,
-                                     torch.device('cpu'), True, policy=policy)
-    assert sum(len(batch[0]) for batch in loader) == 20 and calls == [10, 10]
 
 
 def test_user_policy_replaces_the_transformers_default():
