@@ -10,9 +10,9 @@ import os
 import platform
 import random
 import re
+import secrets
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -25,12 +25,24 @@ import torch.nn as nn
 class UsageError(Exception):
     """Bad input from the user: main.py prints the message as one line and exits with 2.
 
-    ``str()`` gives that one line: line breaks become spaces and characters that cannot be printed
-    as UTF-8 (the surrogate escapes of a non-UTF-8 path) are written as escapes."""
+    ``str()`` gives that one line: line breaks become spaces, characters that cannot be printed
+    as UTF-8 (the surrogate escapes of a non-UTF-8 path) are written as escapes, and a message
+    longer than ``MAX_LENGTH`` (one that echoes a huge value) loses its middle, keeping its start,
+    which names the flag, and its end, which says what was expected."""
+
+    MAX_LENGTH = 1500
 
     def __str__(self):
         text = ' '.join(super().__str__().split('\n'))
-        return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+        return _cut_middle(text, self.MAX_LENGTH).encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def _cut_middle(text, limit):
+    """``text``, or its first and last parts with the number of characters left out between them."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 5, limit * 2 // 5
+    return f'{text[:head]} ... [{len(text) - head - tail:,} characters] ... {text[-tail:]}'
 
 
 class StorageError(Exception):
@@ -86,15 +98,23 @@ json_list.__name__ = 'JSON list'
 
 # ----------------------------------------------------------------------------- domains of settings
 
+SHOWN_LENGTH = 200
+
+
 def show(value):
-    """A setting's value as a user typed it: JSON for lists and booleans, repr for odd strings."""
+    """A setting's value as a user typed it: JSON for lists and booleans, repr for odd strings; a text
+    longer than SHOWN_LENGTH characters is cut there, its length said (an error line stays readable)."""
     if isinstance(value, str):
         printable = value.isprintable() and value.strip() == value and value != '' and not _has_surrogates(value)
-        return value if printable else ascii(value)
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = value if printable else ascii(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(value) if not isinstance(value, (list, dict)) else f'a {type(value).__name__} nested too deep'
+    if len(text) <= SHOWN_LENGTH:
+        return text
+    return f'{text[:SHOWN_LENGTH]}... ({len(text):,} characters)'
 
 
 def _has_surrogates(text):
@@ -491,7 +511,7 @@ def _atomic_write(path, write, kill_point_name=None):
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
-        handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=os.path.basename(path))
+        handle, tmp_path = _create_temporary(directory, os.path.basename(path))
         with os.fdopen(handle, 'wb') as f:
             recording = _RecordingFile(f)
             try:
@@ -513,6 +533,24 @@ def _atomic_write(path, write, kill_point_name=None):
         if tmp_path is not None and os.path.exists(tmp_path):
             with contextlib.suppress(OSError):
                 os.remove(tmp_path)
+
+
+def _create_temporary(directory, suffix):
+    """A new ``.tmp-*`` file in ``directory``, open for writing: (descriptor, path).
+
+    Created as ``open()`` creates a file, with mode 0666 less the umask (and the folder's default
+    ACL), which the rename then gives the run's file; ``tempfile.mkstemp`` makes it 0600, so that
+    no one else in the group could read a run's results. The kernel applies the umask as it creates
+    the file: at no moment is it more open than the umask allows.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+    for _ in range(100):
+        path = os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{suffix}')
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, 'no free temporary file name', directory)
 
 
 def _fsync_directory(directory):
@@ -566,6 +604,9 @@ def load_json(path, what='file'):
         raise UsageError(f'{what} {path}: no such file') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f'{what} {path}: not valid JSON ({error})') from None
+    except RecursionError:
+        raise UsageError(f'{what} {path}: nested deeper than this reader follows (Python\'s recursion limit, '
+                         f'{sys.getrecursionlimit()} levels)') from None
     except (OSError, ValueError) as error:  # a folder, no permission, an I/O error, a NUL in the name
         raise UsageError(f'{what} {path}: cannot read it ({getattr(error, "strerror", None) or error})') from None
 
