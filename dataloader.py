@@ -11,9 +11,13 @@ its part of each batch: the training batches are those of one process with the g
 cut into consecutive per-rank slices, and the evaluation batches are dealt out whole, so that each
 test image is scored exactly once and in the batch it would have in a single process.
 """
+import functools
 import gzip
+import io
+import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +68,236 @@ _TORCHVISION_CLASSES = {'CIFAR10': 'CIFAR10', 'CIFAR100': 'CIFAR100', 'MNIST': '
                         'FashionMNIST': 'FashionMNIST', 'KMNIST': 'KMNIST'}
 
 
+# ----------------------------------------------------------------------------- CIFAR's pickles
+# The CIFAR files are Python pickles, and a full unpickler calls whatever function a pickle names: a
+# batch file from someone else could run any code. The reader below admits only the few names that
+# numpy arrays are pickled with, and hands them to stand-ins that do nothing but np.frombuffer with
+# an integer dtype; everything else in the real files is dicts, lists, strings and ints, which the
+# unpickler builds without calling anything.
+
+# integer and bool typecodes only: no object, string or structured dtypes
+_ARRAY_TYPECODES = frozenset(f'{kind}{size}' for kind in 'iu' for size in (1, 2, 4, 8)) | {'b1'}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a function or class that the CIFAR reader does not admit."""
+
+
+class _Sealed(type):
+    """The class of the stand-in classes: a pickle's BUILD could otherwise set their attributes (their
+    methods included) for every later read in this process."""
+
+    def __setattr__(cls, name, value):
+        raise AttributeError(f'{cls.__name__} is read-only')
+
+
+class _NdarrayClass(metaclass=_Sealed):
+    """Stands for ``numpy.ndarray`` in a pickle: only ever the first argument of ``_reconstruct``."""
+
+
+class _DtypeSpec(metaclass=_Sealed):
+    """What a pickle says of a dtype: ``numpy.dtype(typecode, align, copy)``, then its state."""
+
+    def __init__(self, typecode, align=False, copy=False):
+        self.typecode, self.byteorder = typecode, '|'
+
+    def __setstate__(self, state):
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not isinstance(state, tuple) or len(state) < 5 or any(part is not None for part in state[2:5]):
+            raise pickle.UnpicklingError('a dtype with fields or subarrays')
+        self.byteorder = state[1]
+
+    def resolve(self):
+        if self.typecode not in _ARRAY_TYPECODES or self.byteorder not in ('<', '>', '|', '='):
+            raise pickle.UnpicklingError(f'an array of dtype {self.byteorder}{self.typecode}, not of integers')
+        dtype = np.dtype(self.typecode)
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in '<>' else dtype
+
+
+def _array_from_bytes(raw, dtype, shape, fortran_order):
+    if isinstance(raw, str):  # a Python 2 byte string, read with encoding='latin1' (the original files)
+        raw = raw.encode('latin1')
+    if not isinstance(raw, (bytes, bytearray)):
+        raise pickle.UnpicklingError('an array of Python objects')
+    if not isinstance(dtype, _DtypeSpec):
+        raise pickle.UnpicklingError('an array without a dtype')
+    dtype = dtype.resolve()
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f'an array of shape {shape!r}')
+    if math.prod(shape) * dtype.itemsize != len(raw):
+        raise pickle.UnpicklingError(f'an array of shape {shape} with {len(raw)} bytes of data')
+    return np.frombuffer(raw, dtype).reshape(shape, order='F' if fortran_order else 'C')
+
+
+class _ArrayState:
+    """An array as a pickle builds it: ``_reconstruct(ndarray, (0,), b'b')``, then ``__setstate__``."""
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 5:  # version 1 of ndarray's state
+            state = state[1:]
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise pickle.UnpicklingError('an array state of an unknown layout')
+        shape, dtype, fortran_order, raw = state
+        self.array = _array_from_bytes(raw, dtype, shape, fortran_order)
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _NdarrayClass:
+        raise pickle.UnpicklingError('_reconstruct of a class other than numpy.ndarray')
+    return _ArrayState()
+
+
+def _frombuffer(buffer, dtype, shape, order):  # protocol 5's ndarray
+    return _array_from_bytes(buffer, dtype, shape, order == 'F')
+
+
+def _scalar(dtype, raw):  # a numpy integer outside an array
+    return _array_from_bytes(raw, dtype, (), False)[()]
+
+
+def _latin1_encode(text, encoding='latin1'):  # how protocol 2 writes bytes under Python 3
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError(f'_codecs.encode to {encoding!r}')
+    return text.encode('latin1')
+
+
+def _empty_bytes():  # how protocol 2 writes b'' (an empty array's data): bytes(), never bytes(n)
+    return b''
+
+
+# numpy 1 wrote numpy.core, numpy 2 writes numpy._core
+_ADMITTED_GLOBALS = {
+    **{(f'numpy.{core}.multiarray', '_reconstruct'): _reconstruct for core in ('core', '_core')},
+    **{(f'numpy.{core}.multiarray', 'scalar'): _scalar for core in ('core', '_core')},
+    **{(f'numpy.{core}.numeric', '_frombuffer'): _frombuffer for core in ('core', '_core')},
+    ('numpy', 'ndarray'): _NdarrayClass,
+    ('numpy', 'dtype'): _DtypeSpec,
+    ('_codecs', 'encode'): _latin1_encode,
+    ('__builtin__', 'bytes'): _empty_bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        admitted = _ADMITTED_GLOBALS.get((module, name))
+        if admitted is None:
+            raise _RefusedGlobal(f'{module}.{name}')
+        return admitted
+
+
+def _materialized(value):
+    return value.array if isinstance(value, _ArrayState) else value
+
+
+def read_cifar_pickle(path, what='a CIFAR file', flag='--dataset_dir'):
+    """The object pickled in the CIFAR file ``path`` (a batch, ``batches.meta`` or CIFAR-100's ``meta``),
+    read without running code.
+
+    Admitted: what the real files hold, dicts, lists, strings, bytes, numbers, and numpy arrays of
+    integers (top-level values of the dict, where the real files have them, come back as arrays).
+    A pickle that names any other function or class (``os.system``, a numpy module this numpy lacks)
+    is refused unread, and a damaged one too, each as a UsageError naming ``flag`` and the file.
+    """
+    try:
+        with open(path, 'rb') as f:
+            content = f.read()
+    except OSError as error:
+        raise UsageError(f'{flag}: {path}: cannot read it ({error.strerror or error})') from None
+    try:
+        value = _CifarUnpickler(io.BytesIO(content), encoding='latin1').load()
+    except _RefusedGlobal as refused:
+        raise UsageError(f'{flag}: {path}: refused: the pickle calls {refused}, which is none of the numpy '
+                         f'array parts CIFAR files hold (a pickle that calls a function can run code)') from None
+    except Exception as error:  # only the stand-ins above run: whatever fails, the file is damaged
+        raise UsageError(f'{flag}: {path} is not {what} ({type(error).__name__}: {_first_line(error)})') from None
+    if isinstance(value, dict):
+        return {key: _materialized(item) for key, item in value.items()}
+    return _materialized(value)
+
+
+def _first_line(error, limit=200):
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def _label_problem(labels, n_images, num_classes):
+    """Why ``labels`` (an int64 array) cannot label ``n_images`` images of ``num_classes`` classes, or None."""
+    if n_images == 0:
+        return 'no images'
+    if len(labels) != n_images:
+        return f'{len(labels)} labels for {n_images} images'
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        index = int(outside.argmax())
+        return f'label {labels[index]} of image {index} is outside the {num_classes} classes (0 to {num_classes - 1})'
+    return None
+
+
+def _integer_list(value):
+    """``value`` (a list of ints or an integer array) as a 1-D int64 array, or None if it is something else."""
+    if not isinstance(value, (list, np.ndarray)):
+        return None
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, ints beyond 64 bits
+        return None
+    if array.ndim != 1 or (array.size and array.dtype.kind not in 'iu'):
+        return None
+    return array.astype(np.int64)
+
+
+def _cifar_batch(path, name, label_key):
+    """(uint8 images N x 3 x 32 x 32, int64 labels N) of one CIFAR batch file, or a UsageError saying what
+    is wrong with it."""
+    what = f'a valid {name} batch file'
+    batch = read_cifar_pickle(path, what)
+
+    def invalid(reason):
+        return UsageError(f'--dataset_dir: {path} is not {what} ({reason})')
+    if not isinstance(batch, dict):
+        raise invalid(f'it holds a {type(batch).__name__}, not a dict')
+    for key in ('data', label_key):
+        if key not in batch:
+            raise invalid(f'no {key!r} entry')
+    data = batch['data']
+    if not isinstance(data, np.ndarray):
+        raise invalid(f"'data' is a {type(data).__name__}, not an array of uint8")
+    if data.dtype != np.uint8:
+        raise invalid(f"'data' is an array of {data.dtype}, not of uint8")
+    if data.size % (3 * 32 * 32):
+        raise invalid(f"'data' holds {data.size} bytes, not a whole number of 3x32x32 images")
+    labels = _integer_list(batch[label_key])
+    if labels is None:
+        raise invalid(f'{label_key!r} is not a list of integers')
+    problem = _label_problem(labels, data.size // (3 * 32 * 32), DATASETS[name].num_classes)
+    if problem:
+        raise invalid(problem)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+# the meta file of each CIFAR (in its folder of _CIFAR_FILES) and the key of its class names
+CIFAR_META = {'CIFAR10': ('batches.meta', 'label_names'), 'CIFAR100': ('meta', 'fine_label_names')}
+
+
+def cifar_class_names(root, name, flag='--dataset_dir'):
+    """The class names in the meta file (``batches.meta``, CIFAR-100's ``meta``) of the CIFAR ``name``
+    under ``root``; None where there is no such file. A damaged or refused file is a UsageError."""
+    file_name, key = CIFAR_META[name]
+    path = os.path.join(root, _CIFAR_FILES[name][0], file_name)
+    if not os.path.isfile(path):
+        return None
+    what = f'a valid {name} meta file'
+    meta = read_cifar_pickle(path, what, flag)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    num_classes = DATASETS[name].num_classes
+    if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
+        raise UsageError(f'{flag}: {path} is not {what} (no list of {num_classes} class names under {key!r})')
+    return tuple(names)
+
+
 def _read_cifar(root, name, train):
     folder, train_files, test_files, label_key = _CIFAR_FILES[name]
     directory = os.path.join(root, folder)
@@ -72,15 +306,8 @@ def _read_cifar(root, name, train):
         path = os.path.join(directory, file_name)
         if not os.path.isfile(path):
             raise FileNotFoundError(path)
-        try:
-            with open(path, 'rb') as f:
-                batch = pickle.load(f, encoding='latin1')
-            data = np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            batch_labels = np.asarray(batch[label_key], dtype=np.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
-            raise UsageError(f'--dataset_dir: {path} is not a valid {name} batch file '
-                             f'({type(error).__name__}: {error})') from None
-        images.append(data)
+        batch_images, batch_labels = _cifar_batch(path, name, label_key)
+        images.append(batch_images)
         labels.append(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -124,6 +351,9 @@ def _read_mnist_family(root, name, train):
         if len(images) != len(labels):
             raise UsageError(f'--dataset_dir: {images_path} has {len(images)} images but '
                              f'{labels_path} has {len(labels)} labels')
+        problem = _label_problem(labels, len(images), DATASETS[name].num_classes)
+        if problem:
+            raise UsageError(f'--dataset_dir: {labels_path}: {problem}')
         return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
     raise FileNotFoundError(os.path.join(candidates[0], images_name))
 
@@ -399,6 +629,52 @@ def build_sample_transform(info, train, random_crop_padding=0, horizontal_flip=F
     return transforms.Compose(steps)
 
 
+def open_image(path, mode, flag='--predict'):
+    """The image file ``path`` decoded and converted to ``mode`` ('RGB', 'L'), or a UsageError naming
+    ``flag`` and the file for whatever PIL refuses: an unknown format, a truncated or corrupt file, a
+    folder, and a decompression bomb. PIL warns (DecompressionBombWarning) about an image of more than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels and raises DecompressionBombError, which is no OSError, from
+    twice that; both are refused here, from the header, before anything is decoded."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert(mode)  # decodes the whole file now, while its errors name it
+    except Exception as error:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise UsageError(f'{flag} {path}: cannot read the image ({_first_line(error)})') from None
+
+
+class _Unreadable:
+    """A sample whose file could not be read, as a value: a worker process that raised would reach the
+    main process as its traceback's text, no longer one line."""
+
+    def __init__(self, message):
+        self.message = message
+
+
+class _UnreadableAsValues(torch.utils.data.Dataset):
+    """``dataset`` whose UsageErrors (an image file that :func:`open_image` refused) come back as
+    :class:`_Unreadable` samples, which :func:`_collate` passes on and WorkersLoader raises."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UsageError as error:
+            return _Unreadable(str(error))
+
+
+def _collate(samples):
+    unreadable = next((sample for sample in samples if isinstance(sample, _Unreadable)), None)
+    return unreadable if unreadable is not None else torch.utils.data.default_collate(samples)
+
+
 class WorkersLoader(torch.utils.data.DataLoader):
     """A DataLoader that moves each batch to ``device`` (pinned, non-blocking on CUDA).
 
@@ -409,7 +685,9 @@ class WorkersLoader(torch.utils.data.DataLoader):
 
     def __init__(self, dataset, batch_size, device, train, num_workers, shard=(0, 1), seed=0):
         rank, world_size = shard
-        options = dict(num_workers=num_workers, pin_memory=device.type == 'cuda', persistent_workers=num_workers > 0)
+        dataset = _UnreadableAsValues(dataset)
+        options = dict(num_workers=num_workers, pin_memory=device.type == 'cuda', persistent_workers=num_workers > 0,
+                       collate_fn=_collate)
         if world_size == 1 and train:
             super().__init__(dataset, batch_size=batch_size, sampler=ResumableSampler(
                 torch.utils.data.RandomSampler(dataset)), drop_last=len(dataset) > batch_size, **options)
@@ -458,7 +736,10 @@ class WorkersLoader(torch.utils.data.DataLoader):
         iterator = super().__iter__()
         if rng_state is not None:
             torch.set_rng_state(rng_state)
-        for images, labels in iterator:
+        for batch in iterator:
+            if isinstance(batch, _Unreadable):
+                raise UsageError(batch.message)
+            images, labels = batch
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 
@@ -495,6 +776,10 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter(self.order[first:].tolist())
 
 
+# what torchvision's default loader gives (RGB), but a file PIL refuses is one line naming it
+_read_folder_image = functools.partial(open_image, mode='RGB', flag='--dataset_dir')
+
+
 def _image_folder_info(dataset_dir, image_size):
     from torchvision import datasets
     splits = {}
@@ -503,7 +788,7 @@ def _image_folder_info(dataset_dir, image_size):
         if not os.path.isdir(path):
             raise UsageError(f'--dataset_dir: ImageFolder needs {path}/ with one folder per class')
         try:
-            splits[split] = datasets.ImageFolder(path)
+            splits[split] = datasets.ImageFolder(path, loader=_read_folder_image)
         except (FileNotFoundError, RuntimeError) as error:
             raise UsageError(f'--dataset_dir: {path}: {error}') from None
     train_set = splits['train']
@@ -635,25 +920,15 @@ CLASS_NAMES = {
     # Kuzushiji-MNIST (arXiv 1812.01718): the hiragana of each class, romanized
     'KMNIST': ('o', 'ki', 'su', 'tsu', 'na', 'ha', 'ma', 'ya', 're', 'wo'),
 }
-_CIFAR_META = {'CIFAR10': ('cifar-10-batches-py', 'batches.meta', 'label_names'),
-               'CIFAR100': ('cifar-100-python', 'meta', 'fine_label_names')}
-
-
 def class_names(dataset, dataset_dirs):
     """The class names of ``dataset``: from CIFAR's meta file in the first of ``dataset_dirs`` that has
-    one, the class folders of an ImageFolder, else the built-in lists."""
+    one (read as data only, :func:`read_cifar_pickle`), the class folders of an ImageFolder, else the
+    built-in lists."""
     for directory in [d for d in dataset_dirs if d]:
-        if dataset in _CIFAR_META:
-            folder, file_name, key = _CIFAR_META[dataset]
-            path = os.path.join(directory, folder, file_name)
-            if os.path.isfile(path):
-                try:
-                    with open(path, 'rb') as f:
-                        names = pickle.load(f, encoding='latin1')[key]
-                    if len(names) == DATASETS[dataset].num_classes:
-                        return tuple(names)
-                except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
-                    pass
+        if dataset in CIFAR_META:
+            names = cifar_class_names(directory, dataset)
+            if names is not None:
+                return names
         elif dataset == 'ImageFolder' and os.path.isdir(os.path.join(directory, 'train')):
             return tuple(sorted(entry.name for entry in os.scandir(os.path.join(directory, 'train')) if entry.is_dir()))
     return CLASS_NAMES.get(dataset)

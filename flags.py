@@ -19,11 +19,23 @@ class UsageError(ValueError):
     that library callers may catch it as one), and ``models.ModelConfigError`` is one.
 
     ``str()`` gives that one line: line breaks become spaces and characters that cannot be printed
-    as UTF-8 (the surrogate escapes of a non-UTF-8 path) are written as escapes."""
+    as UTF-8 (the surrogate escapes of a non-UTF-8 path) are written as escapes, and a message
+    longer than ``MAX_LENGTH`` (one that echoes a huge value) loses its middle, keeping its start,
+    which names the flag, and its end, which says what was expected."""
+
+    MAX_LENGTH = 1500
 
     def __str__(self):
         text = ' '.join(super().__str__().split('\n'))
-        return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+        return _cut_middle(text, self.MAX_LENGTH).encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def _cut_middle(text, limit):
+    """``text``, or its first and last parts with the number of characters left out between them."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 5, limit * 2 // 5
+    return f'{text[:head]} ... [{len(text) - head - tail:,} characters] ... {text[-tail:]}'
 
 
 def str2bool(value):
@@ -68,15 +80,23 @@ json_list.__name__ = 'JSON list'
 
 # ----------------------------------------------------------------------------- domains of settings
 
+SHOWN_LENGTH = 200
+
+
 def show(value):
-    """A setting's value as a user typed it: JSON for lists and booleans, repr for odd strings."""
+    """A setting's value as a user typed it: JSON for lists and booleans, repr for odd strings; a text
+    longer than SHOWN_LENGTH characters is cut there, its length said (an error line stays readable)."""
     if isinstance(value, str):
         printable = value.isprintable() and value.strip() == value and value != '' and not _has_surrogates(value)
-        return value if printable else ascii(value)
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = value if printable else ascii(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(value) if not isinstance(value, (list, dict)) else f'a {type(value).__name__} nested too deep'
+    if len(text) <= SHOWN_LENGTH:
+        return text
+    return f'{text[:SHOWN_LENGTH]}... ({len(text):,} characters)'
 
 
 def _has_surrogates(text):

@@ -112,6 +112,10 @@ def get_args_parser():
     group.add_argument('--muon_lr', type=_POSITIVE, default=0.24, help='muon: learning rate of the filters')
     group.add_argument('--muon_momentum', type=_FRACTION, default=0.6, help='muon: momentum of the filters')
     group.add_argument('--muon_ns_steps', type=Int(1), default=3, help='muon: Newton-Schulz iterations')
+    group.add_argument('--muon_lr_adjust', **choice(optim.MUON_LR_ADJUSTMENTS), default='none',
+                       help='muon: none steps every filter bank by --muon_lr as airbench94_muon; torch keeps '
+                            'torch.optim.Muon\'s factor sqrt(max(1, out / (in x kh x kw))) for banks with more '
+                            'outputs than inputs (1x1 expansions, projection shortcuts, wide stems)')
     _switch(group, '--muon_normalize_weights', 'muon: rescale each filter bank to norm sqrt(out) before '
             'its update (airbench94_muon)', True)
     group.add_argument('--whiten_bias_epochs', type=Real(0, None, '(]', optional=True), default=None,
@@ -222,6 +226,12 @@ def get_args_parser():
     group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3)
     _switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
     group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0)
+    group.add_argument('--cutmix_prob', type=_PROBABILITY, default=1.0,
+                       help='probability that a batch is mixed (the paper\'s Algorithm 1: 1; the authors\' CIFAR '
+                            'command: 0.5)')
+    group.add_argument('--cutmix_box', **choice(augmentations.CUTMIX_BOXES), default='integer',
+                       help='integer: the authors\' rand_bbox (an integer centre, each side cut at the border); '
+                            'continuous: a continuous centre (this tool before; pastes about 7%% more area)')
     _switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
     group.add_argument('--dual_cutout_alpha', type=Real(0), default=0.1)
     group.add_argument('--dual_cutout_distance', **choice(('logits', 'softmax')), default='logits',
@@ -622,7 +632,6 @@ def predict(args):
     the command line (as for --evaluate); each image is converted to the dataset's channels, resized to
     its input size and normalized with its statistics, as the test images were in training.
     """
-    from PIL import Image, UnidentifiedImageError
     settings = runs.saved_settings(args.weights)
     runs.adopt_saved_settings(args, settings)
     dataset_dirs = [args.dataset_dir if 'dataset_dir' in args.explicit else None, settings.get('dataset_dir')]
@@ -639,11 +648,7 @@ def predict(args):
     transform = dataloader.build_sample_transform(info, train=False, from_pil=True, image_size=info.image_size)
     topk = min(args.topk, info.num_classes)
     for path in args.predict:
-        try:
-            with Image.open(path) as image:
-                pixels = transform(image.convert('RGB' if info.in_channels == 3 else 'L'))
-        except (OSError, UnidentifiedImageError) as error:
-            raise UsageError(f'--predict {path}: cannot read the image ({error})') from None
+        pixels = transform(dataloader.open_image(path, 'RGB' if info.in_channels == 3 else 'L'))
         with torch.no_grad():
             probabilities = model(pixels[None].to(device)).float().softmax(dim=1)[0]
         values, indices = probabilities.topk(topk)

@@ -463,19 +463,28 @@ def frozen_bn_statistics(model, enabled=True):
             layer.track_running_stats = True
 
 
-def _filter_matrix(tensor, channels_last):
-    """The (out, in*kh*kw) matrix of a filter bank, as a view when the layout allows.
+def _filter_matrix(tensor, channels_last, transposed=False):
+    """The (out, in*kh*kw) matrix of a filter bank, as a view when the layout allows (``transposed``:
+    its transpose, the same storage).
 
     A channels_last bank is read in (out, kh, kw, in) order: a permutation of the columns, which
     an orthogonalized update follows unchanged.
     """
     if channels_last:
         tensor = tensor.permute(0, 2, 3, 1)
-    return tensor.reshape(tensor.shape[0], -1)
+    matrix = tensor.reshape(tensor.shape[0], -1)
+    return matrix.T if transposed else matrix
 
 
-def _expose_matrix_grad(matrix, channels_last, param):
-    matrix.grad = _filter_matrix(param.grad, channels_last)
+def _expose_matrix_grad(matrix, matrix_view, param):
+    matrix.grad = matrix_view(param.grad)
+
+
+# How the Muon step of an (out, in*kh*kw) bank scales with its shape: 'none', airbench94_muon's
+# (lr times the orthogonalized update, whatever the shape); 'torch', torch.optim.Muon's default
+# ('original'): lr * sqrt(max(1, out / (in*kh*kw))), larger for banks with more outputs than inputs
+# per output (1x1 expansions, projection shortcuts, a wide stem).
+MUON_LR_ADJUSTMENTS = ('none', 'torch')
 
 
 class Muon(torch.optim.Optimizer):
@@ -489,22 +498,34 @@ class Muon(torch.optim.Optimizer):
     the function, and fixing it keeps the step size relative to the weights constant. No weight
     decay on the filters (airbench uses none).
 
+    ``lr_adjust`` (:data:`MUON_LR_ADJUSTMENTS`): ``'none'`` steps every bank by ``lr`` times its
+    orthogonalized update, as airbench94_muon does; ``'torch'`` keeps torch.optim.Muon's factor
+    sqrt(max(1, rows / columns)). torch has no setting without the factor, so a bank with more rows
+    than columns is handed to it as its transpose (a view of the same storage): the orthogonalized
+    transpose is the transpose of the orthogonalized matrix, and its factor is 1.
+
     ``param_groups`` lists the auxiliary groups first, then the Muon group, so one LR scheduler
     drives both; ``state_dict`` holds both optimizers' states. Under GradScaler (fp16) the step takes
     grad_scale and found_inf on the device (see ``_step_supports_amp_scaling``).
     """
 
     def __init__(self, filters, auxiliary, lr=0.24, momentum=0.6, nesterov=True, ns_steps=3,
-                 normalize_weights=True):
+                 normalize_weights=True, lr_adjust='none'):
         if not hasattr(torch.optim, 'Muon'):
             raise UsageError(f'--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch '
                              f'{torch.__version__}')
+        if lr_adjust not in MUON_LR_ADJUSTMENTS:
+            raise UsageError(f'--muon_lr_adjust {lr_adjust!r}: choose {" or ".join(MUON_LR_ADJUSTMENTS)}')
         self.filters = list(filters)
         if not self.filters:
             raise UsageError('--optimizer muon: the model has no trainable convolution filters')
         self.channels_last = [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                               for p in self.filters]
-        self.matrices = [_filter_matrix(p.detach(), cl) for p, cl in zip(self.filters, self.channels_last)]
+        self.lr_adjust = lr_adjust
+        self.matrix_views = [functools.partial(_filter_matrix, channels_last=channels_last,
+                                               transposed=lr_adjust == 'none' and p.shape[0] > p[0].numel())
+                             for p, channels_last in zip(self.filters, self.channels_last)]
+        self.matrices = [view(p.detach()) for view, p in zip(self.matrix_views, self.filters)]
         if any(m.data_ptr() != p.data_ptr() for m, p in zip(self.matrices, self.filters)):
             raise ValueError('--optimizer muon: a filter bank has a memory layout that has no matrix view')
         self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=0.0, momentum=momentum,
@@ -518,8 +539,8 @@ class Muon(torch.optim.Optimizer):
         # GradScaler's unscale_ and inf check walk param_groups, which hold the matrices: give each
         # matrix its filter's gradient (a view) as soon as backward has accumulated it
         self._grad_hooks = [param.register_post_accumulate_grad_hook(functools.partial(_expose_matrix_grad, matrix,
-                                                                                       channels_last))
-                            for param, matrix, channels_last in zip(self.filters, self.matrices, self.channels_last)]
+                                                                                       matrix_view))
+                            for param, matrix, matrix_view in zip(self.filters, self.matrices, self.matrix_views)]
 
     def _groups(self):
         return self.auxiliary.param_groups + self.muon.param_groups
@@ -539,8 +560,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for param, matrix, channels_last in zip(self.filters, self.matrices, self.channels_last):
-            matrix.grad = None if param.grad is None else _filter_matrix(param.grad, channels_last)
+        for param, matrix, matrix_view in zip(self.filters, self.matrices, self.matrix_views):
+            matrix.grad = None if param.grad is None else matrix_view(param.grad)
         grads = [param.grad for group in self.param_groups for param in group['params'] if param.grad is not None]
         _step_with_amp_handoff(self, grads, self._update, self._live_tensors)
         return loss
@@ -583,6 +604,12 @@ class Muon(torch.optim.Optimizer):
         self.auxiliary.load_state_dict(state_dict['auxiliary'])
         self.muon.load_state_dict(state_dict['muon'])
         self.param_groups = self._groups()
+        # a state saved with the other lr_adjust holds the momentum of a tall bank in the other orientation
+        for matrix in self.matrices:
+            state = self.muon.state[matrix]
+            buffer = state.get('momentum_buffer')
+            if buffer is not None and buffer.shape != matrix.shape and buffer.T.shape == matrix.shape:
+                state['momentum_buffer'] = buffer.T
 
 
 def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=None, bn_bias_lr_factor=1.0,
@@ -656,8 +683,8 @@ def optimizer_kwargs(args):
                 sam_adaptive=args.sam_adaptive, bn_bias_lr_factor=args.bn_bias_lr_factor,
                 head_lr_factor=args.head_lr_factor, whiten_bias_epochs=args.whiten_bias_epochs,
                 muon_lr=args.muon_lr, muon_momentum=args.muon_momentum, muon_ns_steps=args.muon_ns_steps,
-                muon_normalize_weights=args.muon_normalize_weights, lars_eps=args.lars_eps,
-                lars_thresh=args.lars_thresh, asam_eta=args.asam_eta)
+                muon_normalize_weights=args.muon_normalize_weights, muon_lr_adjust=args.muon_lr_adjust,
+                lars_eps=args.lars_eps, lars_thresh=args.lars_thresh, asam_eta=args.asam_eta)
 
 
 def whitening_bias_schedule(model, whiten_bias_epochs):
@@ -675,12 +702,14 @@ def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=
                     no_weight_decay_on_bn=False, betas=(0.9, 0.999), adabound_final_lr=0.1, adabound_gamma=1e-3,
                     use_sam=False, sam_rho=None, sam_adaptive=False, bn_bias_lr_factor=1.0, head_lr_factor=1.0,
                     schedule_epochs=None, whiten_bias_epochs=None, muon_lr=0.24, muon_momentum=0.6,
-                    muon_ns_steps=3, muon_normalize_weights=True, lars_eps=1e-9, lars_thresh=1e-2, asam_eta=0.01):
+                    muon_ns_steps=3, muon_normalize_weights=True, lars_eps=1e-9, lars_thresh=1e-2, asam_eta=0.01,
+                    muon_lr_adjust='none'):
     """The optimizer named by ``--optimizer`` over ``model``'s parameters, optionally wrapped in SAM.
 
     Weight decay lives in the param groups (L2 in the gradient for sgd/adam/lars/adabound, decoupled
     for adamw). Nesterov applies to sgd and lars and only when momentum > 0. ``muon`` trains the
-    convolution filters with :class:`Muon` and everything else with SGD (``base_lr``, ``momentum``).
+    convolution filters with :class:`Muon` and everything else with SGD (``base_lr``, ``momentum``);
+    ``muon_lr_adjust`` 'none' (airbench94_muon's step) or 'torch' (torch.optim.Muon's shape factor).
     ``sam_rho=None`` is the authors' radius: 0.05 for SAM (Foret et al.), 0.5 for ASAM (the CIFAR-10
     command of SamsungLabs/ASAM's README and ``asam.py``'s default). ASAM scales the parameters whose
     name in ``model.named_parameters()`` contains 'weight', as the authors' ``asam.py``.
@@ -708,7 +737,7 @@ def build_optimizer(model, optimizer='sgd', base_lr=0.1, momentum=0.9, nesterov=
                                **kernels)
         if optimizer == 'muon':
             base = Muon(filters, base, lr=muon_lr, momentum=muon_momentum, nesterov=nesterov,
-                        ns_steps=muon_ns_steps, normalize_weights=muon_normalize_weights)
+                        ns_steps=muon_ns_steps, normalize_weights=muon_normalize_weights, lr_adjust=muon_lr_adjust)
     elif optimizer == 'adam':
         base = torch.optim.Adam(groups, lr=base_lr, betas=tuple(betas), weight_decay=weight_decay, **kernels)
     elif optimizer == 'adamw':

@@ -30,6 +30,8 @@ RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboa
                   'epochs', 'eval_every',
                   'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
                   'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
+# Settings added after runs were saved without them, with the value that reproduces what those runs computed.
+LEGACY_SETTINGS = {'muon_lr_adjust': 'torch', 'cutmix_box': 'continuous', 'cutmix_prob': 1.0}
 FINAL_WEIGHTS = 'model_state.pth'
 EMA_WEIGHTS = 'model_state_ema.pth'
 
@@ -231,6 +233,7 @@ def restore_args(args, checkpoint):
     saved = checkpoint.get('args')
     if not isinstance(saved, dict):
         raise UsageError(f'--resume: {args.outdir}/checkpoint.pth holds no settings')
+    saved = {**LEGACY_SETTINGS, **saved}
     changed = sorted(name for name in args.explicit
                      if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
     if changed:

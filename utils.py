@@ -9,9 +9,9 @@ import math
 import os
 import platform
 import random
+import secrets
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -143,7 +143,7 @@ def _atomic_write(path, write, kill_point_name=None):
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
-        handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=os.path.basename(path))
+        handle, tmp_path = _create_temporary(directory, os.path.basename(path))
         with os.fdopen(handle, 'wb') as f:
             recording = _RecordingFile(f)
             try:
@@ -165,6 +165,24 @@ def _atomic_write(path, write, kill_point_name=None):
         if tmp_path is not None and os.path.exists(tmp_path):
             with contextlib.suppress(OSError):
                 os.remove(tmp_path)
+
+
+def _create_temporary(directory, suffix):
+    """A new ``.tmp-*`` file in ``directory``, open for writing: (descriptor, path).
+
+    Created as ``open()`` creates a file, with mode 0666 less the umask (and the folder's default
+    ACL), which the rename then gives the run's file; ``tempfile.mkstemp`` makes it 0600, so that
+    no one else in the group could read a run's results. The kernel applies the umask as it creates
+    the file: at no moment is it more open than the umask allows.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+    for _ in range(100):
+        path = os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{suffix}')
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, 'no free temporary file name', directory)
 
 
 def _fsync_directory(directory):
@@ -218,6 +236,9 @@ def load_json(path, what='file'):
         raise UsageError(f'{what} {path}: no such file') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f'{what} {path}: not valid JSON ({error})') from None
+    except RecursionError:
+        raise UsageError(f'{what} {path}: nested deeper than this reader follows (Python\'s recursion limit, '
+                         f'{sys.getrecursionlimit()} levels)') from None
     except (OSError, ValueError) as error:  # a folder, no permission, an I/O error, a NUL in the name
         raise UsageError(f'{what} {path}: cannot read it ({getattr(error, "strerror", None) or error})') from None
 

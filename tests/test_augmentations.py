@@ -434,21 +434,114 @@ def test_cutmix_lambda_is_the_exact_unpasted_fraction():
             assert pasted_count == height.item() * width.item()
 
 
-@pytest.mark.parametrize('alpha', [1.0, 0.5])
-def test_cutmix_pasted_fraction_distribution(alpha):
-    torch.manual_seed(10)
-    batch, extent, samples = 8, 32, 3000
+def authors_rand_bbox(size, lam, centre_x, centre_y):
+    """clovaai/CutMix-PyTorch train.py ``rand_bbox`` for a square image of side ``size``, its random
+    centre given: (x1, y1, x2, y2)."""
+    cut_rat = np.sqrt(1. - lam)
+    cut_w, cut_h = int(size * cut_rat), int(size * cut_rat)
+    return (np.clip(centre_x - cut_w // 2, 0, size), np.clip(centre_y - cut_h // 2, 0, size),
+            np.clip(centre_x + cut_w // 2, 0, size), np.clip(centre_y + cut_h // 2, 0, size))
+
+
+def test_cutmix_integer_box_is_the_authors_rand_bbox():
+    size = 32
+    for lam in np.linspace(0, 1, 201):
+        cut_ratio = torch.sqrt(1 - torch.tensor(lam, dtype=torch.float64))
+        for centre in range(size):
+            start, end = augmentations._cut_interval(cut_ratio, torch.tensor(centre), size, 'integer')
+            x1, _, x2, _ = authors_rand_bbox(size, lam, centre, centre)
+            assert (start.item(), end.item()) == (x1, x2), (lam, centre)
+
+
+def beta_cdf(alpha, x):
+    """P(u <= x) for u ~ Beta(alpha, alpha), alpha 1 or 1/2 (closed forms)."""
+    x = min(max(x, 0.0), 1.0)
+    return {1.0: x, 0.5: 2 / math.pi * math.asin(math.sqrt(x))}[alpha]
+
+
+def authors_mean_pasted_fraction(alpha, size):
+    """E[pasted area / image area] of the authors' box: the side s = int(size * sqrt(1 - lam)) takes each
+    value with a Beta probability, and for an integer centre c the box spans min(c + s//2, size) -
+    max(c - s//2, 0) pixels on each axis (the two axes independent given s)."""
+    total = 0.0
+    for side in range(size + 1):
+        probability = beta_cdf(alpha, 1 - (side / size) ** 2) - beta_cdf(alpha, 1 - ((side + 1) / size) ** 2)
+        half = side // 2
+        mean_length = sum(min(c + half, size) - max(c - half, 0) for c in range(size)) / size
+        total += probability * (mean_length / size) ** 2
+    return total
+
+
+def continuous_mean_pasted_fraction(alpha):
+    # u = 1 - lam ~ Beta(alpha, alpha); a box of side s = sqrt(u) times the image side with a
+    # uniform centre keeps s - s^2/4 of it per axis after clipping, so E = E[(s - s^2/4)^2].
+    return beta_moment(alpha, 1) - beta_moment(alpha, 1.5) / 2 + beta_moment(alpha, 2) / 16
+
+
+def measured_pasted_fractions(samples, alpha, **options):
+    batch, extent = 8, 32
     images, targets = torch.zeros(batch, 1, extent, extent), one_hot_batch(batch)
     pasted = []
     for _ in range(samples):
-        _, mixed_targets = cutmix(images, targets, alpha=alpha)
+        _, mixed_targets = cutmix(images, targets, alpha=alpha, **options)
         # With distinct one-hot labels, the smallest diagonal entry is the corrected lambda.
         pasted.append(1 - torch.diagonal(mixed_targets).min().item())
-    pasted = torch.tensor(pasted, dtype=torch.float64)
-    # u = 1 - lam ~ Beta(alpha, alpha); a box of side s = sqrt(u) times the image side with a
-    # uniform centre keeps s - s^2/4 of it per axis after clipping, so E = E[(s - s^2/4)^2].
-    expected = beta_moment(alpha, 1) - beta_moment(alpha, 1.5) / 2 + beta_moment(alpha, 2) / 16
+    return torch.tensor(pasted, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('alpha', [1.0, 0.5])
+@pytest.mark.parametrize('box', ['integer', 'continuous'])
+def test_cutmix_pasted_fraction_distribution(alpha, box):
+    torch.manual_seed(10)
+    samples = 3000
+    pasted = measured_pasted_fractions(samples, alpha, box=box)
+    expected = authors_mean_pasted_fraction(alpha, 32) if box == 'integer' else continuous_mean_pasted_fraction(alpha)
     assert_within_sigma(pasted.mean().item(), expected, pasted.std().item() / math.sqrt(samples))
+
+
+def test_authors_box_pastes_less_than_the_continuous_one():
+    """The figures of cutmix's docstring: 29.9% against 32.1% of a 32x32 image for alpha 1."""
+    assert authors_mean_pasted_fraction(1.0, 32) == pytest.approx(0.299, abs=5e-4)
+    assert continuous_mean_pasted_fraction(1.0) == pytest.approx(0.321, abs=5e-4)
+
+
+def test_cutmix_prob_mixes_that_fraction_of_batches():
+    torch.manual_seed(11)
+    samples, prob, extent = 4000, 0.5, 32
+    mixed = (measured_pasted_fractions(samples, 1.0, prob=prob) > 0).double()
+    # an applied box is empty when its side int(32 * sqrt(1 - lam)) < 2: P(lam > 1 - (2/32)^2) = 1/256
+    expected = prob * (1 - (2 / extent) ** 2)
+    assert_within_sigma(mixed.mean().item(), expected, math.sqrt(expected * (1 - expected) / samples))
+
+
+@pytest.mark.parametrize('box', ['integer', 'continuous'])
+def test_cutmix_prob_zero_leaves_the_batch_unchanged(box):
+    torch.manual_seed(12)
+    images, targets = torch.randn(8, 3, 32, 32), one_hot_batch(8)
+    for _ in range(20):
+        mixed_images, mixed_targets = cutmix(images, targets, prob=0.0, box=box)
+        assert torch.equal(mixed_images, images) and torch.equal(mixed_targets, targets)
+
+
+def test_cutmix_box_and_prob_are_checked_and_reach_the_regularizer():
+    with pytest.raises(ValueError, match='--cutmix_box'):
+        cutmix(torch.zeros(2, 1, 4, 4), one_hot_batch(2), box='round')
+    with pytest.raises(ValueError, match='--cutmix_prob must be in'):
+        BatchRegularizer(10, use_cutmix=True, cutmix_prob=1.5)
+    with pytest.raises(ValueError, match='--cutmix_box must be integer or continuous'):
+        BatchRegularizer(10, use_cutmix=True, cutmix_box='round')
+    defaults = BatchRegularizer.from_args(argparse.Namespace(use_cutmix=True), num_classes=10)
+    assert (defaults.cutmix_prob, defaults.cutmix_box) == (1.0, 'integer')
+    chosen = BatchRegularizer.from_args(argparse.Namespace(use_cutmix=True, cutmix_prob=0.5, cutmix_box='continuous'),
+                                        num_classes=10)
+    assert (chosen.cutmix_prob, chosen.cutmix_box) == (0.5, 'continuous')
+    assert 'cutmix(alpha=1.0, prob=0.5, box=continuous)' in repr(chosen)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    torch.manual_seed(13)
+    by_regularizer = chosen(images, labels)
+    torch.manual_seed(13)
+    by_hand = cutmix(images, one_hot(labels, 10), 1.0, 0.5, 'continuous')
+    assert all(torch.equal(a, b) for a, b in zip(by_regularizer, by_hand))
 
 
 # ----------------------------------------------------------------------------- RICAP

@@ -1,7 +1,9 @@
 """Dataset readers on tiny files in the real formats, and the two loader pipelines."""
+import importlib.util
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,59 @@ def test_cifar10_reader_matches_written_pickles(cifar10_dir):
     assert labels[40:80].tolist() == batch['labels']
     test_images, test_labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=False)
     assert test_images.shape == (40, 3, 32, 32) and test_labels.dtype == torch.int64
+
+
+SHARED_DATA = os.path.join(os.path.dirname(dataloader.__file__), '..', 'shared', 'data')
+
+
+@pytest.mark.parametrize('protocol', [2, 3, 4, 5])
+def test_cifar_reader_reads_the_pickles_of_every_protocol(tmp_path, protocol):
+    root = write_cifar10(str(tmp_path))
+    rng = np.random.default_rng(protocol)
+    data, labels = rng.integers(0, 256, (7, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 7)]
+    with open(os.path.join(root, 'cifar-10-batches-py', 'test_batch'), 'wb') as f:
+        pickle.dump({'data': data, 'labels': labels}, f, protocol=protocol)
+    images, read_labels = dataloader.load_split(root, 'CIFAR10', train=False)
+    assert torch.equal(images, torch.from_numpy(data.reshape(7, 3, 32, 32))) and read_labels.tolist() == labels
+
+
+def test_cifar_reader_reads_the_numpy_1_names(tmp_path):
+    """numpy 1 pickles name numpy.core.multiarray (so do the original files); numpy 2 numpy._core."""
+    root = write_cifar10(str(tmp_path))
+    path = os.path.join(root, 'cifar-10-batches-py', 'test_batch')
+    with open(path, 'rb') as f:
+        content = f.read()
+    assert b'numpy._core.multiarray\n_reconstruct' in content
+    with open(path, 'wb') as f:
+        f.write(content.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    images, _ = dataloader.load_split(root, 'CIFAR10', train=False)
+    assert images.shape == (40, 3, 32, 32)
+
+
+def test_cifar_reader_reads_the_python2_files_of_the_original_release(tmp_path):
+    """The original files' layout (Python 2 byte strings, numpy.core names), as ../shared/data's
+    unpack_cifar10.py writes it."""
+    script = os.path.join(SHARED_DATA, 'unpack_cifar10.py')
+    if not os.path.isfile(script):
+        pytest.skip('../shared/data/unpack_cifar10.py not beside the checkout')
+    spec = importlib.util.spec_from_file_location('unpack_cifar10', script)
+    unpack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unpack)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50)
+    test = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 10)
+    classes = [f'class {i}' for i in range(10)]
+    unpack.write_pickles(str(tmp_path), train, test, classes)
+    for (images, labels), split in ((train, True), (test, False)):
+        read_images, read_labels = dataloader.load_split(str(tmp_path), 'CIFAR10', train=split)
+        assert torch.equal(read_images, torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        assert read_labels.tolist() == labels.tolist()
+    assert dataloader.cifar_class_names(str(tmp_path), 'CIFAR10') == tuple(classes)
+
+
+def test_cifar_class_names_from_the_meta_file(cifar10_dir, tmp_path):
+    assert dataloader.cifar_class_names(cifar10_dir, 'CIFAR10') == tuple(str(i) for i in range(10))
+    assert dataloader.cifar_class_names(str(tmp_path), 'CIFAR10') is None  # no meta file: the caller's choice
 
 
 def test_cifar100_reader_uses_fine_labels(tmp_path):

@@ -2,17 +2,24 @@
 Domain.invalid), violated relations between flags, and broken --config files.
 
 Every case runs main.cli in-process and must end with exit status 2, exactly one line on stderr
-naming a flag, no traceback, and the disk as it was: no run directory created, an existing run
-directory (and everything else in the working folder) unchanged byte for byte. ``test_report``
-prints how many cases ran (``pytest -s``).
+naming a flag, of a readable length, no traceback, and the disk as it was: no run directory
+created, an existing run directory (and everything else in the working folder) unchanged byte for
+byte. The damaged-file cases give the same command lines files that would run code (CIFAR pickles,
+checkpoints), damaged CIFAR batches, images PIL refuses and a --config nested too deep; a file
+whose code ran would leave a marker in the working folder. ``test_report`` prints how many cases ran
+(``pytest -s``).
 """
 import hashlib
 import itertools
 import json
 import os
+import warnings
 
 import pytest
 
+import torch
+
+import hostile
 import main
 import models
 import flags
@@ -82,6 +89,8 @@ def run_case(argv, workspace, capsys, monkeypatch):
     lines = err.splitlines()
     if len(lines) != 1 or not err.endswith('\n'):
         problems.append(f'{len(lines)} stderr lines')
+    if len(err) > utils.UsageError.MAX_LENGTH + 100:
+        problems.append(f'a line of {len(err):,} characters')
     if 'Traceback' in err:
         problems.append('traceback')
     if '--' not in err and 'unrecognized' not in err:
@@ -266,6 +275,110 @@ def relation_cases(workspace):
 def test_contradictory_flags(workspace, capsys, monkeypatch, tally):
     cases = relation_cases(workspace)
     run_cases(cases, workspace, capsys, monkeypatch, tally, 'relations')
+
+
+# ----------------------------------------------------------------------------- damaged and hostile files
+
+@pytest.fixture(scope='module')
+def hostile_workspace(tmp_path_factory):
+    """A working folder of its own (its files are hashed after every case): a sound CIFAR-10, damaged and
+    hostile copies, weights of the BASE model and checkpoints that run code, images PIL refuses, an
+    ImageFolder with a truncated training image, --config files nested too deep or holding a huge value."""
+    work = tmp_path_factory.mktemp('hostile') / 'work'
+    work.mkdir()
+    files = {'work': work, 'new': str(work / 'new_run'), 'data': write_cifar10(str(work / 'data'))}
+    for kind in hostile.damaged_cifar10_files():
+        files[f'damaged {kind}'] = str(work / 'damaged' / kind)
+        hostile.write_damaged_cifar10(files[f'damaged {kind}'], kind)
+    for file_name in ('data_batch_1', 'test_batch', 'batches.meta'):
+        files[f'payload {file_name}'] = str(work / 'payload' / file_name)
+        hostile.write_payload_cifar10(files[f'payload {file_name}'], file_name, str(work / f'ran-{file_name}'))
+    model = models.create_model('resnet', num_classes=10, depth=8, base_channels=4)
+    files['weights'] = str(work / 'weights.pth')
+    torch.save(model.state_dict(), files['weights'])
+    files['payload checkpoint'] = str(work / 'payload.pth')
+    torch.save({'model': model.state_dict(), 'code': hostile.CodeRunner(str(work / 'ran-checkpoint'))},
+               files['payload checkpoint'])
+    (work / 'payload_run').mkdir()
+    torch.save({'args': {}, 'code': hostile.CodeRunner(str(work / 'ran-resume'))},
+               work / 'payload_run' / 'checkpoint.pth')
+    files['payload run'] = str(work / 'payload_run')
+    files['images'] = hostile.write_bad_images(str(work / 'images'))
+    files['good image'] = hostile.write_png(str(work / 'images' / 'good.png'))
+    files['image folder'] = str(work / 'image_folder')
+    hostile.write_image_folder_with_bad_image(files['image folder'], 'train')
+    for name, text in (('deep', hostile.deeply_nested_json(100_000)), ('nested', hostile.deeply_nested_json(500)),
+                       ('huge', json.dumps({'arch': 'x' * 5_000_000}))):
+        files[f'{name} config'] = str(work / f'{name}.json')
+        (work / f'{name}.json').write_text(text)
+    return files
+
+
+def hostile_base(files, dataset_dir):
+    return [*BASE, '--dataset_dir', dataset_dir, '--outdir', files['new']]
+
+
+def damaged_file_cases(files):
+    """Training on each damaged or hostile CIFAR-10, --evaluate on those whose test split is at fault,
+    checkpoints that run code (--evaluate, --resume, --predict --weights), refused images for --predict,
+    an ImageFolder with a truncated image, and --config files nested too deep or echoing a huge value."""
+    cases = []
+    for kind, (file_name, _, _) in hostile.damaged_cifar10_files().items():
+        cases.append(hostile_base(files, files[f'damaged {kind}']))
+        if file_name == 'test_batch':
+            cases.append([*hostile_base(files, files[f'damaged {kind}']), '--evaluate', files['weights']])
+    cases.append(hostile_base(files, files['payload data_batch_1']))
+    cases.append([*hostile_base(files, files['payload test_batch']), '--evaluate', files['weights']])
+    cases.append([*hostile_base(files, files['payload test_batch']), '--evaluate', files['payload checkpoint']])
+    cases.append([*BASE, '--dataset_dir', files['data'], '--outdir', files['payload run'], '--resume'])
+    cases.append([*hostile_base(files, files['data']), '--predict', files['good image'],
+                  '--weights', files['payload checkpoint']])
+    for kind in ('truncated', 'not_an_image', 'folder'):
+        cases.append([*hostile_base(files, files['data']), '--predict', files['images'][kind],
+                      '--weights', files['weights']])
+    cases.append([*hostile_base(files, files['image folder']), '--dataset', 'ImageFolder'])
+    for name in ('deep', 'nested', 'huge'):
+        cases.append([*hostile_base(files, files['data']), '--config', files[f'{name} config']])
+    cases.append([*hostile_base(files, files['data']), '--arch', 'x' * 50_000_000])
+    return cases
+
+
+def test_damaged_and_hostile_files(hostile_workspace, capsys, monkeypatch, tally):
+    cases = damaged_file_cases(hostile_workspace)
+    run_cases(cases, hostile_workspace, capsys, monkeypatch, tally, 'damaged files')
+    assert not [name for name in os.listdir(hostile_workspace['work']) if name.startswith('ran-')]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason='needs main.py wiring: predict() opens images with PIL.Image.open, whose '
+                          'DecompressionBombError is no OSError and whose DecompressionBombWarning prints lines of '
+                          'its own; dataloader.open_image refuses both in one line')
+@pytest.mark.parametrize('kind', ['bomb', 'bomb_warning_size'])
+def test_predict_refuses_a_decompression_bomb(hostile_workspace, capsys, monkeypatch, kind):
+    files = hostile_workspace
+    argv = [*hostile_base(files, files['data']), '--predict', files['images'][kind],
+            '--weights', files['weights']]
+    with warnings.catch_warnings(record=True) as caught:  # printed, a warning adds lines to stderr
+        warnings.simplefilter('always')
+        problem = run_case(argv, files, capsys, monkeypatch)
+    assert not problem, problem
+    assert not caught, [str(warning.message) for warning in caught]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason='needs main.py wiring: class_names() reads batches.meta with pickle.load; '
+                          'dataloader.cifar_class_names reads it without running code')
+def test_predict_refuses_class_names_that_run_code(hostile_workspace, capsys, monkeypatch):
+    files = hostile_workspace
+    marker = os.path.join(files['work'], 'ran-batches.meta')
+    argv = [*hostile_base(files, files['payload batches.meta']), '--predict', files['good image'],
+            '--weights', files['weights']]
+    try:
+        problem = run_case(argv, files, capsys, monkeypatch)
+        assert not problem and not os.path.exists(marker), problem or 'the payload ran'
+    finally:
+        if os.path.exists(marker):  # the other cases would count it as their own
+            os.remove(marker)
 
 
 def test_report(tally):

@@ -1004,6 +1004,100 @@ def test_muon_normalize_weights_rescales_each_bank_before_the_update():
         torch.testing.assert_close(normalized, by_hand)
 
 
+def airbench_zeropower(matrix, steps):
+    """airbench94_muon.py's zeropower_via_newtonschulz5 (KellerJordan/cifar10-airbench)."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    x = matrix.bfloat16()
+    x /= (x.norm() + 1e-7)
+    if matrix.size(0) > matrix.size(1):
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if matrix.size(0) > matrix.size(1):
+        x = x.T
+    return x
+
+
+def airbench_muon_steps(start, grads, lr, momentum, ns_steps):
+    """The weights after airbench94_muon.py's Muon steps (Nesterov, weights normalized) with ``grads``."""
+    weight, buffer = start.clone(), torch.zeros_like(start)
+    for grad in grads:
+        buffer.mul_(momentum).add_(grad)
+        update = grad.add(buffer, alpha=momentum)
+        weight.mul_(len(weight) ** 0.5 / weight.norm())
+        weight.add_(airbench_zeropower(update.reshape(len(update), -1), ns_steps).view(update.shape), alpha=-lr)
+    return weight
+
+
+# a projection shortcut (out > in*kh*kw, torch's factor sqrt(4) = 2) and a 3x3 bank (factor 1)
+TALL_AND_WIDE_BANKS = [(32, 8, 1, 1), (16, 8, 3, 3)]
+
+
+def muon_steps(starts, grads, **options):
+    weights = [nn.Parameter(start.clone()) for start in starts]
+    optimizer = optim.Muon(weights, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), **options)
+    for step_grads in grads:
+        for weight, grad in zip(weights, step_grads):
+            weight.grad = grad.clone()
+        optimizer.step()
+    return [weight.detach() for weight in weights], optimizer
+
+
+@needs_muon
+def test_muon_steps_every_bank_as_airbench94_muon_by_default():
+    torch.manual_seed(0)
+    starts = [torch.randn(shape) for shape in TALL_AND_WIDE_BANKS]
+    grads = [[torch.randn(shape) for shape in TALL_AND_WIDE_BANKS] for _ in range(3)]
+    weights, optimizer = muon_steps(starts, grads, lr=0.24, momentum=0.6, ns_steps=3)
+    assert optimizer.lr_adjust == 'none'
+    for index, (start, weight) in enumerate(zip(starts, weights)):
+        expected = airbench_muon_steps(start, [step_grads[index] for step_grads in grads], 0.24, 0.6, 3)
+        # torch's momentum is airbench's times (1 - momentum), which Newton-Schulz normalizes away
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-2)
+
+
+@needs_muon
+def test_muon_lr_adjust_torch_scales_a_tall_bank_by_sqrt_out_over_in():
+    torch.manual_seed(1)
+    starts = [torch.randn(shape) for shape in TALL_AND_WIDE_BANKS]
+    grads = [[torch.randn(shape) for shape in TALL_AND_WIDE_BANKS]]
+    updates = {}
+    for adjust in optim.MUON_LR_ADJUSTMENTS:
+        weights, _ = muon_steps(starts, grads, lr=0.1, momentum=0.0, normalize_weights=False, lr_adjust=adjust)
+        updates[adjust] = [weight - start for weight, start in zip(weights, starts)]
+    (tall_torch, wide_torch), (tall_none, wide_none) = updates['torch'], updates['none']
+    torch.testing.assert_close(tall_torch, 2 * tall_none, rtol=0, atol=1e-6)  # sqrt(32 / (8*1*1)) = 2
+    torch.testing.assert_close(wide_torch, wide_none, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='--muon_lr_adjust'):
+        muon_steps(starts, grads, lr_adjust='original')
+
+
+@needs_muon
+def test_muon_state_of_the_other_lr_adjust_loads_with_its_buffers_turned():
+    """A checkpoint of torch's factor (every run before --muon_lr_adjust) resumes under either setting."""
+    torch.manual_seed(2)
+    starts = [torch.randn(shape) for shape in TALL_AND_WIDE_BANKS]
+    grads = [[torch.randn(shape) for shape in TALL_AND_WIDE_BANKS] for _ in range(2)]
+    _, saved = muon_steps(starts, grads, momentum=0.6, lr_adjust='torch')
+    _, resumed = muon_steps(starts, [], momentum=0.6, lr_adjust='none')
+    resumed.load_state_dict(copy.deepcopy(saved.state_dict()))
+    tall, wide = zip(saved.matrices, resumed.matrices)
+    for saved_matrix, matrix in (tall, wide):
+        assert resumed.muon.state[matrix]['momentum_buffer'].shape == matrix.shape
+    saved_buffer = saved.muon.state[tall[0]]['momentum_buffer']
+    torch.testing.assert_close(resumed.muon.state[tall[1]]['momentum_buffer'], saved_buffer.T, rtol=0, atol=0)
+    for weight, grad in zip(resumed.filters, grads[0]):
+        weight.grad = grad.clone()
+    resumed.step()  # the turned buffer meets the gradient's matrix
+
+
+@needs_muon
+def test_build_optimizer_passes_muon_lr_adjust():
+    assert optim.build_optimizer(muon_model(), optimizer='muon').lr_adjust == 'none'
+    assert optim.build_optimizer(muon_model(), optimizer='muon', muon_lr_adjust='torch').lr_adjust == 'torch'
+
+
 def muon_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

@@ -184,6 +184,7 @@ REGULARIZERS = {
     'mixup': dict(use_mixup=True),
     'ricap': dict(use_ricap=True),
     'cutmix': dict(use_cutmix=True),
+    'cutmix_continuous_half': dict(use_cutmix=True, cutmix_box='continuous', cutmix_prob=0.5),
     'dual_cutout': dict(use_dual_cutout=True),
     'dual_cutout_logits': dict(use_dual_cutout=True, dual_cutout_distance='logits'),
     'label_smoothing': dict(use_label_smoothing=True),
