@@ -369,10 +369,8 @@ class Trainer:
         order of images, the lr of its first step, and each rank's partial meters and non-finite counters.
         """
         self.network.train()
-        loader.set_epoch(epoch)
         epoch_state = _EpochState(self.device, self.optimizer.param_groups[0]['lr'])
-        if position is not None:
-            loader.start_at(position['order'], position['step'])
+        if position is not None:  # the loader was started at that step (its start_at)
             epoch_state.restore(position, self.dist.rank, self.device)
         timer = utils.DeviceTimer(self.device)
         last_shown = time.perf_counter()
@@ -563,8 +561,9 @@ def tta_logits(forward, images, tta):
 
 
 def check_tta(tta, info):
-    """``--tta flip_translate`` mirrors the test images: only where training flips them."""
-    if tta == 'flip_translate' and not info.horizontal_flip:
+    """``--tta flip_translate`` mirrors the test images: only where training flips them (``info`` None: an
+    image folder, whose images are flipped)."""
+    if tta == 'flip_translate' and info is not None and not info.horizontal_flip:
         raise UsageError(f'--tta flip_translate: {info.name} images are not flipped in training '
                          f'(digits and characters are not mirror-symmetric); use --tta none')
 

@@ -531,12 +531,11 @@ def build_data(args, batch_size, device, dist):
         with dist.agree():  # one process per machine fetches the files, before the others read them
             if dist.local_rank == 0:
                 dataloader.fetch_dataset(args.dataset, args.dataset_dir)
+    engine.check_tta(args.tta, dataloader.DATASETS.get(args.dataset))
     with dist.agree():  # bad input that one rank finds (its copy of the dataset) stops them all
-        data = dataloader.build_data(**dataloader.data_kwargs(args), batch_size=batch_size, device=device,
+        return dataloader.build_data(**dataloader.data_kwargs(args), batch_size=batch_size, device=device,
                                      policy=augmentations.build_policy(**augmentations.policy_kwargs(args)),
                                      shard=(dist.rank, dist.world_size), seed=args.seed if dist.enabled else None)
-        engine.check_tta(args.tta, data.info)
-    return data
 
 
 def train(run, trainer, data, args, log, first_epoch, epochs, position, compile_time):
@@ -548,6 +547,9 @@ def train(run, trainer, data, args, log, first_epoch, epochs, position, compile_
         trainer.dist.print(f'epoch 0: {split} loss {result["loss"]:.4f} acc {result["accuracy"]:.4f}')
         log.append({'epoch': 0, f'{split}_loss': result['loss'], f'{split}_accuracy': result['accuracy']})
     for epoch in range(first_epoch, epochs + 1):
+        data.train_loader.set_epoch(epoch)
+        if position is not None:
+            data.train_loader.start_at(position['order'], position['step'])
         record = trainer.train_one_epoch(data.train_loader, epoch, progress, position, checkpoint=lambda position:
                                          run.save_checkpoint(runs.checkpoint_state(trainer, epoch - 1, args, log,
                                                                                    position)))
@@ -590,6 +592,7 @@ def load_teacher(args, info, device):
     """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
     weights, frozen, in eval mode. It must have been trained on the same --dataset: its logits are
     compared with the student's class by class; the Trainer runs it under the student's autocast."""
+    state = runs.read_weights(args.teacher, '--teacher')
     saved = runs.saved_settings(args.teacher)
     arch = saved.get('arch')
     if arch is None:
@@ -600,7 +603,8 @@ def load_teacher(args, info, device):
         raise UsageError(f'--teacher {args.teacher}: unknown arch {arch!r} in its config.json')
     settings = argparse.Namespace(arch=arch, channels_last=args.channels_last,
                                   **{name: saved.get(name) for name in models.model_params(arch)})
-    return runs.load_run_model(args.teacher, '--teacher', settings, info, device, saved=saved).requires_grad_(False)
+    teacher = runs.load_run_model(args.teacher, '--teacher', settings, info, device, state=state, saved=saved)
+    return teacher.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- the other modes

@@ -839,10 +839,13 @@ def lr_factor(step, scheduler='multistep', epochs=160, steps_per_epoch=1, milest
 def scheduler_kwargs(args):
     """:func:`build_scheduler`'s arguments from the command line's settings, but the run's length. Milestones
     and warmup that come from an arch's defaults may lie beyond a trial run shorter than the arch's
-    schedule; given ones (and default milestones in a run of fractional epochs or --total_steps) may not."""
+    schedule; given ones (and default milestones in a run of fractional epochs or --total_steps) may not.
+    Under --total_steps the whitening bias's own schedule may outlast the run."""
     unchecked = {'milestones', 'warmup_epochs'} - set(args.explicit)
     if args.total_steps is not None or not float(args.epochs).is_integer():
         unchecked.discard('milestones')
+    if args.total_steps is not None:  # a step budget: a longer whitening-bias schedule covers the whole run
+        unchecked.add('whiten_bias_epochs')
     return dict(scheduler=args.scheduler, milestones=args.milestones, lr_decay=args.lr_decay, lr_min=args.lr_min,
                 T0=args.T0, T_mul=args.T_mul, poly_power=args.poly_power, warmup_epochs=args.warmup_epochs,
                 warmup_method=args.warmup_method, warmup_start_factor=args.warmup_start_factor,
@@ -879,7 +882,7 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
         raise UsageError(f'--warmup_epochs {_format_number(warmup_epochs)}: expected fewer epochs than {run} '
                          f'(warmup shorter than the run)')
     for group in optimizer.param_groups:
-        if group.get('schedule_epochs', 0) > epochs:
+        if 'whiten_bias_epochs' not in unchecked and group.get('schedule_epochs', 0) > epochs:
             raise UsageError(f'--whiten_bias_epochs must be in (0, --epochs], got {group["schedule_epochs"]}')
     if lr_end_factor is not None and lr_min > 0:
         raise UsageError(f'--lr_end_factor {lr_end_factor} cannot be combined with --lr_min {lr_min}: choose one '

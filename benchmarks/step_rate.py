@@ -38,6 +38,7 @@ def measure(source, arch, device_name, steps, warmup, batch_size, extra):
     import torch
     import augmentations
     import dataloader
+    import engine
     import main
     import optim
     device = torch.device(device_name)
@@ -49,11 +50,11 @@ def measure(source, arch, device_name, steps, warmup, batch_size, extra):
     labels = torch.randint(0, 10, (batch_size * 4,), generator=generator)
     loader = dataloader.DeviceLoader(images, labels, info, batch_size, device, True, random_crop_padding=4,
                                      horizontal_flip=True)
-    model = main.build_model(args, info, device)
-    optimizer = main.build_optimizer(model, args)
+    model = engine.build_model(args, info, device)
+    optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
     scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=10, steps_per_epoch=len(loader))
-    regularizer = augmentations.BatchRegularizer.from_args(args, info.num_classes)
-    trainer = main.Trainer(model, optimizer, scheduler, regularizer, args, device)
+    regularizer = augmentations.BatchRegularizer(info.num_classes, **augmentations.regularizer_kwargs(args))
+    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, **engine.trainer_kwargs(args))
     model.train()
 
     def batches():

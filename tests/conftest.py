@@ -10,7 +10,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per test process (and for the main.py processes tests start): a test's ops are too small to
+# gain from more, and pytest -n 2 already keeps both cores busy
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
 
 
 def class_patterned_images(n, channels, size, num_classes, seed):
@@ -100,6 +103,19 @@ def mnist_dir(tmp_path_factory):
 # A small model and a short schedule: enough for every code path, seconds on a CPU.
 TINY_RUN = ['--arch', 'resnet', '--depth', '8', '--base_channels', '4', '--epochs', '2',
             '--batch_size', '20', '--device', 'cpu', '--no-tensorboard', '--milestones', '[1]']
+
+
+def build_trainer(model, args, device=torch.device('cpu'), num_classes=10, teacher=None, **schedule):
+    """The optimizer, schedule (``schedule``: optim.build_scheduler's arguments), regularizer and Trainer
+    main.py builds around ``model`` for the settings ``args`` (main.parse_args)."""
+    import augmentations
+    import engine
+    import optim
+    optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
+    scheduler = optim.build_scheduler(optimizer, **schedule)
+    regularizer = augmentations.BatchRegularizer(num_classes, **augmentations.regularizer_kwargs(args))
+    return engine.Trainer(model, optimizer, scheduler, regularizer, device, teacher=teacher,
+                          **engine.trainer_kwargs(args))
 
 
 def run_main(argv):

@@ -13,8 +13,10 @@ from torchvision import transforms
 
 import augmentations
 import dataloader
+from flags import UsageError
 from augmentations import (BatchRegularizer, cutmix, cutout, dual_cutout, dual_cutout_loss, mixup, one_hot,
-                           random_erasing, ricap, smooth_targets, soft_target_cross_entropy, weighted_accuracy)
+                           random_erasing, regularizer_kwargs, ricap, smooth_targets, soft_target_cross_entropy,
+                           weighted_accuracy)
 
 CIFAR10 = dataloader.DATASETS['CIFAR10']
 
@@ -526,14 +528,10 @@ def test_cutmix_prob_zero_leaves_the_batch_unchanged(box):
 def test_cutmix_box_and_prob_are_checked_and_reach_the_regularizer():
     with pytest.raises(ValueError, match='--cutmix_box'):
         cutmix(torch.zeros(2, 1, 4, 4), one_hot_batch(2), box='round')
-    with pytest.raises(ValueError, match='--cutmix_prob must be in'):
-        BatchRegularizer(10, use_cutmix=True, cutmix_prob=1.5)
-    with pytest.raises(ValueError, match='--cutmix_box must be integer or continuous'):
-        BatchRegularizer(10, use_cutmix=True, cutmix_box='round')
-    defaults = BatchRegularizer.from_args(argparse.Namespace(use_cutmix=True), num_classes=10)
+    defaults = BatchRegularizer(10, **regularizer_kwargs(argparse.Namespace(use_cutmix=True)))
     assert (defaults.cutmix_prob, defaults.cutmix_box) == (1.0, 'integer')
-    chosen = BatchRegularizer.from_args(argparse.Namespace(use_cutmix=True, cutmix_prob=0.5, cutmix_box='continuous'),
-                                        num_classes=10)
+    chosen = BatchRegularizer(10, **regularizer_kwargs(argparse.Namespace(use_cutmix=True, cutmix_prob=0.5,
+                                                                        cutmix_box='continuous')))
     assert (chosen.cutmix_prob, chosen.cutmix_box) == (0.5, 'continuous')
     assert 'cutmix(alpha=1.0, prob=0.5, box=continuous)' in repr(chosen)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
@@ -704,19 +702,30 @@ def test_autoaugment_keeps_dtype_shape_and_changes_images(shape):
     (dict(use_cutmix=True, use_dual_cutout=True), ['--use_cutmix', '--use_dual_cutout']),
     (dict(use_mixup=True, use_dual_cutout=True), ['--use_mixup', '--use_dual_cutout']),
     (dict(use_dual_cutout=True, use_cutout=True), ['--use_dual_cutout', '--use_cutout']),
-    (dict(use_mixup=True, mixup_alpha=0.0), ['--mixup_alpha']),
-    (dict(use_cutout=True, cutout_prob=1.5), ['--cutout_prob']),
-    (dict(use_random_erasing=True, random_erasing_area_ratio_range=(0.5, 0.1)),
-     ['--random_erasing_area_ratio_range']),
-    (dict(use_random_erasing=True, random_erasing_fill='black'), ['--random_erasing_fill']),
-    (dict(use_dual_cutout=True, dual_cutout_distance='cosine'), ['--dual_cutout_distance']),
-    (dict(use_label_smoothing=True, label_smoothing_epsilon=1.0), ['--label_smoothing_epsilon']),
 ])
 def test_batch_regularizer_rejects_bad_combinations(flags, named):
     with pytest.raises(ValueError) as error:
         BatchRegularizer(10, **flags)
     for flag in named:
         assert flag in str(error.value)
+
+
+@pytest.mark.parametrize('argv, named', [
+    (['--use_mixup', '--mixup_alpha', '0'], '--mixup_alpha 0'),
+    (['--use_cutout', '--cutout_prob', '1.5'], '--cutout_prob 1.5'),
+    (['--use_random_erasing', '--random_erasing_area_ratio_range', '[0.5,0.1]'], '--random_erasing_area_ratio_range'),
+    (['--use_random_erasing', '--random_erasing_fill', 'black'], '--random_erasing_fill black'),
+    (['--use_dual_cutout', '--dual_cutout_distance', 'cosine'], '--dual_cutout_distance cosine'),
+    (['--use_label_smoothing', '--label_smoothing_epsilon', '1.0'], '--label_smoothing_epsilon 1.0'),
+    (['--use_cutmix', '--cutmix_prob', '1.5'], '--cutmix_prob 1.5'),
+    (['--use_cutmix', '--cutmix_box', 'round'], '--cutmix_box round'),
+])
+def test_regularizer_settings_outside_their_domains_are_refused(argv, named):
+    """Each setting's range is its flag's domain, checked where the value enters (main.py's parser)."""
+    import main
+    with pytest.raises(UsageError) as error:
+        main.parse_args(['--outdir', 'unused', *argv])
+    assert str(error.value).startswith(named) and 'expected' in str(error.value)
 
 
 PIPELINES = [
@@ -804,10 +813,10 @@ def test_batch_regularizer_without_options_is_plain_cross_entropy():
     assert torch.allclose(BatchRegularizer(10).loss(logits, targets), F.cross_entropy(logits, labels))
 
 
-def test_batch_regularizer_from_args_reads_flags_and_defaults():
+def test_regularizer_kwargs_read_flags_and_defaults():
     args = argparse.Namespace(use_cutmix=True, cutmix_alpha=0.5, use_random_erasing=True,
                               random_erasing_area_ratio_range=[0.1, 0.2], arch='resnet')
-    regularizer = BatchRegularizer.from_args(args, num_classes=100)
+    regularizer = BatchRegularizer(100, **regularizer_kwargs(args))
     assert regularizer.num_classes == 100
     assert regularizer.use_cutmix and regularizer.cutmix_alpha == 0.5 and regularizer.mixes_labels
     assert regularizer.random_erasing_area_ratio_range == (0.1, 0.2)
@@ -815,13 +824,13 @@ def test_batch_regularizer_from_args_reads_flags_and_defaults():
     # the references' defaults: the paper code's Random Erasing fill, the paper code's Dual-Cutout
     assert regularizer.random_erasing_fill == 'mean'
     assert regularizer.dual_cutout_distance == 'logits' and not regularizer.dual_cutout_joint_forward
-    chosen = BatchRegularizer.from_args(argparse.Namespace(
+    chosen = BatchRegularizer(10, **regularizer_kwargs(argparse.Namespace(
         use_random_erasing=True, random_erasing_fill='uniform', use_dual_cutout=True,
-        dual_cutout_distance='softmax', dual_cutout_joint_forward=True), num_classes=10)
+        dual_cutout_distance='softmax', dual_cutout_joint_forward=True)))
     assert chosen.random_erasing_fill == 'uniform' and chosen.dual_cutout_distance == 'softmax'
     assert chosen.dual_cutout_joint_forward
     with pytest.raises(ValueError, match='--use_mixup'):
-        BatchRegularizer.from_args(argparse.Namespace(use_mixup=True, use_ricap=True), num_classes=10)
+        BatchRegularizer(10, **regularizer_kwargs(argparse.Namespace(use_mixup=True, use_ricap=True)))
 
 
 # ----------------------------------------------------------------------------- knowledge distillation

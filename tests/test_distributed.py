@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dataloader
+import engine
 import main
 import utils
 from conftest import ROOT, run_main
@@ -144,7 +145,7 @@ def test_sharded_evaluation_deals_out_whole_batches_and_merges_them_in_order():
                                                                  False, shard=(rank, 2), seed=0)]
                 for rank in range(2)]
     assert [[len(batch) for batch in batches] for batches in per_rank] == [[16, 8], [16]]
-    assert torch.equal(torch.cat(dataloader.merge_sharded_batches(per_rank)), labels)
+    assert torch.equal(torch.cat(engine.merge_sharded_batches(per_rank)), labels)
 
 
 def test_alternating_flip_phases_belong_to_the_images_whichever_rank_draws_them():
@@ -184,7 +185,7 @@ def test_workers_loader_shards_with_distributed_sampler():
     test_loaders = [dataloader.WorkersLoader(dataset, 16, torch.device('cpu'), False, 0, shard=(rank, 2))
                     for rank in range(2)]
     per_rank = [[labels for _, labels in loader] for loader in test_loaders]
-    assert torch.equal(torch.cat(dataloader.merge_sharded_batches(per_rank)), labels)
+    assert torch.equal(torch.cat(engine.merge_sharded_batches(per_rank)), labels)
 
 
 # ----------------------------------------------------------------------------- a two-rank run
@@ -217,7 +218,7 @@ def test_logged_test_accuracy_equals_one_process_evaluating_the_saved_weights(tw
     for weights in ('model_state.pth', 'checkpoint.pth'):
         args = main.parse_args(['--evaluate', os.path.join(outdir, weights), '--dataset_dir', cifar10_dir,
                                 '--device', 'cpu', '--test_batch_size', '16'])
-        result = main.run_evaluation(args, torch.device('cpu'))
+        result = main.evaluate_weights(args, torch.device('cpu'))
         # the ranks scored batches 0 and 2 (rank 0) and 1 (rank 1) with rank 0's BatchNorm statistics
         assert (result['accuracy'], result['loss']) == (logged['test_accuracy'], logged['test_loss'])
 
@@ -267,11 +268,12 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(cifar10_dir, tmp_path):
 
 WRAPPER = '''
 import os, signal, sys, time
+import engine
 import main
 
 kind, rank, step = os.environ['INJECT_FAILURE'].split(':')
 if os.environ['RANK'] == rank:
-    train_step, steps = main.Trainer.train_step, []
+    train_step, steps = engine.Trainer.train_step, []
 
     def failing_step(self, images, labels):
         steps.append(1)
@@ -282,7 +284,7 @@ if os.environ['RANK'] == rank:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)  # hang
         return train_step(self, images, labels)
-    main.Trainer.train_step = failing_step
+    engine.Trainer.train_step = failing_step
 main.cli(sys.argv[1:])
 '''
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dataloader
+import flags
 import utils
 from conftest import TINY_RUN, run_main, write_cifar10, write_cifar100, write_mnist_family
 from hostile import (CodeRunner, damaged_cifar10_files, deeply_nested_json, write_bad_images, write_damaged_cifar10,
@@ -194,9 +195,9 @@ def test_json_nested_deeper_than_the_recursion_limit_is_one_line(tmp_path):
 
 def test_a_huge_echoed_value_is_cut_to_a_readable_length():
     huge = 'x' * 50_000_000
-    shown = utils.show(huge)
-    assert shown == 'x' * utils.SHOWN_LENGTH + '... (50,000,000 characters)'
-    assert utils.show('resnet') == 'resnet' and utils.show([80, 120]) == '[80, 120]'  # short values as before
+    shown = flags.show(huge)
+    assert shown == 'x' * flags.SHOWN_LENGTH + '... (50,000,000 characters)'
+    assert flags.show('resnet') == 'resnet' and flags.show([80, 120]) == '[80, 120]'  # short values as before
     message = str(UsageError(f'--config c.json: "arch": "{huge}" (a JSON string): expected one of a, b (--arch)'))
     assert len(message) < UsageError.MAX_LENGTH + 50
     assert message.startswith('--config c.json: "arch": "xxx') and message.endswith('expected one of a, b (--arch)')

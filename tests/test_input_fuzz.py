@@ -1,5 +1,5 @@
-"""Bad input, generated: malformed command lines from the declared flag domains (main.FLAG_DOMAINS,
-Domain.invalid), violated relations between flags, and broken --config files.
+"""Bad input, generated: malformed command lines from the declared flag domains (each flag's argparse
+type, main.flag_domains(); Domain.invalid), violated relations between flags, and broken --config files.
 
 Every case runs main.cli in-process and must end with exit status 2, exactly one line on stderr
 naming a flag, of a readable length, no traceback, and the disk as it was: no run directory
@@ -120,24 +120,26 @@ def flag_actions():
 # ----------------------------------------------------------------------------- every flag has a domain
 
 def test_every_flag_has_a_domain():
-    """A flag added without a domain in main.FLAG_DOMAINS fails here (and at its first use)."""
+    """A flag's argparse type is its domain (a flags.Domain); a flag added with a plain type fails here."""
+    domains = main.flag_domains()
     dests = {action.dest for action in flag_actions()}
-    missing = sorted((dests | set(models.model_flags())) - set(main.FLAG_DOMAINS))
-    assert not missing, f'declare the domain of these flags in main.FLAG_DOMAINS: {missing}'
-    stale = sorted(set(main.FLAG_DOMAINS) - dests)
-    assert not stale, f'FLAG_DOMAINS names flags the parser lacks: {stale}'
+    missing = sorted((dests | set(models.model_flags())) - set(domains))
+    assert not missing, f'give these flags a flags.Domain as their argparse type: {missing}'
+    plain = sorted(action.dest for action in flag_actions()
+                   if action.type is not None and not isinstance(action.type, flags.Domain))
+    assert not plain, f'these flags parse with a plain type instead of their domain: {plain}'
 
 
 def test_defaults_and_registered_settings_lie_in_their_domains():
-    parser = main.get_args_parser()
-    for action in parser._actions:
+    domains = main.flag_domains()
+    for action in main.get_args_parser()._actions:
         if action.option_strings and action.dest != 'help':
-            main.check_domain(action.dest, action.default)
+            domains[action.dest].check(action.default)
     for arch in models.list_models():
         for name, value in {**models.train_defaults(arch), **(models.get_test_config(arch) or {})}.items():
-            main.check_domain(name, value, arch)
+            domains[name].check(value)
         for name, value in models.model_params(arch).items():  # the builders' own defaults (tuples as lists)
-            main.check_domain(name, list(value) if isinstance(value, tuple) else value, arch)
+            domains[name].check(list(value) if isinstance(value, tuple) else value)
 
 
 @pytest.mark.parametrize('domain', [
@@ -162,13 +164,13 @@ def test_domains_refuse_their_invalid_texts_and_accept_their_valid_ones(domain):
 def generated_flag_cases(workspace):
     """Each flag with each invalid text of its domain, as ``--flag TEXT`` and ``--flag=TEXT``, and
     without the value it needs."""
-    cases = []
+    cases, domains = [], main.flag_domains()
     for action in flag_actions():
         option = action.option_strings[0]
         if action.nargs == 0:  # store_true / store_false: no value at all
             cases.append([*base(workspace), f'{option}=1'])
             continue
-        for text in main.FLAG_DOMAINS[action.dest].invalid():
+        for text in domains[action.dest].invalid():
             cases.append([*base(workspace), option, text])
             cases.append([*base(workspace), f'{option}={text}'])
         if action.nargs is None:
@@ -202,7 +204,7 @@ def config_cases(workspace):
             path.write_text(content)
         return str(path)
 
-    for name, domain in main.FLAG_DOMAINS.items():
+    for name, domain in main.flag_domains().items():
         if name == 'config':
             continue
         for index, value in enumerate(JSON_CANDIDATES):
@@ -349,10 +351,6 @@ def test_damaged_and_hostile_files(hostile_workspace, capsys, monkeypatch, tally
     assert not [name for name in os.listdir(hostile_workspace['work']) if name.startswith('ran-')]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='needs main.py wiring: predict() opens images with PIL.Image.open, whose '
-                          'DecompressionBombError is no OSError and whose DecompressionBombWarning prints lines of '
-                          'its own; dataloader.open_image refuses both in one line')
 @pytest.mark.parametrize('kind', ['bomb', 'bomb_warning_size'])
 def test_predict_refuses_a_decompression_bomb(hostile_workspace, capsys, monkeypatch, kind):
     files = hostile_workspace
@@ -365,9 +363,6 @@ def test_predict_refuses_a_decompression_bomb(hostile_workspace, capsys, monkeyp
     assert not caught, [str(warning.message) for warning in caught]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='needs main.py wiring: class_names() reads batches.meta with pickle.load; '
-                          'dataloader.cifar_class_names reads it without running code')
 def test_predict_refuses_class_names_that_run_code(hostile_workspace, capsys, monkeypatch):
     files = hostile_workspace
     marker = os.path.join(files['work'], 'ran-batches.meta')

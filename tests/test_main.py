@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
 import main
 import utils
 from conftest import ROOT, TINY_RUN, run_main, write_image_folder
@@ -151,12 +152,11 @@ BAD_INPUT = [
     (['--use_mixup', '--use_ricap'], 'mixup.*ricap|ricap.*mixup'),
     (['--growth_rate', '12'], '--growth_rate does not apply to --arch resnet'),
     (['--tta', 'flip_translate', '--dataset', 'MNIST'], '--tta flip_translate: MNIST images are not flipped'),
-    (['--compile_mode', 'max-autotune'], '--compile_mode max-autotune needs --compile'),
+    (['--compile_mode', 'max-autotune'], '--compile_mode max-autotune: applies only with --compile'),
     (['--eval_every', '0'], '--eval_every 0: expected an integer >= 1'),
     (['--save_every', '0'], '--save_every 0: expected an integer >= 1'),
     (['--whiten_bias_epochs', '2'], '--whiten_bias_epochs: this --arch has no patch-whitening layer'),
-    (['--arch', 'airbench', '--whiten_bias_epochs', '3'], r'--whiten_bias_epochs must be in \(0, --epochs\], got 3'),
-    (['--epochs', '2.5', '--milestones', '[1,3]'], r'--milestones \[1, 3\]: beyond the end of the 2.5-epoch run'),
+    (['--epochs', '2.5', '--milestones', '[1,3]'], r'--milestones \[1, 3\]: beyond the end of the run \(25 steps of 10'),
     (['--total_steps', '4', '--milestones', '[2]'], r'--milestones \[2\]: beyond the end of the run \(4 steps'),
     (['--total_steps', '0'], r'--total_steps 0: expected an integer >= 1 \(or unset\)'),
     (['--arch', 'resnet9', '--ghost_bn_splits', '3'], '--ghost_bn_splits 3 must divide the batch of 20 images'),
@@ -182,6 +182,16 @@ def test_bad_input_is_one_line_and_exit_2(extra, message, cifar10_dir, tmp_path,
     import re
     assert re.search(message, err), err
     assert not outdir.exists() or not os.listdir(outdir)
+
+
+def test_whitening_bias_longer_than_the_run_is_refused(cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'run'
+    assert run_main(['--arch', 'airbench', '--n_channels', '[8,16,16]', '--epochs', '2', '--batch_size', '20',
+                     '--device', 'cpu', '--no-tensorboard', '--whiten_bias_epochs', '3', '--dataset_dir', cifar10_dir,
+                     '--outdir', str(outdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--whiten_bias_epochs must be in (0, --epochs], got 3' in err
+    assert not outdir.exists()
 
 
 def test_bad_files_are_one_line_errors(cifar10_dir, tmp_path, capsys):
@@ -298,7 +308,7 @@ def test_resume_of_a_run_that_died_in_its_first_epoch_starts_over(cifar10_dir, t
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash)
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash)
     assert run_main(run) == 130
     assert (outdir / 'config.json').exists() and not (outdir / 'checkpoint.pth').exists()
     monkeypatch.undo()
@@ -376,13 +386,13 @@ def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_
     epoch 3 and ends where an uninterrupted run does."""
     run = [*TINY_RUN, '--epochs', '4', '--save_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = main.Trainer.train_one_epoch
+    real_train = engine.Trainer.train_one_epoch
 
-    def crash_in_epoch_4(self, loader, epoch, progress, *resume):
+    def crash_in_epoch_4(self, loader, epoch, *rest, **keywords):
         if epoch == 4:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress, *resume)
-    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_4)
+        return real_train(self, loader, epoch, *rest, **keywords)
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_4)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
     assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 3
@@ -481,13 +491,13 @@ def test_airbench_recipe_resumed_after_a_crash_equals_the_uninterrupted_run(cras
 def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar10_dir, tmp_path, monkeypatch):
     run = [*TINY_RUN, '--epochs', '3', '--save_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = main.Trainer.train_one_epoch
+    real_train = engine.Trainer.train_one_epoch
 
-    def crash_in_epoch_2(self, loader, epoch, progress, *resume):
+    def crash_in_epoch_2(self, loader, epoch, *rest, **keywords):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress, *resume)
-    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_2)
+        return real_train(self, loader, epoch, *rest, **keywords)
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_2)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
     assert (tmp_path / 'crashed' / 'log.json').exists() and not (tmp_path / 'crashed' / 'checkpoint.pth').exists()
@@ -524,13 +534,13 @@ def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, t
     run = [*TINY_RUN, '--epochs', '2.5', '--scheduler', 'linear', '--lookahead_every', '3',
            '--ema_decay', '0.9', '--ema_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = main.Trainer.train_one_epoch
+    real_train = engine.Trainer.train_one_epoch
 
-    def crash_in_epoch_3(self, loader, epoch, progress, *resume):
+    def crash_in_epoch_3(self, loader, epoch, *rest, **keywords):
         if epoch == 3:
             raise KeyboardInterrupt
-        return real_train(self, loader, epoch, progress, *resume)
-    monkeypatch.setattr(main.Trainer, 'train_one_epoch', crash_in_epoch_3)
+        return real_train(self, loader, epoch, *rest, **keywords)
+    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_3)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     monkeypatch.undo()
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 import augmentations
 import dataloader
+import engine
 import main
 import models
-from conftest import TINY_RUN, run_main, write_image_folder
+from conftest import TINY_RUN, build_trainer, run_main, write_image_folder
 from models.pyramidnet import ShakeDrop
 
 CIFAR10 = dataloader.DATASETS['CIFAR10']
@@ -87,7 +88,7 @@ HAND_WRITTEN_FLAGS = {
 def model_actions():
     import main
     return {action.dest: action for action in main.get_args_parser()._actions
-            if action.dest in main.MODEL_FLAGS}
+            if action.dest in models.model_flag_names()}
 
 
 def test_every_builder_argument_is_a_flag():
@@ -95,7 +96,7 @@ def test_every_builder_argument_is_a_flag():
     actions = model_actions()
     for arch in ARCHS:
         assert set(models.model_params(arch)) <= set(actions), arch
-    assert set(main.MODEL_FLAGS) == set(models.model_flags())
+    assert set(models.model_flag_names()) == set(models.model_flags())
 
 
 @pytest.mark.parametrize('flag', sorted(HAND_WRITTEN_FLAGS))
@@ -121,7 +122,7 @@ def test_generated_flags_parse_like_the_hand_written_ones():
     args = main.parse_args(['--outdir', 'x', '--arch', 'swin_t', '--n_blocks', '[2,2,2,2]', '--drop_path_rate',
                             '0.1', '--window_size', '4'])
     assert (args.n_blocks, args.drop_path_rate, args.window_size) == ([2, 2, 2, 2], 0.1, 4)
-    assert main.model_kwargs(args)['n_blocks'] == [2, 2, 2, 2]
+    assert models.model_kwargs(args)['n_blocks'] == [2, 2, 2, 2]
     with pytest.raises(main.UsageError, match='--depth deep: expected an integer >= 1'):
         main.parse_args(['--outdir', 'x', '--depth', 'deep'])
     with pytest.raises(main.UsageError, match='--block_type wide: expected one of basic, bottleneck'):
@@ -137,7 +138,7 @@ def shakedrop_modules(model):
 def test_shakedrop_flags_reach_pyramidnet_only(capsys):
     args = main.parse_args(['--arch', 'pyramidnet', '--depth', '20', '--block_type', 'basic',
                             '--use_shakedrop', '--shakedrop_survival', '0.6', '--outdir', 'x'])
-    model = main.build_model(args, CIFAR10, torch.device('cpu'))
+    model = engine.build_model(args, CIFAR10, torch.device('cpu'))
     assert shakedrop_modules(model)[-1].survival == pytest.approx(0.6)
     assert run_main(['--list_archs', '--arch', 'resnet', '--use_shakedrop']) == 2
     assert '--use_shakedrop does not apply to --arch resnet' in one_line_error(capsys)
@@ -163,11 +164,9 @@ def test_trainer_mixes_distillation_and_hard_target_loss(trained_run, cifar10_di
                             '--dataset_dir', cifar10_dir, '--teacher', teacher_path, '--kd_alpha', '0.7',
                             '--kd_temperature', '3', '--scheduler', 'none'])
     torch.manual_seed(0)
-    student = main.build_model(args, CIFAR10, torch.device('cpu'))
-    optimizer = main.build_optimizer(student, args)
-    regularizer = augmentations.BatchRegularizer.from_args(args, 10)
-    scheduler = main.optim.build_scheduler(optimizer, scheduler='none', epochs=1, steps_per_epoch=10)
-    trainer = main.Trainer(student, optimizer, scheduler, regularizer, args, torch.device('cpu'))
+    student = engine.build_model(args, CIFAR10, torch.device('cpu'))
+    teacher = main.load_teacher(args, CIFAR10, torch.device('cpu'))
+    trainer = build_trainer(student, args, teacher=teacher, scheduler='none', epochs=1, steps_per_epoch=10)
     teacher = trainer.teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     reference = models.create_model('resnet', depth=8, base_channels=4)
@@ -184,11 +183,9 @@ def test_trainer_mixes_distillation_and_hard_target_loss(trained_run, cifar10_di
 def test_teacher_runs_under_the_students_bf16_autocast(trained_run, monkeypatch):
     args = main.parse_args(['--arch', 'resnet', '--depth', '8', '--base_channels', '4', '--outdir', 'x',
                             '--teacher', os.path.join(trained_run, 'model_state.pth'), '--precision', 'bf16'])
-    student = main.build_model(args, CIFAR10, torch.device('cpu'))
-    optimizer = main.build_optimizer(student, args)
-    scheduler = main.optim.build_scheduler(optimizer, scheduler='none', epochs=1, steps_per_epoch=10)
-    trainer = main.Trainer(student, optimizer, scheduler, augmentations.BatchRegularizer.from_args(args, 10),
-                           args, torch.device('cpu'))
+    student = engine.build_model(args, CIFAR10, torch.device('cpu'))
+    teacher = main.load_teacher(args, CIFAR10, torch.device('cpu'))
+    trainer = build_trainer(student, args, teacher=teacher, scheduler='none', epochs=1, steps_per_epoch=10)
     seen = []
     monkeypatch.setattr(augmentations, 'distillation_loss',
                         lambda s, t, temperature: seen.append((s.dtype, t.dtype)) or (s - t).square().mean())
@@ -232,7 +229,7 @@ def test_teacher_bad_input(trained_run, cifar10_dir, tmp_path, capsys):
 def test_init_flag_reaches_the_built_model(capsys):
     torch.manual_seed(0)
     args = main.parse_args(['--arch', 'resnet', '--depth', '20', '--init', 'xavier', '--outdir', 'x'])
-    model = main.build_model(args, CIFAR10, torch.device('cpu'))
+    model = engine.build_model(args, CIFAR10, torch.device('cpu'))
     fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     bound = math.sqrt(6 / (fc.in_features + fc.out_features))
     assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.8 * bound
@@ -257,7 +254,7 @@ def test_user_policy_replaces_the_transformers_default():
     assert main.parse_args(['--arch', 'vit', '--outdir', 'x']).use_randaugment
     args = main.parse_args(['--arch', 'vit', '--use_trivialaugment', '--outdir', 'x'])
     assert args.use_trivialaugment and not args.use_randaugment
-    assert augmentations.AugmentPolicy.from_args(args).name == 'trivialaugment'
+    assert augmentations.build_policy(**augmentations.policy_kwargs(args)).name == 'trivialaugment'
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -278,18 +275,18 @@ def test_policy_bad_flags_are_one_line(extra, message, capsys):
 def test_resnet_cost_matches_the_papers(depth, params_m, macs_m):
     # He et al., arXiv 1512.03385, table 6 (parameters); 41 M / 125 M / 253 M multiply-adds are the
     # figures quoted for these networks (e.g. Huang et al., arXiv 1608.06993's comparisons)
-    params, macs = main.model_cost('resnet', CIFAR10, depth=depth)
+    params, macs = models.model_cost('resnet', CIFAR10, depth=depth)
     assert params / 1e6 == pytest.approx(params_m, rel=0.03)
     assert macs / 1e6 == pytest.approx(macs_m, rel=0.03)
 
 
 def test_cost_follows_the_input_size_and_the_model_flags():
-    _, macs_32 = main.model_cost('resnet', CIFAR10, depth=20)
-    _, macs_28 = main.model_cost('resnet', dataloader.DATASETS['MNIST'], depth=20)
+    _, macs_32 = models.model_cost('resnet', CIFAR10, depth=20)
+    _, macs_28 = models.model_cost('resnet', dataloader.DATASETS['MNIST'], depth=20)
     assert macs_28 / macs_32 == pytest.approx((28 / 32) ** 2, rel=0.02)
-    params_narrow, macs_narrow = main.model_cost('resnet', CIFAR10, depth=20, base_channels=8)
+    params_narrow, macs_narrow = models.model_cost('resnet', CIFAR10, depth=20, base_channels=8)
     assert macs_narrow / macs_32 == pytest.approx(0.25, rel=0.02) and params_narrow < 0.3 * 0.27e6
-    _, vit_macs = main.model_cost('vit', CIFAR10, embed_dim=64, depth=2, num_heads=2)
+    _, vit_macs = models.model_cost('vit', CIFAR10, embed_dim=64, depth=2, num_heads=2)
     assert vit_macs > 0  # attention and linear layers are counted
 
 
@@ -353,7 +350,7 @@ def test_predict_names_an_image_folders_classes_and_list_archs_its_size(tmp_path
                      '--dataset_dir', root]) == 0
     out = capsys.readouterr().out
     assert 'ImageFolder: 3x24x24 images, 3 classes' in out
-    _, macs_24 = main.model_cost('resnet', dataloader.DatasetInfo('', 3, 24, 3, (), (), True), depth=20)
+    _, macs_24 = models.model_cost('resnet', dataloader.DatasetInfo('', 3, 24, 3, (), (), True), depth=20)
     assert f'{macs_24 / 1e6:.1f} M multiply-adds' in out
 
 

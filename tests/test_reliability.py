@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import engine
 import main
 import utils
 from conftest import ROOT, run_main
@@ -153,16 +154,16 @@ def test_workers_pipeline_resumes_mid_epoch_with_the_same_order(cifar10_dir, tmp
     run = [*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--data_pipeline', 'workers', '--num_workers', '0',
            '--save_every_steps', '4']
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_step = main.Trainer.train_step
+    real_step = engine.Trainer.train_step
 
     def crash_at_step_7(self, images, labels):
         if self.scheduler.last_epoch == 16:
             raise KeyboardInterrupt
         return real_step(self, images, labels)
-    monkeypatch.setattr(main.Trainer, 'train_step', crash_at_step_7)
+    monkeypatch.setattr(engine.Trainer, 'train_step', crash_at_step_7)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
     assert torch.load(tmp_path / 'crashed' / 'checkpoint.pth', weights_only=True)['position']['step'] == 6
-    monkeypatch.setattr(main.Trainer, 'train_step', real_step)
+    monkeypatch.setattr(engine.Trainer, 'train_step', real_step)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
     assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
     assert _same_weights(tmp_path / 'crashed', tmp_path / 'whole')
@@ -232,10 +233,23 @@ def test_storage_error_of_torch_save_names_the_disk_error(tmp_path):
     assert os.listdir(tmp_path) == ['checkpoint.pth']
 
 
+@pytest.fixture
+def nonfinite_at(monkeypatch):
+    """``nonfinite_at(*steps)``: the training loss is NaN at these global steps (1-based) of the runs that follow."""
+    forward_loss = engine.Trainer._forward_loss
+
+    def poison(*steps):
+        def poisoned(self, images, targets):
+            logits, loss = forward_loss(self, images, targets)
+            return logits, loss * float('nan') if self.scheduler.last_epoch + 1 in steps else loss
+        monkeypatch.setattr(engine.Trainer, '_forward_loss', poisoned)
+    return poison
+
+
 def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
-        cifar10_dir, tmp_path, monkeypatch, capsys):
+        cifar10_dir, tmp_path, nonfinite_at, capsys):
     outdir = tmp_path / 'run'
-    monkeypatch.setenv('TOOLKIT_TEST_NONFINITE_STEPS', '13')  # epoch 2, step 3
+    nonfinite_at(13)  # epoch 2, step 3
     assert run_main([*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]) == 1
     err = _messages(capsys.readouterr().err)
     assert len(err) == 1 and 'non-finite training loss at epoch 2, step 3' in err[0]
@@ -244,7 +258,7 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_chec
     assert all(torch.isfinite(value).all() for value in checkpoint['model'].values() if value.is_floating_point())
     assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1]
     # a mid-epoch checkpoint is never written once the weights are NaN
-    monkeypatch.setenv('TOOLKIT_TEST_NONFINITE_STEPS', '3')
+    nonfinite_at(3)
     assert run_main([*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'early'),
                      '--save_every_steps', '4']) == 1
     assert 'at epoch 1, step 3' in capsys.readouterr().err
@@ -252,9 +266,9 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_chec
 
 
 @pytest.mark.parametrize('extra', [[], ['--use_sam', '--optimizer', 'adamw']])
-def test_skip_nonfinite_skips_the_update_and_counts_it(extra, cifar10_dir, tmp_path, monkeypatch, capsys):
+def test_skip_nonfinite_skips_the_update_and_counts_it(extra, cifar10_dir, tmp_path, nonfinite_at, capsys):
     outdir = tmp_path / 'run'
-    monkeypatch.setenv('TOOLKIT_TEST_NONFINITE_STEPS', '1,13')  # the very first step (no optimizer state yet)
+    nonfinite_at(1, 13)  # the very first step (no optimizer state yet)
     assert run_main([*RUN, *extra, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--skip_nonfinite', '2']) == 0
     log = json.load(open(outdir / 'log.json'))
     assert [r['nonfinite_steps'] for r in log] == [1, 1, 0]
@@ -268,7 +282,7 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(extra, cifar10_dir, tmp_p
     assert 'at epoch 2, step 3 (2 non-finite steps in this run, more than --skip_nonfinite 1)' in capsys.readouterr().err
 
 
-def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(cifar10_dir, tmp_path):
+def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(cifar10_dir, tmp_path, nonfinite_at):
     args = main.parse_args([*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path), '--skip_nonfinite', '1'])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(10))
@@ -293,12 +307,12 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(cifar10_dir
 
         def accuracy(self, logits, targets):
             return (logits.argmax(1) == targets.argmax(1)).float().mean()
-    trainer = main.Trainer(model, optimizer, scheduler, Plain(), args, torch.device('cpu'))
+    nonfinite_at(2)  # the second step's loss
+    trainer = engine.Trainer(model, optimizer, scheduler, Plain(), torch.device('cpu'), **engine.trainer_kwargs(args))
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
     trainer.train_step(images, labels)  # creates the momentum buffers
     before = {key: value.clone() for key, value in model.state_dict().items()}
     momentum = [optimizer.state[p]['momentum_buffer'].clone() for p in model.parameters()]
-    trainer._poisoned_steps = {2}
     trainer.train_step(images, labels)
     assert bool(trainer.last_nonfinite)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

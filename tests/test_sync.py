@@ -19,9 +19,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import augmentations
+import engine
 import main
 import models
 import optim
+from conftest import build_trainer
 
 aten = torch.ops.aten
 BATCH = 8
@@ -251,11 +253,7 @@ def make_trainer(*flags, device=torch.device('cpu')):
     model = models.create_model('resnet', depth=8, base_channels=4, num_classes=10, in_channels=3).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = main.build_optimizer(model, args)
-    scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=2, steps_per_epoch=4,
-                                      warmup_epochs=1)
-    regularizer = augmentations.BatchRegularizer.from_args(args, 10)
-    return main.Trainer(model, optimizer, scheduler, regularizer, args, device)
+    return build_trainer(model, args, device, scheduler='cosine', epochs=2, steps_per_epoch=4, warmup_epochs=1)
 
 
 def batches(count, device=torch.device('cpu')):
@@ -333,7 +331,7 @@ def test_train_one_epoch_reads_the_device_once_per_epoch_not_per_step(cuda_kerne
         trainer = make_trainer()
         trainer.train_step(*batches(1)[0])
         with SyncRecorder() as recorder:
-            record = trainer.train_one_epoch(batches(steps), 1, main.make_progress(enabled=False))
+            record = trainer.train_one_epoch(batches(steps), 1, engine.make_progress(enabled=False))
         counts.append(len(recorder.calls))
     assert counts[0] == counts[1], recorder.report()
     assert record['train_images_per_sec'] > 0

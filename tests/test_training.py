@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 import augmentations
 import dataloader
+import engine
 import main
 import models
 import optim
+from conftest import build_trainer
 
 CPU = torch.device('cpu')
 
@@ -25,10 +27,7 @@ def small_model(seed=0):
 def make_trainer(model, *flags):
     args = main.parse_args(['--outdir', 'unused', '--arch', 'resnet_preact', '--scheduler', 'none',
                             '--weight_decay', '0', *flags])
-    optimizer = main.build_optimizer(model, args)
-    scheduler = optim.build_scheduler(optimizer, scheduler='none', epochs=1, steps_per_epoch=10)
-    regularizer = augmentations.BatchRegularizer.from_args(args, 10)
-    return main.Trainer(model, optimizer, scheduler, regularizer, args, CPU)
+    return build_trainer(model, args, scheduler='none', epochs=1, steps_per_epoch=10)
 
 
 def batch(n=16, seed=1):
@@ -233,7 +232,7 @@ def test_flip_tta_averages_logits_of_image_and_mirror():
     images, labels = batch(8)
     model = small_model().eval()
     loader = [(images, labels)]
-    result = main.evaluate(model, loader, CPU, tta='flip')
+    result = engine.evaluate(model, loader, CPU, tta='flip')
     with torch.no_grad():
         logits = (model(images) + model(images.flip(3))) / 2
     assert result['accuracy'] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
@@ -257,11 +256,11 @@ def test_flip_translate_tta_averages_flip_pairs_of_the_image_and_its_two_shifts(
         assert torch.equal(shifted[0][:, :, 1:, 1:], images[:, :, :-1, :-1])  # content moved down-right
         assert torch.equal(shifted[0][:, :, 0, 1:], images[:, :, 1, :-1])  # row -1 reflects row 1
         expected = 0.5 * flip_pair(images) + 0.5 * (flip_pair(shifted[0]) + flip_pair(shifted[1])) / 2
-        assert torch.allclose(main.tta_logits(model, images, 'flip_translate'), expected, atol=1e-5)
-    result = main.evaluate(model, [(images, labels)], CPU, tta='flip_translate')
+        assert torch.allclose(engine.tta_logits(model, images, 'flip_translate'), expected, atol=1e-5)
+    result = engine.evaluate(model, [(images, labels)], CPU, tta='flip_translate')
     assert result['accuracy'] == pytest.approx((expected.argmax(1) == labels).float().mean().item())
     assert result['loss'] == pytest.approx(F.cross_entropy(expected, labels).item(), rel=1e-5)
-    assert result['loss'] != pytest.approx(main.evaluate(model, [(images, labels)], CPU, tta='flip')['loss'],
+    assert result['loss'] != pytest.approx(engine.evaluate(model, [(images, labels)], CPU, tta='flip')['loss'],
                                            rel=1e-5)
 
 
@@ -269,9 +268,9 @@ def test_padded_evaluation_batches_score_only_the_real_images():
     """pad_batches (the compiled evaluation's fixed shape) pads a short batch and drops the padding."""
     model = small_model().eval()
     _, test_loader = device_loaders(n_test=10, test_batch_size=8)
-    plain = main.evaluate(model, test_loader, CPU, tta='flip_translate')
+    plain = engine.evaluate(model, test_loader, CPU, tta='flip_translate')
     seen = []
-    padded = main.evaluate(model, test_loader, CPU, tta='flip_translate',
+    padded = engine.evaluate(model, test_loader, CPU, tta='flip_translate',
                            forward=lambda x: seen.append(len(x)) or model(x), pad_batches=True)
     assert set(seen) == {8}
     assert padded['loss'] == pytest.approx(plain['loss'], rel=1e-5) and padded['accuracy'] == plain['accuracy']
@@ -393,7 +392,7 @@ def test_airbench_recipe_parameter_groups():
     args = main.parse_args(['--outdir', 'unused', '--arch', 'airbench', '--optimizer', 'muon', '--base_lr', '2',
                             '--head_lr_factor', '4', '--weight_decay', '5e-4', '--whiten_bias_epochs', '1',
                             '--epochs', '3'])
-    optimizer = main.build_optimizer(model, args)
+    optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
     names = {id(p): name for name, p in model.named_parameters()}
     *sgd_groups, muon_group = optimizer.param_groups
     groups = [{names[id(p)] for p in group['params']} for group in sgd_groups]
