@@ -26,8 +26,6 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms
-from torchvision.transforms import v2
 
 from flags import UsageError
 
@@ -507,6 +505,7 @@ class AugmentPolicy:
 
     def sample_transform(self):
         """The per-image transform (torchvision.transforms) of the workers pipeline."""
+        from torchvision import transforms  # imported where used: importing torchvision takes more than a second
         return self._transform(transforms)
 
     def __call__(self, images_uint8):
@@ -515,6 +514,7 @@ class AugmentPolicy:
         if len(images_uint8) == 0:
             return images_uint8.clone()
         if self._batch_transform is None:
+            from torchvision.transforms import v2
             self._batch_transform = self._transform(v2)
         return torch.cat([self._batch_transform(group) for group in images_uint8.split(self.group_size)])
 

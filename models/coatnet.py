@@ -22,10 +22,9 @@ channels whatever the width and expand MBConv by the input width; these follow t
 """
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import StochasticDepth
 
 from models.common import (Attention, ConvBNAct, Mlp, RelativePositionBias, SqueezeExcite, check_length,
-                           check_multiple, initialize_transformer_weights, linear_drop_rates)
+                           check_multiple, drop_path_layer, initialize_transformer_weights, linear_drop_rates)
 from models.registry import TRANSFORMER_RECIPE, register_model
 
 BLOCK_TYPES = ('conv', 'conv', 'transformer', 'transformer')
@@ -54,7 +53,7 @@ class MBConvBlock(nn.Module):
         if downsample:
             self.shortcut = nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1),
                                           nn.Conv2d(in_channels, out_channels, kernel_size=1))
-        self.drop_path = StochasticDepth(drop_path, 'row')
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x):
         y = self.project(self.se(self.depthwise(self.expand(self.norm(x)))))
@@ -76,7 +75,7 @@ class RelativeTransformerBlock(nn.Module):
         self.relative_bias = RelativePositionBias(size, size, num_heads)
         self.norm2 = nn.LayerNorm(out_channels)
         self.mlp = Mlp(out_channels, 4 * out_channels)
-        self.drop_path = StochasticDepth(drop_path, 'row')
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x):
         x = self.pool(x)

@@ -13,7 +13,6 @@ uses live in its file. The transformer layers at the end use ``F.scaled_dot_prod
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import StochasticDepth
 
 from models.registry import ModelConfigError
 
@@ -160,6 +159,13 @@ class ConvStemNetwork(StagedNetwork):
 def scale_widths(widths, multiplier):
     """Widths times a width multiplier (MobileNet's alpha), rounded, at least 1."""
     return [max(1, int(round(width * multiplier))) for width in widths]
+
+
+def drop_path_layer(probability):
+    """Stochastic depth per sample (arXiv 1603.09382): torchvision's StochasticDepth in 'row' mode, imported
+    where a model uses it, as importing torchvision takes more than a second."""
+    from torchvision.ops import StochasticDepth
+    return StochasticDepth(probability, 'row')
 
 
 def linear_drop_rates(drop_path_rate, n_blocks):
@@ -358,7 +364,7 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), activation=activation)
-        self.drop_path = StochasticDepth(drop_path, 'row')
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))

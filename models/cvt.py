@@ -15,9 +15,9 @@ stride 4, then 3x3 at stride 2), so a 32x32 image becomes 16x16, 8x8 and 4x4 tok
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import StochasticDepth
 
-from models.common import Mlp, check_length, check_multiple, initialize_transformer_weights, linear_drop_rates
+from models.common import (Mlp, check_length, check_multiple, drop_path_layer, initialize_transformer_weights,
+                           linear_drop_rates)
 from models.registry import TRANSFORMER_RECIPE, register_model
 
 EMBED_KERNEL, EMBED_STRIDE = 3, 2
@@ -72,7 +72,7 @@ class CvTBlock(nn.Module):
         self.attn = ConvAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
-        self.drop_path = StochasticDepth(drop_path, 'row')
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x, size, has_cls_token):
         x = x + self.drop_path(self.attn(self.norm1(x), size, has_cls_token))

@@ -18,10 +18,9 @@ import math
 
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import StochasticDepth
 
-from models.common import (ClassifierHead, ConvBNAct, SqueezeExcite, StagedNetwork, initialize_weights,
-                           linear_drop_rates, make_stage)
+from models.common import (ClassifierHead, ConvBNAct, SqueezeExcite, StagedNetwork, drop_path_layer,
+                           initialize_weights, linear_drop_rates, make_stage)
 from models.registry import CNN_RECIPE, register_model
 
 STEM_CHANNELS = 32
@@ -51,7 +50,7 @@ class MBConvBlock(nn.Module):
         self.se = SqueezeExcite(hidden, hidden_channels=max(1, in_channels // 4), activation=F.silu)
         self.project = ConvBNAct(hidden, out_channels, kernel_size=1, activation=None)
         self.use_shortcut = stride == 1 and in_channels == out_channels
-        self.drop_path = StochasticDepth(drop_rate, 'row')
+        self.drop_path = drop_path_layer(drop_rate)
 
     def forward(self, x):
         y = self.project(self.se(self.depthwise(self.expand(x))))

@@ -20,9 +20,8 @@ even maps only.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import StochasticDepth
 
-from models.common import (Attention, Mlp, RelativePositionBias, check_length, check_multiple,
+from models.common import (Attention, Mlp, RelativePositionBias, check_length, check_multiple, drop_path_layer,
                            initialize_transformer_weights, linear_drop_rates)
 from models.registry import TRANSFORMER_RECIPE, ModelConfigError, register_model
 
@@ -68,7 +67,7 @@ class SwinBlock(nn.Module):
         self.relative_bias = RelativePositionBias(window, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
-        self.drop_path = StochasticDepth(drop_path, 'row')
+        self.drop_path = drop_path_layer(drop_path)
 
     def forward(self, x):
         height, width = x.shape[1:3]

@@ -1,5 +1,5 @@
-"""Files that would run code and damaged files, for tests/test_hostile_files.py (the library calls)
-and tests/test_input_fuzz.py (the same files through main.py's command line)."""
+"""Files that would run code and damaged files, for tests/test_dataloader_files.py (the library calls)
+and tests/test_main_fuzz.py (the same files through main.py's command line)."""
 import os
 import pickle
 import shlex

@@ -1,5 +1,4 @@
-"""Tests of main.py's model-facing parts, moved unchanged from the model test files (test_models_registry,
-test_models_zoo, test_zoo_extras) when tests/test_models.py took their model-only tests: the model flags
+"""main.py's model-facing parts (tests/test_models.py tests the models themselves): the model flags
 main.py generates from the registry, the archs' training defaults as main.py settings, --list_archs and
 its costs, --init, --teacher (distillation), --predict, the augmentation policies' flags, ShakeDrop and
 ResNet-9's options through the command line.

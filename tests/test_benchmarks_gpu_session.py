@@ -3,6 +3,7 @@
 Every phase runs on a few hundred images with --device cpu (compiling skipped), and $OUT must hold what
 a device call can bring back: at most 8 plain files, env.txt, and each phase's result as JSON.
 """
+import fcntl
 import json
 import os
 import re
@@ -29,11 +30,20 @@ def dry_run(work, timeout=240, **settings):
                           timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def session(tmp_path_factory):
-    work = tmp_path_factory.mktemp('gpu_session')
-    result = dry_run(work)
-    return work, work / 'OUT', result
+    """One dry run for every test here, whichever pytest -n worker asks first: the others wait for it on a
+    lock in the folder the workers share, then read what it left."""
+    shared = tmp_path_factory.getbasetemp().parent / 'gpu_session_dry_run'
+    shared.mkdir(exist_ok=True)
+    with open(shared / 'lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / 'result.json').exists():
+            result = dry_run(shared)
+            (shared / 'result.json').write_text(json.dumps({'returncode': result.returncode, 'stdout': result.stdout,
+                                                            'stderr': result.stderr}))
+    result = subprocess.CompletedProcess([], **json.loads((shared / 'result.json').read_text()))
+    return shared, shared / 'OUT', result
 
 
 def test_dry_run_finishes_every_phase(session):

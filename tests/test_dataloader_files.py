@@ -3,7 +3,7 @@
 CIFAR's pickles are read by dataloader.read_cifar_pickle, which admits only the parts of numpy arrays;
 checkpoints by torch.load(weights_only=True); images by dataloader.open_image. Each refusal is one
 UsageError line naming the file (main.py prints it and exits with 2). These are the library calls;
-tests/test_input_fuzz.py sends the same files through main.py's command line.
+tests/test_main_fuzz.py sends the same files through main.py's command line.
 """
 import json
 import os

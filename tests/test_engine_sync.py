@@ -7,8 +7,8 @@ can no longer queue kernels ahead of it. :class:`SyncRecorder` records such call
 aten. On the CPU it counts every tensor as a device tensor, so these checks run without a GPU; the
 ``gpu`` test runs the step under ``torch.cuda.set_sync_debug_mode('error')`` as well.
 
-    python -m pytest -q tests/test_sync.py
-    python -m pytest -q -m gpu tests/test_sync.py
+    python -m pytest -q tests/test_engine_sync.py
+    python -m pytest -q -m gpu tests/test_engine_sync.py
 """
 import os
 import traceback
