@@ -416,3 +416,53 @@ def check_setting(name, domain, value, source):
         expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
         raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {kind}): expected '
                          f'{expected} (--{name})') from None
+
+
+# ----------------------------------------------------------------------------- argparse
+
+def choice(values, optional=False):
+    """argparse keywords of a flag that takes one of ``values``: its Choice domain as the type, the
+    values as argparse's choices (listed by --help)."""
+    domain = Choice(values, optional=optional)
+    return {'type': domain, 'choices': domain.choices}
+
+
+def switch(group, name, help, default=False):
+    """A boolean flag usable as a switch (``--use_cutout``) or with a value (``--use_cutout false``)."""
+    group.add_argument(name, type=Bool(), nargs='?', const=True, default=default, metavar='BOOL', help=help)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's errors as one line naming the flag and what it expects (the flag's domain)."""
+
+    def error(self, message):
+        match = re.fullmatch(r'argument (\S+?)(?:/\S+)?: (.*)', message, flags=re.DOTALL)
+        action = self._option_string_actions.get(match.group(1)) if match else None
+        if action is not None and isinstance(action.type, Domain):
+            if match.group(2).startswith('expected one argument'):
+                raise UsageError(f'{match.group(1)}: missing its value ({action.type.describe()})')
+            raise UsageError(f'{match.group(1)} {match.group(2)}')  # the domain's own '<value>: expected ...'
+        if message.startswith('unrecognized arguments: '):
+            raise UsageError(f'unrecognized arguments: {" ".join(map(show, getattr(self, "_unrecognized", [])))} '
+                             f'(see --help for the flags)')
+        raise UsageError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        self._unrecognized = extras
+        return parsed, extras
+
+
+def domains(parser):
+    """{setting: domain} of every flag of ``parser``: its argparse type (a list of them for ``nargs='+'``),
+    and for the store_true/store_false flags a boolean (unset allowed where the default is None)."""
+    found = {}
+    for action in parser._actions:
+        if action.dest in found or action.dest == 'help':
+            continue
+        if isinstance(action.type, Domain):
+            found[action.dest] = (ListOf(action.type, (1, None), optional=True) if action.nargs == '+'
+                                  else action.type)
+        elif isinstance(action.const, bool):
+            found[action.dest] = Bool(optional=action.default is None)
+    return found

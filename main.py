@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 
 import torch
@@ -43,18 +42,6 @@ _PROBABILITY = Real(0, 1)
 
 # ----------------------------------------------------------------------------- arguments
 
-def choice(values, optional=False):
-    """argparse keywords of a flag that takes one of ``values``: its Choice domain as the type, the
-    values as argparse's choices (listed by --help)."""
-    domain = Choice(values, optional=optional)
-    return {'type': domain, 'choices': domain.choices}
-
-
-def _switch(group, name, help, default=False):
-    """A boolean flag usable as a switch (``--use_cutout``) or with a value (``--use_cutout false``)."""
-    group.add_argument(name, type=Bool(), nargs='?', const=True, default=default, metavar='BOOL', help=help)
-
-
 def add_model_flags(group):
     """One flag per keyword-only argument of the registered builders (``models.model_flags``): its domain
     from the registry, the help from ``models.registry.FLAG_HELP`` or the builder's docstring; default
@@ -65,7 +52,7 @@ def add_model_flags(group):
 
 
 def get_args_parser():
-    parser = _Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = flags.Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                      allow_abbrev=False)  # --epoch is not --epochs: a typo must not pass
 
     group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
@@ -76,7 +63,7 @@ def get_args_parser():
                        help='list architectures with their parameters, forward multiply-adds at the --dataset\'s '
                             'input size, flags and training defaults, then exit (with --arch: that one, built with '
                             'the model flags given)')
-    group.add_argument('--init', **choice(models.common.INIT_SCHEMES, optional=True), default=None,
+    group.add_argument('--init', **flags.choice(models.common.INIT_SCHEMES, optional=True), default=None,
                        help='re-initialize the built model: kaiming (He normal), xavier (Glorot uniform) or default '
                             '(PyTorch\'s reset_parameters); unset: each family\'s own initialization')
     group.add_argument('--teacher', type=Text(path=True, optional=True), metavar='MODEL_STATE',
@@ -98,13 +85,13 @@ def get_args_parser():
     group.add_argument('--batch_size', type=Int(1), default=128,
                        help='global batch: under torchrun each of the N ranks takes batch_size / N images of '
                             'every step (the learning rate is not rescaled)')
-    group.add_argument('--optimizer', **choice(optim.OPTIMIZER_CHOICES), default='sgd',
+    group.add_argument('--optimizer', **flags.choice(optim.OPTIMIZER_CHOICES), default='sgd',
                        help='muon: Muon (torch.optim.Muon, torch 2.9+) for the convolution filters, SGD with '
                             '--base_lr/--momentum for the other parameters')
     group.add_argument('--base_lr', type=_POSITIVE, default=0.1)
     group.add_argument('--weight_decay', type=Real(0), default=1e-4)
-    _switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
-    _switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
+    flags.switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
+    flags.switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
     group.add_argument('--bn_bias_lr_factor', type=_POSITIVE, default=1.0,
                        help='BN biases train with lr x this and weight decay / this (fast recipe)')
     group.add_argument('--head_lr_factor', type=_POSITIVE, default=1.0,
@@ -112,11 +99,11 @@ def get_args_parser():
     group.add_argument('--muon_lr', type=_POSITIVE, default=0.24, help='muon: learning rate of the filters')
     group.add_argument('--muon_momentum', type=_FRACTION, default=0.6, help='muon: momentum of the filters')
     group.add_argument('--muon_ns_steps', type=Int(1), default=3, help='muon: Newton-Schulz iterations')
-    group.add_argument('--muon_lr_adjust', **choice(optim.MUON_LR_ADJUSTMENTS), default='none',
+    group.add_argument('--muon_lr_adjust', **flags.choice(optim.MUON_LR_ADJUSTMENTS), default='none',
                        help='muon: none steps every filter bank by --muon_lr as airbench94_muon; torch keeps '
                             'torch.optim.Muon\'s factor sqrt(max(1, out / (in x kh x kw))) for banks with more '
                             'outputs than inputs (1x1 expansions, projection shortcuts, wide stems)')
-    _switch(group, '--muon_normalize_weights', 'muon: rescale each filter bank to norm sqrt(out) before '
+    flags.switch(group, '--muon_normalize_weights', 'muon: rescale each filter bank to norm sqrt(out) before '
             'its update (airbench94_muon)', True)
     group.add_argument('--whiten_bias_epochs', type=Real(0, None, '(]', optional=True), default=None,
                        help='airbench: the patch-whitening bias trains (on its own copy of the schedule) '
@@ -127,14 +114,14 @@ def get_args_parser():
                        help='adam/adamw/adabound betas')
     group.add_argument('--adabound_final_lr', type=_POSITIVE, default=0.1)
     group.add_argument('--adabound_gamma', type=_POSITIVE, default=1e-3)
-    _switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
+    flags.switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
     group.add_argument('--sam_rho', type=Real(0, None, '(]', optional=True), default=None,
                        help='SAM neighbourhood radius (default: 0.05, or 0.5 with --sam_adaptive, the authors\' '
                             'CIFAR-10 values)')
-    _switch(group, '--sam_adaptive', 'adaptive SAM (ASAM, arXiv 2102.11600)')
+    flags.switch(group, '--sam_adaptive', 'adaptive SAM (ASAM, arXiv 2102.11600)')
     group.add_argument('--asam_eta', type=Real(0), default=0.01,
                        help='ASAM: T_w = |w| + eta on the parameters named *weight* (SamsungLabs/ASAM asam.py)')
-    _switch(group, '--sam_freeze_bn_stats', 'SAM: the second forward pass (at w + e) leaves BatchNorm running '
+    flags.switch(group, '--sam_freeze_bn_stats', 'SAM: the second forward pass (at w + e) leaves BatchNorm running '
             'statistics alone (davda54/sam bypass_bn); false: both passes update them', True)
     group.add_argument('--lars_eps', type=Real(0), default=1e-9,
                        help='lars: trust ratio ||w|| / (eps + ||g|| + wd ||w||) (the original tool\'s LARS)')
@@ -152,14 +139,14 @@ def get_args_parser():
                        help='exponential moving average of weights; 0 = off (e.g. 0.999)')
     group.add_argument('--subdivision', type=Int(1), default=1,
                        help='ghost batch norm: split each batch into N sub-batches, accumulate gradients')
-    group.add_argument('--precision', **choice(['fp32', 'fp16', 'bf16', *PRECISION_ALIASES]), default='fp32',
+    group.add_argument('--precision', **flags.choice(['fp32', 'fp16', 'bf16', *PRECISION_ALIASES]), default='fp32',
                        help='torch.amp autocast dtype (fp16 uses a GradScaler). Legacy apex names: '
                             'O0 = fp32, O1/O2/O3 = fp16 mixed precision')
     group.add_argument('--lr_finder', action='store_true',
                        help='run a learning-rate range test instead of training; writes lr_finder.json/png')
 
     group = parser.add_argument_group('Learning-rate schedule (stepped every iteration)')
-    group.add_argument('--scheduler', **choice(optim.SCHEDULER_CHOICES), default='multistep')
+    group.add_argument('--scheduler', **flags.choice(optim.SCHEDULER_CHOICES), default='multistep')
     group.add_argument('--milestones', type=ListOf(_POSITIVE, ordered=True, example='[80,120]'), default=[80, 120],
                        help='multistep: epochs')
     group.add_argument('--lr_decay', type=Real(0, 1, '(]'), default=0.1, help='multistep factor')
@@ -171,16 +158,16 @@ def get_args_parser():
     group.add_argument('--T_mul', type=Int(1), default=1, help='sgdr: period multiplier')
     group.add_argument('--poly_power', type=_POSITIVE, default=1.0, help='polynomial decay power')
     group.add_argument('--warmup_epochs', type=Real(0), default=0)
-    group.add_argument('--warmup_method', **choice(optim.WARMUP_METHODS), default='linear',
+    group.add_argument('--warmup_method', **flags.choice(optim.WARMUP_METHODS), default='linear',
                        help='linear: s + (1 - s) t; exponential: s + (1 - s) t^warmup_exponent (the original '
                             'tool\'s); geometric: s^(1 - t); s = --warmup_start_factor, t = warmup progress')
     group.add_argument('--warmup_start_factor', type=Real(0, 1), default=1e-3, help='lr factor at step 0 of warmup')
     group.add_argument('--warmup_exponent', type=_POSITIVE, default=4.0, help='exponential warmup: power of t')
-    _switch(group, '--milestones_after_warmup', 'multistep: count --milestones from the end of warmup (the '
+    flags.switch(group, '--milestones_after_warmup', 'multistep: count --milestones from the end of warmup (the '
             'original tool); false: from the start of training (torch MultiStepLR, Goyal et al.)', True)
 
     group = parser.add_argument_group('Data')
-    group.add_argument('--dataset', **choice(dataloader.DATASET_CHOICES), default='CIFAR10')
+    group.add_argument('--dataset', **flags.choice(dataloader.DATASET_CHOICES), default='CIFAR10')
     group.add_argument('--dataset_dir', type=Text(path=True, optional=True), default=None,
                        help='root holding cifar-10-batches-py/, MNIST/raw/, ... (default ~/.torchvision/datasets/NAME)')
     group.add_argument('--download', action='store_true', default=None,
@@ -190,66 +177,66 @@ def get_args_parser():
     group.add_argument('--no-download', dest='download', action='store_false', default=None,
                        help='never fetch: a missing dataset is an error saying where to place its files')
     group.add_argument('--image_size', type=Int(1, optional=True), help='ImageFolder: resize images to this size')
-    group.add_argument('--data_pipeline', **choice(('device', 'workers')), default='device',
+    group.add_argument('--data_pipeline', **flags.choice(('device', 'workers')), default='device',
                        help='device: dataset held on the training device, batched augmentation; '
                             'workers: per-sample DataLoader with worker processes')
     group.add_argument('--num_workers', type=Int(0), default=2)
     group.add_argument('--val_ratio', type=_FRACTION, default=0.0,
                        help='hold out this part of the training set and evaluate on it instead of the test set')
     group.add_argument('--test_batch_size', type=Int(1, optional=True), default=None)
-    _switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
+    flags.switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
     group.add_argument('--random_crop_padding', type=Int(0), default=4)
-    group.add_argument('--padding_mode', **choice(('zeros', 'reflect')), default='zeros',
+    group.add_argument('--padding_mode', **flags.choice(('zeros', 'reflect')), default='zeros',
                        help='random crop padding; reflect is airbench\'s random translation')
-    _switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
-    _switch(group, '--alternating_flip', 'flip each image on every other epoch instead of at random '
+    flags.switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
+    flags.switch(group, '--alternating_flip', 'flip each image on every other epoch instead of at random '
             '(airbench, arXiv 2404.00498)')
 
     group = parser.add_argument_group('Augmentation and regularization')
-    _switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
+    flags.switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
     group.add_argument('--cutout_size', type=Int(1), default=16)
     group.add_argument('--cutout_prob', type=_PROBABILITY, default=1.0)
-    _switch(group, '--cutout_inside', 'keep the whole square inside the image')
-    _switch(group, '--use_random_erasing', 'Random Erasing (arXiv 1708.04896)')
+    flags.switch(group, '--cutout_inside', 'keep the whole square inside the image')
+    flags.switch(group, '--use_random_erasing', 'Random Erasing (arXiv 1708.04896)')
     group.add_argument('--random_erasing_prob', type=_PROBABILITY, default=0.5)
     group.add_argument('--random_erasing_area_ratio_range', default=[0.02, 0.4],
                        type=ListOf(Real(0, 1, '(]'), 2, ordered=True, example='[0.02,0.4]'))
     group.add_argument('--random_erasing_min_aspect_ratio', type=Real(0, 1, '(]'), default=0.3)
     group.add_argument('--random_erasing_max_attempt', type=Int(1), default=20)
-    group.add_argument('--random_erasing_fill', **choice(augmentations.RANDOM_ERASING_FILLS), default='mean',
+    group.add_argument('--random_erasing_fill', **flags.choice(augmentations.RANDOM_ERASING_FILLS), default='mean',
                        help='mean: the per-channel mean pixel, 0 after normalization (the paper authors\' code); '
                             'random: a standard-normal value per pixel (the paper\'s random values, as torchvision); '
                             'uniform: one U(0,1) value per rectangle (the original tool, hysts)')
-    _switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
+    flags.switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
     group.add_argument('--mixup_alpha', type=_POSITIVE, default=1.0)
-    _switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
+    flags.switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
     group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3)
-    _switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
+    flags.switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
     group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0)
     group.add_argument('--cutmix_prob', type=_PROBABILITY, default=1.0,
                        help='probability that a batch is mixed (the paper\'s Algorithm 1: 1; the authors\' CIFAR '
                             'command: 0.5)')
-    group.add_argument('--cutmix_box', **choice(augmentations.CUTMIX_BOXES), default='integer',
+    group.add_argument('--cutmix_box', **flags.choice(augmentations.CUTMIX_BOXES), default='integer',
                        help='integer: the authors\' rand_bbox (an integer centre, each side cut at the border); '
                             'continuous: a continuous centre (this tool before; pastes about 7%% more area)')
-    _switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
+    flags.switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
     group.add_argument('--dual_cutout_alpha', type=Real(0), default=0.1)
-    group.add_argument('--dual_cutout_distance', **choice(('logits', 'softmax')), default='logits',
+    group.add_argument('--dual_cutout_distance', **flags.choice(('logits', 'softmax')), default='logits',
                        help='consistency term: MSE of the two views\' logits as in the paper authors\' code '
                             'and hysts, or squared distance of their softmax outputs')
-    _switch(group, '--dual_cutout_joint_forward', 'forward both Dual-Cutout views in one pass of 2B images '
+    flags.switch(group, '--dual_cutout_joint_forward', 'forward both Dual-Cutout views in one pass of 2B images '
             '(shared BatchNorm statistics) instead of one pass per view as the paper authors\' code and hysts')
-    _switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
+    flags.switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
     group.add_argument('--label_smoothing_epsilon', type=_FRACTION, default=0.1)
-    _switch(group, '--use_autoaugment', 'AutoAugment (arXiv 1805.09501), policy --autoaugment_policy')
-    group.add_argument('--autoaugment_policy', **choice(augmentations.AUTOAUGMENT_POLICIES), default='cifar10',
+    flags.switch(group, '--use_autoaugment', 'AutoAugment (arXiv 1805.09501), policy --autoaugment_policy')
+    group.add_argument('--autoaugment_policy', **flags.choice(augmentations.AUTOAUGMENT_POLICIES), default='cifar10',
                        help='AutoAugment\'s policy learned on CIFAR-10, SVHN or ImageNet')
-    _switch(group, '--use_randaugment', 'RandAugment (arXiv 1909.13719)')
+    flags.switch(group, '--use_randaugment', 'RandAugment (arXiv 1909.13719)')
     group.add_argument('--randaugment_ops', type=Int(1), default=2, help='RandAugment: operations per image (N)')
     group.add_argument('--randaugment_magnitude', type=Int(0, 30), default=9,
                        help='RandAugment: magnitude of every operation (M, of 30)')
-    _switch(group, '--use_trivialaugment', 'TrivialAugment (arXiv 2103.10158, torchvision\'s TrivialAugmentWide)')
-    _switch(group, '--use_augmix', 'AugMix (arXiv 1912.02781) without its Jensen-Shannon loss')
+    flags.switch(group, '--use_trivialaugment', 'TrivialAugment (arXiv 2103.10158, torchvision\'s TrivialAugmentWide)')
+    flags.switch(group, '--use_augmix', 'AugMix (arXiv 1912.02781) without its Jensen-Shannon loss')
     group.add_argument('--augmix_severity', type=Int(1, 10), default=3,
                        help='AugMix: severity of the operations (1-10)')
     group.add_argument('--policy_group_size', type=Int(1), default=8,
@@ -268,16 +255,16 @@ def get_args_parser():
                        type=Text(pattern=r'(cpu|cuda|mps|xpu)(:[0-9]+)?', what='cpu, cuda or cuda:N', examples=['cpu'],
                                  optional=True))
     group.add_argument('--gpu', type=Int(0, optional=True), default=None, help='shorthand for --device cuda:N')
-    _switch(group, '--test_first', 'evaluate once before training (logged as epoch 0)')
-    _switch(group, '--tensorboard', 'write TensorBoard scalars', True)
+    flags.switch(group, '--test_first', 'evaluate once before training (logged as epoch 0)')
+    flags.switch(group, '--tensorboard', 'write TensorBoard scalars', True)
     group.add_argument('--no-tensorboard', dest='tensorboard', action='store_false')
-    _switch(group, '--resume', 'continue the run in --outdir from its checkpoint.pth')
+    flags.switch(group, '--resume', 'continue the run in --outdir from its checkpoint.pth')
     group.add_argument('--dry_run', action='store_true',
                        help='build data and model, print the settings and parameter count, write nothing')
     group.add_argument('--evaluate', type=Text(path=True, optional=True), metavar='MODEL_STATE',
                        help='evaluate a saved model_state.pth on the test set (arch and flags from the '
                             'config.json beside it, or from the command line) and exit')
-    group.add_argument('--tta', **choice(('none', 'flip', 'flip_translate')), default='none',
+    group.add_argument('--tta', **flags.choice(('none', 'flip', 'flip_translate')), default='none',
                        help='test-time augmentation: flip averages each image and its mirror; flip_translate '
                             'also averages the mirrored pairs shifted one pixel up-left and down-right (airbench)')
     group.add_argument('--eval_every', type=Int(1), default=1, help='evaluate every N epochs (and after the last)')
@@ -290,60 +277,22 @@ def get_args_parser():
                        help='skip the update of up to N training steps whose loss is NaN or infinite (counted '
                             'per epoch as nonfinite_steps in log.json); the run stops when more happen (0: at the '
                             'first)')
-    _switch(group, '--channels_last', 'channels_last memory format for model and inputs')
-    _switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
-    group.add_argument('--compile_mode', **choice(COMPILE_MODES, optional=True), default=None,
+    flags.switch(group, '--channels_last', 'channels_last memory format for model and inputs')
+    flags.switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
+    group.add_argument('--compile_mode', **flags.choice(COMPILE_MODES, optional=True), default=None,
                        help='torch.compile mode (needs --compile)')
-    _switch(group, '--sync_bn', 'under torchrun: BatchNorm statistics over the batch of all ranks (SyncBatchNorm, '
+    flags.switch(group, '--sync_bn', 'under torchrun: BatchNorm statistics over the batch of all ranks (SyncBatchNorm, '
             'GPUs only); without it each rank normalizes its own images and every rank takes rank 0\'s running '
             'statistics at the end of each epoch')
-    _switch(group, '--find_unused_parameters', 'under torchrun: DistributedDataParallel looks for parameters a step '
+    flags.switch(group, '--find_unused_parameters', 'under torchrun: DistributedDataParallel looks for parameters a step '
             'did not use (architectures that skip layers at random, such as resnet_stochastic_depth, need it; '
             'it costs a little time per step)')
-    group.add_argument('--dist_backend', **choice(('auto', 'nccl', 'gloo')), default='auto',
+    group.add_argument('--dist_backend', **flags.choice(('auto', 'nccl', 'gloo')), default='auto',
                        help='under torchrun: the process group backend (auto: nccl on GPUs, gloo on CPUs)')
     group.add_argument('--dist_timeout', type=_POSITIVE, default=600,
                        help='under torchrun: seconds a rank waits for the others in a collective operation '
                             'before the job fails (a rank that stopped answering)')
     return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's errors as one line naming the flag and what it expects (the flag's domain)."""
-
-    def error(self, message):
-        match = re.fullmatch(r'argument (\S+?)(?:/\S+)?: (.*)', message, flags=re.DOTALL)
-        action = self._option_string_actions.get(match.group(1)) if match else None
-        if action is not None and isinstance(action.type, flags.Domain):
-            if match.group(2).startswith('expected one argument'):
-                raise UsageError(f'{match.group(1)}: missing its value ({action.type.describe()})')
-            value = re.fullmatch(r"invalid choice: (.*?)(?: \(choose from .*\))?", match.group(2), flags=re.DOTALL)
-            if value is None:  # the domain's own message: '<value>: expected ...'
-                raise UsageError(f'{match.group(1)} {match.group(2)}')
-        if message.startswith('unrecognized arguments: '):
-            raise UsageError(f'unrecognized arguments: {" ".join(map(flags.show, getattr(self, "_unrecognized", [])))} '
-                             f'(see --help for the flags)')
-        raise UsageError(message)
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        self._unrecognized = extras
-        return parsed, extras
-
-
-def flag_domains(parser=None):
-    """{setting: domain} of every flag: its argparse type (a list of them for ``nargs='+'``), and for the
-    store_true/store_false flags a boolean (unset allowed where the default is None)."""
-    domains = {}
-    for action in (parser or get_args_parser())._actions:
-        if action.dest in domains or action.dest == 'help':
-            continue
-        if isinstance(action.type, flags.Domain):
-            domains[action.dest] = (ListOf(action.type, (1, None), optional=True) if action.nargs == '+'
-                                    else action.type)
-        elif isinstance(action.const, bool):
-            domains[action.dest] = Bool(optional=action.default is None)
-    return domains
 
 
 # Flags that do nothing without their switch (or one of several, '|'): given alone they are refused,
@@ -369,7 +318,7 @@ def parse_args(argv=None):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
-    domains = flag_domains(parser)
+    domains = flags.domains(parser)
     from_config = read_config(explicit['config'], domains) if explicit.get('config') else {}
     arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
     arch_defaults = models.train_defaults(arch)
@@ -565,18 +514,10 @@ def train(run, trainer, data, args, log, first_epoch, epochs, position, compile_
         signum = trainer.stop_requested()
         due = last or epoch % args.save_every == 0 or signum
         run.log_epoch(log, runs.checkpoint_state(trainer, epoch, args, log) if due else None)
-        trainer.dist.print(epoch_line(record, epochs, split), flush=True)
+        trainer.dist.print(runs.epoch_line(record, epochs, split), flush=True)
         if signum and not last:
             raise engine.Interrupted(signum, f'stopped by {utils.signal_name(signum)} after epoch {epoch}; '
                                              f'checkpoint.pth resumes at epoch {epoch + 1}')
-
-
-def epoch_line(record, epochs, split):
-    line = (f'epoch {record["epoch"]}/{epochs}: lr {record["lr"]:.4g} train loss {record["train_loss"]:.4f} '
-            f'acc {record["train_accuracy"]:.4f}')
-    if f'{split}_accuracy' in record:
-        line += f' | {split} loss {record[f"{split}_loss"]:.4f} acc {record[f"{split}_accuracy"]:.4f}'
-    return line + f' | {record["epoch_time"]:.1f}s'
 
 
 def print_dry_run(args, n_params, data, batch_size, device, dist):
@@ -669,16 +610,8 @@ def list_archs(args):
         info = (dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size) if has_folder else
                 dataloader.DatasetInfo('ImageFolder', 3, args.image_size or 32, 10, (), (), True))
     given = {k: v for k, v in models.model_kwargs(args).items() if v is not None} if 'arch' in args.explicit else {}
-    names = [args.arch] if 'arch' in args.explicit else models.list_models()
-    print(f'{info.name}: {info.in_channels}x{info.image_size}x{info.image_size} images, {info.num_classes} classes; '
-          f'multiply-adds of one forward pass (torch.utils.flop_counter)')
-    for name in names:
-        n_params, macs = models.model_cost(name, info, **given)
-        params = {**models.model_params(name), **given}
-        model_flags = ', '.join(f'--{k} {json.dumps(v)}' for k, v in params.items())
-        defaults = ', '.join(f'{k}={json.dumps(v)}' for k, v in models.train_defaults(name).items())
-        print(f'{name}: {n_params / 1e6:.2f} M parameters, {macs / 1e6:.1f} M multiply-adds\n'
-              f'    model flags: {model_flags}\n    training defaults: {defaults}')
+    for line in models.describe_archs([args.arch] if 'arch' in args.explicit else models.list_models(), info, **given):
+        print(line)
 
 
 def cli(argv=None):

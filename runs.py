@@ -197,6 +197,15 @@ def summarize(log, split):
     return summary
 
 
+def epoch_line(record, epochs, split):
+    """The line a run prints for a log record."""
+    line = (f'epoch {record["epoch"]}/{epochs}: lr {record["lr"]:.4g} train loss {record["train_loss"]:.4f} '
+            f'acc {record["train_accuracy"]:.4f}')
+    if f'{split}_accuracy' in record:
+        line += f' | {split} loss {record[f"{split}_loss"]:.4f} acc {record[f"{split}_accuracy"]:.4f}'
+    return line + f' | {record["epoch_time"]:.1f}s'
+
+
 def best_so_far(log, metrics, epoch, split):
     """``best_{split}_accuracy`` and ``best_{split}_epoch`` over the logged epochs and this one's ``metrics``."""
     best = max([record for record in log if f'{split}_accuracy' in record and record['epoch'] > 0]

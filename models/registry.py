@@ -28,6 +28,7 @@ import collections.abc
 import dataclasses
 import functools
 import inspect
+import json
 import re
 import typing
 
@@ -255,6 +256,19 @@ def model_cost(arch, info, **model_kwargs):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
+
+
+def describe_archs(names, info, **model_kwargs):
+    """The lines of --list_archs: for each arch of ``names`` (with ``model_kwargs``), its parameters and
+    forward multiply-adds at ``info``'s input size (:func:`model_cost`), model flags and training defaults."""
+    yield (f'{info.name}: {info.in_channels}x{info.image_size}x{info.image_size} images, {info.num_classes} '
+           f'classes; multiply-adds of one forward pass (torch.utils.flop_counter)')
+    for name in names:
+        n_params, macs = model_cost(name, info, **model_kwargs)
+        flags = ', '.join(f'--{k} {json.dumps(v)}' for k, v in {**model_params(name), **model_kwargs}.items())
+        defaults = ', '.join(f'{k}={json.dumps(v)}' for k, v in train_defaults(name).items())
+        yield (f'{name}: {n_params / 1e6:.2f} M parameters, {macs / 1e6:.1f} M multiply-adds\n'
+               f'    model flags: {flags}\n    training defaults: {defaults}')
 
 
 # ----------------------------------------------------------------------------- flag generation

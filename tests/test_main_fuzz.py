@@ -1,5 +1,5 @@
 """Bad input, generated: malformed command lines from the declared flag domains (each flag's argparse
-type, main.flag_domains(); Domain.invalid), violated relations between flags, and broken --config files.
+type, flags.domains(main.get_args_parser()); Domain.invalid), violated relations between flags, and broken --config files.
 
 Every case runs main.cli in-process and must end with exit status 2, exactly one line on stderr
 naming a flag, of a readable length, no traceback, and the disk as it was: no run directory
@@ -121,7 +121,7 @@ def flag_actions():
 
 def test_every_flag_has_a_domain():
     """A flag's argparse type is its domain (a flags.Domain); a flag added with a plain type fails here."""
-    domains = main.flag_domains()
+    domains = flags.domains(main.get_args_parser())
     dests = {action.dest for action in flag_actions()}
     missing = sorted((dests | set(models.model_flags())) - set(domains))
     assert not missing, f'give these flags a flags.Domain as their argparse type: {missing}'
@@ -131,7 +131,7 @@ def test_every_flag_has_a_domain():
 
 
 def test_defaults_and_registered_settings_lie_in_their_domains():
-    domains = main.flag_domains()
+    domains = flags.domains(main.get_args_parser())
     for action in main.get_args_parser()._actions:
         if action.option_strings and action.dest != 'help':
             domains[action.dest].check(action.default)
@@ -164,7 +164,7 @@ def test_domains_refuse_their_invalid_texts_and_accept_their_valid_ones(domain):
 def generated_flag_cases(workspace):
     """Each flag with each invalid text of its domain, as ``--flag TEXT`` and ``--flag=TEXT``, and
     without the value it needs."""
-    cases, domains = [], main.flag_domains()
+    cases, domains = [], flags.domains(main.get_args_parser())
     for action in flag_actions():
         option = action.option_strings[0]
         if action.nargs == 0:  # store_true / store_false: no value at all
@@ -204,7 +204,7 @@ def config_cases(workspace):
             path.write_text(content)
         return str(path)
 
-    for name, domain in main.flag_domains().items():
+    for name, domain in flags.domains(main.get_args_parser()).items():
         if name == 'config':
             continue
         for index, value in enumerate(JSON_CANDIDATES):
