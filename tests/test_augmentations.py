@@ -21,15 +21,6 @@ from augmentations import (BatchRegularizer, cutmix, cutout, dual_cutout, dual_c
 CIFAR10 = dataloader.DATASETS['CIFAR10']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """These tests run thousands of tiny ops; one thread keeps them fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_within_sigma(measured, expected, standard_error, sigmas=5.0):
     assert abs(measured - expected) <= sigmas * standard_error, (
         f'measured {measured:.5f}, expected {expected:.5f} +- {sigmas} x {standard_error:.5f}')

@@ -46,15 +46,6 @@ ARCHS = models.list_models()
 INPUTS = [(3, 32, 10), (3, 32, 100), (1, 28, 10)]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Small models gain nothing from more threads: one per test process (xdist spreads the processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
