@@ -25,7 +25,7 @@ import torch
 
 import augmentations
 from flags import UsageError
-from utils import derived_seed
+from utils import derived_seed, get_rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -481,15 +481,20 @@ def split_validation(images, labels, val_ratio, split_seed=0):
     return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
 
 
+# Images augmented at a time when an epoch starts: bounds the temporary memory of the crop's gathers.
+AUGMENT_CHUNK = 16384
+
+
 class DeviceLoader:
     """Batches from a uint8 tensor dataset held on ``device``, augmented as whole batches.
 
     Training batches: shuffled, an optional augmentation policy (``policy``, an
     :class:`augmentations.AugmentPolicy`: AutoAugment, RandAugment, TrivialAugment or AugMix, on
     groups of images), padded random crop (zero or reflect padding), horizontal flip (random, or
-    alternating per image across epochs), then normalized to float32. Evaluation batches are only
-    normalized. ``set_epoch`` tells the loader which epoch
-    comes next (alternating flip depends on it, so a resumed run flips as an uninterrupted one).
+    alternating per image across epochs), then normalized to float32, for the whole epoch when it starts
+    (:meth:`_augmented_epoch`): a batch is a view. Evaluation batches are views of the split, normalized
+    once. ``set_epoch`` tells the loader which epoch comes next (alternating flip depends on it, so a
+    resumed run flips as an uninterrupted one).
 
     ``shard=(rank, world_size)``: ``batch_size`` is this rank's part of a global batch of
     ``batch_size * world_size``. Training: each epoch's permutation is drawn from a generator
@@ -525,7 +530,9 @@ class DeviceLoader:
         self.flip_phase = (torch.rand(len(labels)) < 0.5).to(device) if flip_mode == 'alternating' else None
         self.epoch = 1
         self.order = None  # the current epoch's order (saved by a mid-epoch checkpoint)
+        self.augment_rng = None  # the random state the current epoch's augmentation was drawn from (saved too)
         self._resume = None
+        self._normalized = None
         global_batch = batch_size * self.world_size if train else batch_size
         # A last batch of one image breaks BatchNorm in training, so full batches only there.
         self.drop_last = train and len(labels) > global_batch if drop_last is None else drop_last
@@ -561,29 +568,52 @@ class DeviceLoader:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         return torch.randperm(self.num_samples, generator=generator).to(self.device)
 
-    def start_at(self, order, batch):
+    def start_at(self, order, batch, augment_rng=None):
         """The next epoch visits the images in ``order`` (a saved :attr:`order`) from its batch ``batch``
-        on, drawing no new permutation: a run resumed from a mid-epoch checkpoint sees what the
-        uninterrupted run saw."""
-        self._resume = (torch.as_tensor(order).to(self.device), int(batch))
+        on, drawing no new permutation, and draws its augmentation from ``augment_rng`` (a saved
+        :attr:`augment_rng`): a run resumed from a mid-epoch checkpoint sees what the uninterrupted run
+        saw."""
+        self._resume = (torch.as_tensor(order).to(self.device), int(batch), augment_rng)
 
     def __iter__(self):
-        first = 0
+        first, augment_rng = 0, None
         if self._resume is not None:
-            (order, first), self._resume = self._resume, None
+            (order, first, augment_rng), self._resume = self._resume, None
         else:
             order = self.epoch_order()
         self.order = order
-        epoch_flip = None
-        if self.train and self.horizontal_flip and self.flip_phase is not None:
-            epoch_flip = augmentations.alternating_flip(self.flip_phase, self.epoch)
-        for start in self._batch_starts()[first:]:
-            index = order[start:start + self.batch_size]
-            images = self.images[index]
-            if self.train:
-                images = self.augment(images, None if epoch_flip is None else epoch_flip[index])
-            yield self.normalize(images), self.labels[index]
+        batches = self._augmented_epoch(order, augment_rng) if self.train else self._test_batches()
+        yield from batches[first:]
         self.epoch += 1
+
+    def _augmented_epoch(self, order, augment_rng=None):
+        """This rank's training batches of the epoch, augmented and normalized when the epoch starts, a few
+        large operations on chunks of AUGMENT_CHUNK images, so that a batch is only a view of the result
+        (the step launches no pipeline kernels). The random state the draws start from is kept in
+        :attr:`augment_rng`; a resumed epoch given the interrupted one's draws the same augmentation."""
+        resumed_from = None
+        if augment_rng is not None:
+            resumed_from = get_rng_state()
+            set_rng_state(augment_rng)
+        self.augment_rng = get_rng_state()
+        slices = [order[start:start + self.batch_size] for start in self._batch_starts()]
+        index = torch.cat(slices) if slices else order[:0]
+        epoch_flip = None
+        if self.horizontal_flip and self.flip_phase is not None:
+            epoch_flip = augmentations.alternating_flip(self.flip_phase, self.epoch)
+        images = torch.cat([self.augment(self.images[part], None if epoch_flip is None else epoch_flip[part])
+                            for part in index.split(AUGMENT_CHUNK)]) if len(index) else self.images[index]
+        if resumed_from is not None:
+            set_rng_state(resumed_from)
+        sizes = [len(part) for part in slices]
+        return list(zip(self.normalize(images).split(sizes), self.labels[index].split(sizes)))
+
+    def _test_batches(self):
+        """The evaluation batches: views of the normalized split, normalized once and kept."""
+        if self._normalized is None:
+            self._normalized = self.normalize(self.images)
+        return [(self._normalized[start:start + self.batch_size], self.labels[start:start + self.batch_size])
+                for start in self._batch_starts()]
 
     def augment(self, images, flip=None):
         """The training augmentation of one batch of uint8 images: the policy (before the crop, as
@@ -722,7 +752,7 @@ class WorkersLoader(torch.utils.data.DataLoader):
     def order(self):
         return self.sampler.order if isinstance(self.sampler, ResumableSampler) else None
 
-    def start_at(self, order, batch):
+    def start_at(self, order, batch, augment_rng=None):
         """As :meth:`DeviceLoader.start_at`: the next epoch takes the samples of ``order`` from batch
         ``batch`` on. The order is that of the interrupted epoch; with worker processes
         (--num_workers > 0) the random augmentation of the remaining images is drawn anew."""

@@ -13,6 +13,8 @@ and steps the optimizer; nothing in it reads a device value on the host, so the 
 ahead of the GPU. The run folder (checkpoints, logs) is runs.py's.
 """
 import contextlib
+import copy
+import functools
 import math
 import sys
 import time
@@ -137,8 +139,8 @@ class Trainer:
     def __init__(self, model, optimizer, scheduler, regularizer, device, *, total_steps=None, network=None,
                  dist=utils.SINGLE_PROCESS, teacher=None, precision='fp32', subdivision=1, channels_last=False,
                  gradient_clip=0.0, ema_decay=0.0, ema_every=1, lookahead_every=0, lookahead_decay=0.95,
-                 sam_freeze_bn_stats=True, skip_nonfinite=0, compile=False, compile_mode=None, tta='none',
-                 kd_temperature=4.0, kd_alpha=0.9, save_every_steps=0):
+                 sam_freeze_bn_stats=True, skip_nonfinite=0, compile=False, compile_mode=None, compile_backend='inductor',
+                 tta='none', kd_temperature=4.0, kd_alpha=0.9, save_every_steps=0):
         self.use_sam = isinstance(optimizer, optim.SAM)
         if self.use_sam and precision == 'fp16':
             raise UsageError('--use_sam with --precision fp16 is not supported (use bf16 or fp32)')
@@ -155,24 +157,73 @@ class Trainer:
         self.lookahead = None
         if lookahead_every > 0:
             self.lookahead = optim.Lookahead(model, total_steps, lookahead_every, lookahead_decay)
-        self.forward_loss, self.eval_forward = self._forward_loss, model
-        self._compile_pending = {'train': False, 'eval': False}
         self.stop = None  # a utils.StopSignals while training
         self.last_nonfinite = None  # the last step's non-finite flag (a device bool)
         self.nonfinite_before = 0  # non-finite steps of the epochs before this one
+        self.compiled_step = False  # the whole step in compiled regions (see _compiled_step)
+        self._lr_table = None
+        self._eager_functions()
         if compile:
             try:
-                # the loss is traced with the forward pass, so AOTAutograd compiles its backward too
-                self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode)
-                self.eval_forward = torch.compile(model, mode=compile_mode)
-                self._compile_pending = {'train': True, 'eval': True}
+                self._compile(functools.partial(torch.compile, mode=compile_mode, backend=compile_backend))
             except Exception as error:  # no compiler toolchain, unsupported platform or python
                 _compile_fallback_message(error, 'unavailable', dist)
+                self._eager_functions()
+
+    def _eager_functions(self):
+        """The parts of a step that --compile compiles, as plain Python."""
+        self.forward_loss, self.eval_forward = self._forward_loss, self.model
+        self.step_forward, self.perturb, self.apply_update = self._step_forward, self._perturb, self._apply_update
+        self.accumulate = _accumulate
+        self.ema_blend = self.ema.blend if self.ema is not None else None
+        self.compiled_step = False
+        self._compile_pending = {'train': False, 'eval': False}
+
+    def _compile(self, compiled):
+        """--compile: the whole step in a few compiled regions (:meth:`_compiled_step`), the schedule's
+        learning rates in device tensors written from a table inside them, so that nothing recompiles and
+        ``--compile_mode reduce-overhead`` replays each region as a CUDA graph. Under DistributedDataParallel
+        (its gradient hooks) and fp16 (GradScaler's host logic) only the forward pass and loss compile,
+        with their backward (AOTAutograd)."""
+        self.eval_forward = compiled(self.model)
+        self._compile_pending = {'train': True, 'eval': True}
+        if self.dist.enabled or self.scaler.is_enabled():
+            self.forward_loss = compiled(self._forward_loss)
+            return
+        optim.prepare_for_compile(self.optimizer)
+        self._create_optimizer_state()
+        self.step_forward, self.perturb, self.apply_update, self.accumulate = (
+            compiled(function) for function in (self._step_forward, self._perturb, self._apply_update, _accumulate))
+        if self.ema is not None:
+            self.ema_blend = compiled(self.ema.blend)
+        self._lr_tensors = [group['lr'] for group in self.optimizer.param_groups]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR) and self.total_steps is not None:
+            # LambdaLR's own values, base_lr x lambda(step), for every step of the run; row k: after k steps
+            rows = [[base_lr * schedule(step) for base_lr, schedule in zip(self.scheduler.base_lrs,
+                                                                          self.scheduler.lr_lambdas)]
+                    for step in range(self.total_steps + 1)]
+            self._lr_table = torch.tensor(rows, dtype=torch.float64, device=self.device)
+            self._lr_step = torch.full((), self.scheduler.last_epoch, dtype=torch.int64, device=self.device)
+        self.compiled_step = True
+
+    @torch.no_grad()
+    def _create_optimizer_state(self):
+        """The optimizer's state as a first step creates it: one eager step on zero gradients, then the
+        weights put back and the created state zeroed (what a first step finds: zero momentum, Adam's
+        step count 0)."""
+        snapshot = self._snapshot()
+        params = [param for group in self.optimizer.param_groups for param in group['params']]
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        inner = self.optimizer.base_optimizer if self.use_sam else self.optimizer
+        type(inner).step(inner)
+        self._restore_if(torch.ones((), dtype=torch.bool, device=self.device), snapshot)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self):
         """What a resumed run needs besides the model's weights (which the run folder keeps apart):
         the optimizer, the schedule, the AMP scaler, the EMA and lookahead copies."""
-        state = {'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+        state = {'optimizer': optim.plain_lrs(self.optimizer.state_dict()), 'scheduler': self.scheduler.state_dict(),
                  'scaler': self.scaler.state_dict()}
         if self.ema is not None:
             state['ema'] = self.ema.state_dict()
@@ -188,6 +239,13 @@ class Trainer:
             self.ema.load_state_dict(state['ema'])
         if self.lookahead is not None:
             self.lookahead.load_state_dict(state['lookahead'])
+        if self.compiled_step:  # the loaded groups hold float learning rates: back into the device tensors
+            for group, lr in zip(self.optimizer.param_groups, self._lr_tensors):
+                lr.fill_(group['lr'])
+                group['lr'] = lr
+            optim.prepare_for_compile(self.optimizer)
+            if self._lr_table is not None:
+                self._lr_step.fill_(self.scheduler.last_epoch)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -225,8 +283,7 @@ class Trainer:
         except Exception as error:  # dynamo, inductor or a missing compiler toolchain
             result = eager_call()
             _compile_fallback_message(error, f'failed at the first {kind} step', self.dist)
-            self.forward_loss, self.eval_forward = self._forward_loss, self.model
-            self._compile_pending = {'train': False, 'eval': False}
+            self._eager_functions()
             return result
         finally:
             self._compile_pending[kind] = False
@@ -235,9 +292,10 @@ class Trainer:
         """Compile the training step and the evaluation forward before training, so that no
         epoch's time includes compilation; returns the seconds it took.
 
-        One batch of each loader goes through them; the model's weights and buffers, the gradients
-        and the random generators are restored afterwards, so training starts as without it. (A
-        rank that holds no test batch has nothing to evaluate and compiles nothing for it.)
+        One batch of each loader goes through them (a whole step, with the compiled step); the model's
+        weights and buffers, the optimizer's state, the EMA, the learning rates, the gradients and the
+        random generators are restored afterwards, so training starts as without it. (A rank that holds
+        no test batch has nothing to evaluate and compiles nothing for it.)
         """
         rng_state = utils.get_rng_state()
         model_state = {key: value.clone() for key, value in self.model.state_dict().items()}
@@ -245,7 +303,23 @@ class Trainer:
         start = time.perf_counter()
         self.network.train()
         images, labels = next(iter(train_loader))
-        self._forward_backward(self._sub_batches(images, labels)[:1])
+        if self.compiled_step:
+            saved = self._snapshot()
+            ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
+            lrs = [lr.clone() for lr in self._lr_tensors]
+            lr_step = self._lr_step.clone() if self._lr_table is not None else None
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, accuracy, bad = self._compiled_step(images, labels)
+            _EpochState(self.device, 0.0).update(loss, accuracy, len(labels), bad, self.accumulate)
+            if self.ema is not None:
+                self.ema_blend(self.model)
+                self.ema.load_state_dict(ema_state)
+            self._restore_if(torch.ones((), dtype=torch.bool, device=self.device), saved)
+            torch._foreach_copy_(self._lr_tensors, lrs)
+            if lr_step is not None:
+                self._lr_step.copy_(lr_step)
+        else:
+            self._forward_backward(self._sub_batches(images, labels)[:1])
         self.optimizer.zero_grad(set_to_none=True)
         test_batch = next(iter(test_loader), None)
         if test_batch is not None:
@@ -286,11 +360,30 @@ class Trainer:
         bool, True where the loss was NaN or infinite (with ``skip_nonfinite`` the step then leaves
         weights, buffers and optimizer state as they were)."""
         snapshot = self._snapshot() if self.skip_nonfinite > 0 else None
-        chunks = self._sub_batches(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled_step:
+            loss, accuracy, nonfinite = self._compiled_step(images, labels)
+        else:
+            loss, accuracy, nonfinite = self._eager_step(images, labels, skipping=snapshot is not None)
+        if snapshot is not None:
+            self._restore_if(nonfinite, snapshot)
+        if self._lr_table is not None:
+            self.scheduler.last_epoch += 1  # the compiled update wrote the next lr on the device
+        else:
+            self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.step(self.scheduler.last_epoch)
+        if self.ema is not None and self.ema.due():
+            self.ema_blend(self.model)
+        self.last_nonfinite = nonfinite
+        return loss, accuracy
+
+    def _eager_step(self, images, labels, skipping):
+        """The step op by op (and, with --compile under DDP or fp16, its forward pass and loss compiled)."""
+        chunks = self._sub_batches(images, labels)
         loss, accuracy = self._forward_backward(chunks)
         nonfinite = ~torch.isfinite(loss)
-        if self.dist.enabled and snapshot is not None:  # every rank skips the step that any rank found bad
+        if self.dist.enabled and skipping:  # every rank skips the step that any rank found bad
             nonfinite = self.dist.all_reduce_max_(nonfinite.to(torch.int32)).bool()
         utils.kill_point('step')
         if self.use_sam:
@@ -304,15 +397,65 @@ class Trainer:
             self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        if snapshot is not None:
-            self._restore_if(nonfinite, snapshot)
-        self.scheduler.step()
-        if self.lookahead is not None:
-            self.lookahead.step(self.scheduler.last_epoch)
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        self.last_nonfinite = nonfinite
-        return loss, accuracy
+        return loss, accuracy, nonfinite
+
+    def _compiled_step(self, images, labels):
+        """The step as compiled regions: (1) :meth:`_step_forward`: regularize, split into the ghost
+        sub-batches and forward each, their losses summed by their shares; (2) its backward, which
+        AOTAutograd compiled with it; (3) :meth:`_apply_update`: clip, step the optimizer, write the
+        next learning rate. SAM adds its perturbation and a second forward and backward between (2)
+        and (3). The sub-batches backpropagate together: the gradient of the eager step's accumulation,
+        BatchNorm statistics per sub-batch, the activation memory of the whole batch."""
+        if self._compile_pending['train']:
+            outputs = self._first_call('train', lambda: self.step_forward(images, labels),
+                                       lambda: self._step_forward(images, labels))
+        else:
+            outputs = self.step_forward(images, labels)
+        if not self.compiled_step:  # compiling failed at the first call: this step goes on eagerly
+            return self._eager_step(images, labels, skipping=False)
+        objective, loss, accuracy, nonfinite, images, targets = outputs
+        objective.backward()
+        utils.kill_point('step')
+        if self.use_sam:
+            self.perturb()
+            self.optimizer.zero_grad(set_to_none=True)
+            with optim.frozen_bn_statistics(self.model, enabled=self.sam_freeze_bn_stats):
+                self.step_forward(images, targets, True)[0].backward()
+        self.apply_update()
+        self.optimizer._opt_called = True  # what the LR scheduler's wrapper of step() would have noted
+        return loss, accuracy, nonfinite
+
+    def _step_forward(self, images, labels, regularized=False):
+        """Regularized images (unless ``regularized``: SAM's second pass takes the first's) split into the
+        sub-batches and forwarded: (objective, loss, accuracy, non-finite flag, images, targets), the
+        objective the sub-batches' losses weighted by their share of the batch."""
+        if not regularized:
+            images, labels = self.regularizer(images, labels)
+        objective, accuracy = 0.0, 0.0
+        for chunk_images, chunk_targets in self.regularizer.split(images, labels, self.subdivision):
+            logits, chunk_loss = self._forward_loss(self._prepare(chunk_images), chunk_targets)
+            share = len(chunk_targets) / len(labels)
+            objective = objective + chunk_loss * share
+            accuracy = accuracy + self.regularizer.accuracy(logits.detach(), chunk_targets) * share
+        loss = objective.detach()
+        return objective, loss, accuracy, ~torch.isfinite(loss), images, labels
+
+    def _perturb(self):
+        self.optimizer.first_step(zero_grad=False)
+
+    def _apply_update(self):
+        """Clip, step the optimizer and (with a table of the schedule) write the next step's learning rates."""
+        self._clip()
+        if self.use_sam:
+            self.optimizer.second_step(zero_grad=False)
+        else:
+            # the class's step: an LR scheduler wraps the instance's, which torch.compile does not trace
+            type(self.optimizer).step(self.optimizer)
+        if self._lr_table is not None:
+            self._lr_step += 1
+            # index_select, not [step]: indexing by a 0-dim tensor reads it on the host
+            row = self._lr_table.index_select(0, self._lr_step.clamp(max=len(self._lr_table) - 1).view(1))
+            torch._foreach_copy_(self._lr_tensors, row[0].unbind())
 
     def _state_tensors(self):
         """The tensors a step changes: parameters, buffers and the optimizer's state (of SAM's base
@@ -369,7 +512,7 @@ class Trainer:
         order of images, the lr of its first step, and each rank's partial meters and non-finite counters.
         """
         self.network.train()
-        epoch_state = _EpochState(self.device, self.optimizer.param_groups[0]['lr'])
+        epoch_state = _EpochState(self.device, float(self.optimizer.param_groups[0]['lr']))
         if position is not None:  # the loader was started at that step (its start_at)
             epoch_state.restore(position, self.dist.rank, self.device)
         timer = utils.DeviceTimer(self.device)
@@ -380,7 +523,7 @@ class Trainer:
             if self.total_steps is not None and self.scheduler.last_epoch >= self.total_steps:
                 break
             loss, accuracy = self.train_step(images, labels)
-            epoch_state.update(loss, accuracy, len(labels), self.last_nonfinite)
+            epoch_state.update(loss, accuracy, len(labels), self.last_nonfinite, self.accumulate)
             if epoch_state.step % NONFINITE_CHECK_EVERY == 0:
                 self._check_nonfinite(epoch, epoch_state)
             signum = self.stop_requested(epoch_state.step)
@@ -388,7 +531,7 @@ class Trainer:
             if signum or (every and self.scheduler.last_epoch % every == 0 and epoch_state.step < len(loader)):
                 if checkpoint is not None:
                     self._check_nonfinite(epoch, epoch_state)  # never save NaN weights
-                    checkpoint(epoch_state.position(epoch, loader.order, timer, self.dist))
+                    checkpoint(epoch_state.position(epoch, loader, timer, self.dist))
                 if signum:
                     raise Interrupted(signum, f'stopped by {utils.signal_name(signum)} in epoch {epoch} after step '
                                               f'{epoch_state.step}; checkpoint.pth resumes at that step')
@@ -491,27 +634,34 @@ class _EpochState:
     def __init__(self, device, lr):
         self.lr, self.step, self.train_time_before = lr, 0, 0.0
         self.loss, self.accuracy = utils.AverageMeter(), utils.AverageMeter()
+        self.loss.total = torch.zeros((), device=device)
+        self.accuracy.total = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.first_nonfinite = torch.full((), _NEVER, dtype=torch.int64, device=device)
         self.bad_images = torch.zeros((), dtype=torch.int64, device=device)
+        self.step_number = torch.zeros((), dtype=torch.int64, device=device)  # self.step, on the device
 
-    def update(self, loss, accuracy, batch_size, bad):
+    def update(self, loss, accuracy, batch_size, bad, accumulate=None):
+        """Count a step; ``accumulate``: :func:`_accumulate`, or its compiled form."""
         self.step += 1
-        self.loss.update(torch.where(bad, 0.0, loss), batch_size)
-        self.accuracy.update(torch.where(bad, 0.0, accuracy), batch_size)
-        self.nonfinite += bad
-        self.first_nonfinite = torch.minimum(self.first_nonfinite, torch.where(bad, self.step, _NEVER))
-        self.bad_images += bad * batch_size
+        (self.loss.total, self.accuracy.total, self.nonfinite, self.first_nonfinite, self.bad_images,
+         self.step_number) = (accumulate or _accumulate)(
+            self.loss.total, self.accuracy.total, self.nonfinite, self.first_nonfinite, self.bad_images,
+            self.step_number, loss, accuracy, bad, batch_size)
+        self.loss.count += batch_size
+        self.accuracy.count += batch_size
 
-    def position(self, epoch, order, timer, dist):
-        """The position inside the epoch, every rank's meters gathered (on the host before they travel
-        to rank 0: another machine's GPU cannot be named in the checkpoint)."""
+    def position(self, epoch, loader, timer, dist):
+        """The position inside the epoch: its order of images, every rank's meters and the random state its
+        augmentation was drawn from, gathered (on the host before they travel to rank 0: another machine's
+        GPU cannot be named in the checkpoint)."""
         mine = {'loss_total': self.loss.total, 'accuracy_total': self.accuracy.total, 'count': self.loss.count,
                 **{key: getattr(self, key) for key in self.COUNTERS}}
         mine = {key: value.cpu() if torch.is_tensor(value) else value for key, value in mine.items()}
-        return {'epoch': epoch, 'step': self.step, 'order': order.cpu(), 'lr': self.lr,
+        return {'epoch': epoch, 'step': self.step, 'order': loader.order.cpu(), 'lr': self.lr,
                 'train_time': self.train_time_before + timer.elapsed(),
-                'meters': dist.all_gather_object(mine), 'world_size': dist.world_size}
+                'meters': dist.all_gather_object(mine), 'world_size': dist.world_size,
+                'augment_rng': dict(enumerate(dist.all_gather_object(getattr(loader, 'augment_rng', None))))}
 
     def restore(self, position, rank, device):
         meters = position['meters'][rank]
@@ -521,6 +671,19 @@ class _EpochState:
         self.loss.count = self.accuracy.count = meters['count']
         for key in self.COUNTERS:
             setattr(self, key, _to_device(meters[key], device))
+        self.step_number = torch.full((), self.step, dtype=torch.int64, device=device)
+
+
+def _accumulate(loss_total, accuracy_total, nonfinite, first_nonfinite, bad_images, step_number, loss, accuracy,
+                bad, batch_size):
+    """One step added to the epoch's device meters: the loss and accuracy sums over the good steps' images,
+    the non-finite steps, the number of the first one, the images of the steps skipped; ``step_number`` the
+    steps before this one. A compiled step compiles it (tensors in, tensors out: nothing recompiles)."""
+    step_number = step_number + 1
+    return (loss_total + torch.where(bad, 0.0, loss) * batch_size,
+            accuracy_total + torch.where(bad, 0.0, accuracy) * batch_size,
+            nonfinite + bad, torch.minimum(first_nonfinite, torch.where(bad, step_number, _NEVER)),
+            bad_images + bad * batch_size, step_number)
 
 
 def _to_device(value, device):

@@ -498,7 +498,8 @@ def train(run, trainer, data, args, log, first_epoch, epochs, position, compile_
     for epoch in range(first_epoch, epochs + 1):
         data.train_loader.set_epoch(epoch)
         if position is not None:
-            data.train_loader.start_at(position['order'], position['step'])
+            data.train_loader.start_at(position['order'], position['step'],
+                                       (position.get('augment_rng') or {}).get(trainer.dist.rank))
         record = trainer.train_one_epoch(data.train_loader, epoch, progress, position, checkpoint=lambda position:
                                          run.save_checkpoint(runs.checkpoint_state(trainer, epoch - 1, args, log,
                                                                                    position)))

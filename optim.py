@@ -139,7 +139,7 @@ class LARS(torch.optim.Optimizer):
             group.setdefault('eps', self.defaults.get('eps', 1e-9))
             group.setdefault('thresh', self.defaults.get('thresh', 1e-2))
 
-    def _init_group(self, group):
+    def _group_tensors(self, group):
         """(parameters with a gradient, their momentum buffers or None), creating missing buffers."""
         params = [param for param in group['params'] if param.grad is not None]
         if group['momentum'] == 0:
@@ -161,7 +161,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lists = [self._init_group(group) for group in self.param_groups]
+        lists = [self._group_tensors(group) for group in self.param_groups]
 
         def update():
             for group, (params, buffers) in zip(self.param_groups, lists):
@@ -240,7 +240,7 @@ class AdaBound(torch.optim.Optimizer):
         group = self.param_groups[-1]
         group.setdefault('base_lr', group['lr'])
 
-    def _init_group(self, group):
+    def _group_tensors(self, group):
         """Lists of (params, exp_avgs, exp_avg_sqs, steps) of the parameters with a gradient."""
         lists = ([], [], [], [])
         for param in group['params']:
@@ -266,7 +266,7 @@ class AdaBound(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lists = [self._init_group(group) for group in self.param_groups]
+        lists = [self._group_tensors(group) for group in self.param_groups]
 
         def update():
             for group, (params, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, lists):
@@ -572,7 +572,34 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(factors, self.target_norms)
             torch._foreach_mul_(self.filters, factors)
         self.auxiliary.step()
-        self.muon.step()
+        group = self.muon.param_groups[0]
+        if torch.is_tensor(group['lr']):
+            self._muon_step_on_the_device(group)
+        else:
+            self.muon.step()
+
+    def _muon_step_on_the_device(self, group):
+        """torch.optim.Muon's update (its ``_single_tensor_muon``, Newton-Schulz included) with the lr a
+        device tensor, which torch's step reads on the host: a compiled step calls this (see
+        :func:`prepare_for_compile`). ``create_state`` made the momentum buffers."""
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+        for matrix in self.matrices:
+            if matrix.grad is None:
+                continue
+            buffer = self.muon.state[matrix]['momentum_buffer']
+            buffer.lerp_(matrix.grad, 1 - group['momentum'])
+            update = matrix.grad.lerp(buffer, group['momentum']) if group['nesterov'] else buffer
+            update = _zeropower_via_newtonschulz(update, group['ns_coefficients'], group['ns_steps'], group['eps'])
+            # weight decay is 0 on the filters; the shape factor as torch's (1 for lr_adjust 'none')
+            # in the weights' dtype, as torch's add_(update, alpha=-lr) computes it (the update is bf16)
+            matrix.sub_(update.to(matrix.dtype) * _adjust_lr(group['lr'], group['adjust_lr_fn'], matrix.shape))
+
+    def create_state(self):
+        """The momentum buffers a first step would create (zeros), created now (the device step needs them)."""
+        for matrix in self.matrices:
+            state = self.muon.state[matrix]
+            if 'momentum_buffer' not in state:
+                state['momentum_buffer'] = torch.zeros_like(matrix)
 
     def _live_tensors(self):
         """Every tensor a step writes, the momentum buffers a first step would create made now (zeros)."""
@@ -610,6 +637,51 @@ class Muon(torch.optim.Optimizer):
             buffer = state.get('momentum_buffer')
             if buffer is not None and buffer.shape != matrix.shape and buffer.T.shape == matrix.shape:
                 state['momentum_buffer'] = buffer.T
+
+
+def _optimizers(optimizer):
+    """``optimizer`` and the optimizers inside it (SAM's base, Muon's auxiliary and torch Muon)."""
+    found = [optimizer]
+    for inner in (getattr(optimizer, name, None) for name in ('base_optimizer', 'auxiliary', 'muon')):
+        if isinstance(inner, torch.optim.Optimizer):
+            found += _optimizers(inner)
+    return found
+
+
+def prepare_for_compile(optimizer):
+    """Make ``optimizer`` steppable inside a compiled region that the learning-rate schedule never
+    recompiles (the PyTorch tutorial "Running the compiled optimizer with an LR scheduler"):
+
+    - every group's lr becomes a 0-dim float64 tensor on its parameters' device, which the schedule
+      writes in place (a Python float would be a constant of the compiled graph);
+    - Adam and AdamW take their capturable path (step counter on the device), which a tensor lr needs
+      (on the CPU, where torch has none, their single-tensor path, which inductor fuses anyway);
+    - Muon's momentum buffers exist (zeros), which its device step updates.
+
+    The optimizers' other state comes from a first step; the Trainer takes one outside the compiled
+    region and zeroes what it created, so that the compiled step only updates state (a compiled region
+    that created it would recompile at the next step, which finds it).
+    """
+    for inner in _optimizers(optimizer):
+        for group in inner.param_groups:
+            if not torch.is_tensor(group['lr']):
+                group['lr'] = torch.tensor(group['lr'], dtype=torch.float64, device=group['params'][0].device)
+            if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                on_accelerator = group['params'][0].device.type != 'cpu'
+                # torch's Adam takes a tensor lr capturable (accelerators only) or one tensor at a time
+                group['capturable'], group['foreach'] = on_accelerator, on_accelerator and group['foreach']
+        if hasattr(inner, 'create_state'):
+            inner.create_state()
+
+
+def plain_lrs(state_dict):
+    """``state_dict`` (an optimizer's, nested for SAM and Muon) with tensor learning rates as floats, so
+    that a checkpoint of a compiled run resumes in an eager one and the other way round."""
+    if isinstance(state_dict, dict):
+        return {key: [{**group, 'lr': float(group['lr'])} if isinstance(group, dict) and torch.is_tensor(
+                    group.get('lr')) else group for group in value] if key == 'param_groups' else plain_lrs(value)
+                for key, value in state_dict.items()}
+    return state_dict
 
 
 def parameter_groups(model, weight_decay, no_weight_decay_on_bn=False, base_lr=None, bn_bias_lr_factor=1.0,
@@ -988,12 +1060,19 @@ class ExponentialMovingAverage:
             self._source = model
         return self._floats, self._others
 
-    @torch.no_grad()
     def update_parameters(self, model):
         """Count a call; on every ``every``-th, blend ``model`` into the average."""
+        if self.due():
+            self.blend(model)
+
+    def due(self):
+        """Count a call (a host int); True on every ``every``-th."""
         self.num_calls += 1
-        if self.num_calls % self.every:
-            return
+        return self.num_calls % self.every == 0
+
+    @torch.no_grad()
+    def blend(self, model):
+        """``ema = decay ** every * ema + (1 - decay ** every) * model`` (a compiled step compiles this)."""
         (averaged_floats, current_floats), (averaged_others, current_others) = self._tensor_lists(model)
         if averaged_floats:
             torch._foreach_lerp_(averaged_floats, current_floats, 1 - self.decay ** self.every)

@@ -910,4 +910,8 @@ def test_device_loader_applies_the_policy(monkeypatch):
     images, labels = uint8_batch(20).numpy(), np.arange(20) % 10
     loader = dataloader.DeviceLoader(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10, 10,
                                      torch.device('cpu'), True, policy=policy)
-    assert sum(len(batch[0]) for batch in loader) == 20 and calls == [10, 10]
+    # the whole epoch's images at its start, in chunks of AUGMENT_CHUNK (here one)
+    assert sum(len(batch[0]) for batch in loader) == 20 and calls == [20]
+    monkeypatch.setattr(dataloader, 'AUGMENT_CHUNK', 8)
+    calls.clear()
+    assert sum(len(batch[0]) for batch in loader) == 20 and calls == [8, 8, 4]
