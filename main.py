@@ -408,12 +408,22 @@ def main(argv=None):
     if args.evaluate:
         return evaluate_weights(args, device, dist)
 
-    run, checkpoint, resumed = None, None, bool(args.resume)
-    if not args.dry_run:  # checked now, created once all the input is
-        run = runs.RunDirectory(args.outdir, args.resume, dist)
+    # checked (and locked against a second run) now, created once all the input is, released on every way out
+    run = None if args.dry_run else runs.RunDirectory(args.outdir, args.resume, dist)
+    try:
+        return build_and_train(args, run, argv, dist, device)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def build_and_train(args, run, argv, dist, device):
+    """main() from the run directory on (``run`` None for --dry_run)."""
+    checkpoint, resumed = None, bool(args.resume)
+    if run is not None:
         args.resume = args.resume and run.has_checkpoint
         if args.resume:
-            checkpoint = dist.run_on_main(lambda: runs.load_checkpoint(run.checkpoint_path, '--resume'))
+            checkpoint = dist.run_on_main(run.read_checkpoint)
             args = runs.restore_args(args, checkpoint)
     batch_size = engine.rank_batch_size(args.batch_size, args.subdivision, args.ghost_bn_splits, dist)
     utils.set_seed(args.seed)  # the same on every rank: the model's initialization, the flip phases

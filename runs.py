@@ -5,13 +5,17 @@
     summary.json      final and best test accuracy, labelled apart
     checkpoint.pth    model, trainer state (optimizer, schedule, scaler, EMA, lookahead), RNG states,
                       settings, log, and the position inside an epoch for a mid-epoch checkpoint
+    checkpoint.prev.pth  the checkpoint before it, while the run is unfinished
     model_state.pth   the final weights (model_state_ema.pth: the EMA's)
     tensorboard/      scalars
+    .lock             while a run is alive: its lock on the folder (the holder's PID)
 
 main.py writes runs through :class:`RunDirectory`; summarize.py, the benchmarks and the tests read them
-with the functions here. Every file is written atomically (utils.save_json, utils.save_checkpoint).
+with the functions here. Every file is written atomically (utils.save_json, utils.save_checkpoint), and
+every .pth file is verified against the checksums written with it when it is read (utils.load_checkpoint).
 """
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -19,10 +23,11 @@ import time
 
 import torch
 
+import dataloader
 import engine
 import models
 import utils
-from flags import UsageError, show
+from flags import Choice, UsageError, check_setting, show
 
 # Flags that never change what a run computes, so a resumed run may give them anew.
 RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
@@ -34,26 +39,39 @@ RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboa
 LEGACY_SETTINGS = {'muon_lr_adjust': 'torch', 'cutmix_box': 'continuous', 'cutmix_prob': 1.0}
 FINAL_WEIGHTS = 'model_state.pth'
 EMA_WEIGHTS = 'model_state_ema.pth'
+CHECKPOINT = 'checkpoint.pth'
+PREVIOUS_CHECKPOINT = 'checkpoint.prev.pth'
+LOCK = '.lock'
+# what a run's checkpoint.pth holds at least (Trainer.state_dict adds the schedule, scaler, EMA, ...)
+CHECKPOINT_ENTRIES = {'model': dict, 'optimizer': dict, 'epoch': int, 'args': dict, 'log': list}
 
 
 class RunDirectory:
-    """The files of one run: refuses to overwrite another run, writes atomically.
+    """The files of one run: refuses to overwrite another run, locks the folder, writes atomically.
 
-    In a distributed run rank 0 alone checks the directory (its verdict reaches every rank) and
-    writes; on the other ranks the ``save_*`` methods write nothing, so a run has one set of files.
-    Nothing is created before :meth:`create`, which main.py calls once all the input is checked.
+    A run holds an exclusive lock on its folder (utils.FileLock on ``.lock``) from the moment the folder
+    is judged (an existing one) or created (a new one) until :meth:`close`, which main() calls on every
+    way out; the kernel drops it when the process dies. A second run into the folder, or a ``--resume``
+    while the run is alive, is refused naming the holder's PID. In a distributed run rank 0 alone
+    checks, locks and writes (its verdicts reach every rank); on the other ranks the ``save_*`` methods
+    write nothing, so a run has one set of files. Nothing is created before :meth:`create`, which
+    main.py calls once all the input is checked; bad input leaves the folder as it was (the lock file
+    of a folder that had none is removed again).
     """
 
     def __init__(self, outdir, resume, dist=utils.SINGLE_PROCESS):
         self.outdir = outdir
-        self.checkpoint_path = os.path.join(outdir, 'checkpoint.pth')
+        self.checkpoint_path = os.path.join(outdir, CHECKPOINT)
         self.writes = dist.is_main
         self.dist = dist
         self.writer = None
+        self.resume = resume
+        self.lock = utils.FileLock(os.path.join(outdir, LOCK))
+        self.existed = self.created = False  # the folder existed when checked; this run started in it
         self.has_checkpoint = dist.run_on_main(lambda: self._check(resume))
 
     def _check(self, resume):
-        """The verdict on the directory, touching nothing: bad input must leave the disk as it was."""
+        """The verdict on the directory, under its lock where it exists: bad input must leave the disk as it was."""
         outdir = self.outdir
         if os.path.exists(outdir) and not os.path.isdir(outdir):
             raise UsageError(f'--outdir {outdir}: exists and is not a directory')
@@ -64,32 +82,119 @@ class RunDirectory:
             raise UsageError(f'--outdir {outdir}: not writable ({existing} is not a directory)')
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
-        has_checkpoint = os.path.isfile(self.checkpoint_path)
-        if resume:
-            utils.remove_temporaries(outdir)  # of a write that a kill interrupted
-            if not has_checkpoint:
-                # the run stopped before its first checkpoint (inside epoch 1, or before the first
-                # --save_every epoch): nothing to restore, so it starts again and rewrites its log
+        if not os.path.isdir(outdir):
+            if resume:  # a run resumed before it ever started (scripts pass --resume every time)
                 print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
-        elif os.path.isdir(outdir) and os.listdir(outdir):
-            raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
-                             f'or choose another directory')
-        return has_checkpoint
+            return False
+        self.existed = True
+        names = self._names()
+        if os.path.lexists(self.lock.path) or not names or 'config.json' in names or CHECKPOINT in names:
+            self._lock()  # a run's folder or an empty one; a folder of other files is judged untouched
+        try:
+            return self._verdict(resume, names if not self.lock.held else self._names())
+        except UsageError:
+            self.close()
+            raise
+
+    def _names(self):
+        """What the folder holds, its lock file aside."""
+        try:
+            return sorted(name for name in os.listdir(self.outdir) if name != LOCK)
+        except OSError as error:
+            raise UsageError(f'--outdir {self.outdir}: cannot read it ({error.strerror or error})') from None
+
+    def _lock(self):
+        try:
+            if not self.lock.acquire():
+                print(f'--outdir {self.outdir}: this file system takes no locks; a second run started in this '
+                      f'directory would not be stopped', file=sys.stderr)
+        except utils.LockHeld as held:
+            raise UsageError(f'--outdir {self.outdir}: in use by another run ({held.holder}); wait for it to '
+                             f'end or choose another directory') from None
+        except OSError as error:
+            raise UsageError(f'--outdir {self.outdir}: not writable ({error.strerror or error})') from None
+
+    def _verdict(self, resume, names):
+        """Whether the run resumes from a checkpoint; a UsageError for a folder it must not write into."""
+        outdir = self.outdir
+        if not resume:
+            if names:
+                raise UsageError(f'--outdir {outdir}: not empty; pass --resume to continue that run '
+                                 f'or choose another directory')
+            return False
+        config_path = self.path('config.json')
+        if os.path.lexists(config_path):
+            read_settings(config_path, f'--resume: {config_path}', f'{outdir} is left as it is')
+        if os.path.isfile(self.checkpoint_path):
+            return True
+        shown = [name for name in names if not name.startswith(utils.TEMPORARY_PREFIX)]
+        if not shown:
+            print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+            return False
+        holds = f'it holds {_some(shown)}'
+        if 'config.json' not in shown:
+            raise UsageError(f'--resume: {outdir} is not a run folder (no config.json; {holds}); give the '
+                             f'--outdir of a run, nothing here was changed')
+        if PREVIOUS_CHECKPOINT in shown:
+            raise UsageError(f'--resume: {outdir} has no {CHECKPOINT} but a {PREVIOUS_CHECKPOINT}; rename it to '
+                             f'{CHECKPOINT} to resume from it')
+        if 'summary.json' in shown:
+            raise UsageError(f'--resume: {outdir} is a finished run whose {CHECKPOINT} is gone ({holds}); '
+                             f'nothing to continue from: start a new --outdir')
+        # the run stopped before its first checkpoint (inside epoch 1, or before the first --save_every
+        # epoch): nothing to restore, so it starts again and rewrites its log
+        print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+        return False
 
     def create(self):
-        """Make the directory, once every check of the input has passed."""
+        """Make the directory (and lock it, if new), once every check of the input has passed."""
         self.dist.run_on_main(self._create)
 
     def _create(self):
         outdir = self.outdir
         try:
             os.makedirs(outdir, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
+        if not self.existed:  # a new folder: locked now, and nobody else's files may have come meanwhile
+            self._lock()
+            names = self._names()
+            if names:
+                self.close()
+                raise UsageError(f'--outdir {outdir}: another run wrote into it while this one started '
+                                 f'({_some(names)}); choose another directory')
+        if self.resume:
+            utils.remove_temporaries(outdir)  # of a write that a kill interrupted
+        try:
             probe = os.path.join(outdir, '.write-test')
             with open(probe, 'w'):
                 pass
             os.remove(probe)
         except OSError as error:
+            self.close()
             raise UsageError(f'--outdir {outdir}: not writable ({error.strerror or error})') from None
+        self.created = True
+
+    def close(self):
+        """Release the folder (idempotent): TensorBoard's file closed, the lock dropped and its file removed
+        (unless it was there before and this run never started)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.lock.release(remove=self.created or self.lock.created)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    def read_checkpoint(self):
+        """checkpoint.pth, checked to be a checkpoint (--resume)."""
+        state = load_checkpoint(self.checkpoint_path, '--resume')
+        check_checkpoint(state, f'--resume: {self.checkpoint_path}')
+        return state
 
     def path(self, name):
         return os.path.join(self.outdir, name)
@@ -99,8 +204,11 @@ class RunDirectory:
             utils.save_json(obj, self.path(name))
 
     def save_checkpoint(self, state):
-        """checkpoint.pth, atomically (torch.save to a temporary file, then rename)."""
+        """checkpoint.pth, atomically (torch.save to a temporary file, then rename); the one it replaces
+        stays as checkpoint.prev.pth (a hard link made first: at most two checkpoints on the disk, even
+        during the write)."""
         if self.writes:
+            utils.keep_previous(self.checkpoint_path, self.path(PREVIOUS_CHECKPOINT))
             utils.save_checkpoint(state, self.checkpoint_path)
 
     def save_weights(self, state_dict, name):
@@ -171,8 +279,12 @@ class RunDirectory:
         if ema_model is not None:
             self.save_weights(ema_model.state_dict(), EMA_WEIGHTS)
         self.save_json(summarize([record for record in log if record['epoch'] > 0], split), 'summary.json')
+        if self.writes:
+            with contextlib.suppress(OSError):  # a finished run keeps its last checkpoint only
+                os.remove(self.path(PREVIOUS_CHECKPOINT))
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
     def is_finished(self, with_ema):
         names = [FINAL_WEIGHTS, 'summary.json'] + ([EMA_WEIGHTS] if with_ema else [])
@@ -230,11 +342,90 @@ def checkpoint_state(trainer, epoch, args, log, position=None):
 
 
 def load_checkpoint(path, flag):
-    """utils.load_checkpoint, its one-line error naming the flag that pointed at the file."""
+    """utils.load_checkpoint, its one-line error naming the flag that pointed at the file, and for a damaged
+    file of a run folder the earlier file beside it that is intact, if any."""
     try:
         return utils.load_checkpoint(path)
+    except utils.DamagedFile as error:
+        raise UsageError(f'{flag}: {error}; {intact_earlier_file(path)}') from None
     except UsageError as error:
         raise UsageError(f'{flag}: {error}') from None
+
+
+# the files of a run folder that hold an earlier state of a damaged one (the final weights are in the last
+# checkpoint too)
+EARLIER_FILES = {CHECKPOINT: (PREVIOUS_CHECKPOINT,), FINAL_WEIGHTS: (CHECKPOINT, PREVIOUS_CHECKPOINT),
+                 EMA_WEIGHTS: (CHECKPOINT, PREVIOUS_CHECKPOINT)}
+
+
+def intact_earlier_file(path):
+    """'checkpoint.prev.pth beside it is intact (after epoch 2): ...', or that none is: what the error about
+    the damaged ``path`` says next."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for earlier in EARLIER_FILES.get(name, ()):
+        try:
+            state = utils.load_checkpoint(os.path.join(directory, earlier))
+        except UsageError:
+            continue
+        if not isinstance(state, dict) or not isinstance(state.get('epoch'), int):
+            continue
+        position = state.get('position')
+        when = (f'epoch {position["epoch"]}, step {position["step"]}' if isinstance(position, dict)
+                and {'epoch', 'step'} <= set(position) else f'after epoch {state["epoch"]}')
+        use = {CHECKPOINT: f'rename it to {CHECKPOINT} to resume from there',
+               FINAL_WEIGHTS: 'it holds the weights of that epoch' + (' (the final ones)' if earlier == CHECKPOINT
+                                                                      else ''),
+               EMA_WEIGHTS: 'it holds the EMA of that epoch'}[name]
+        return f'{earlier} beside it is intact ({when}): {use}'
+    return 'no earlier file beside it is intact' if name in EARLIER_FILES else 'no earlier copy of it is known'
+
+
+def _kind(value):
+    """'a Tensor', 'a list', 'None', 'an int': what a file holds, in words."""
+    if value is None:
+        return 'None'
+    name = type(value).__name__
+    return f'{"an" if name[0].lower() in "aeiou" else "a"} {name}'
+
+
+def _json_kind(value):
+    return {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
+            type(None): 'null'}.get(type(value), type(value).__name__)
+
+
+def _some(names, limit=6):
+    """'a, b, c' or 'a, b, ... and 4 more'."""
+    shown = ', '.join(names[:limit])
+    return shown + (f' and {len(names) - limit} more' if len(names) > limit else '')
+
+
+def check_state_dict(state, what):
+    """``state`` must be weights: a dict of tensors (by parameter name); ``what`` names the file."""
+    expected = 'not weights (a state_dict: a dict of tensors by parameter name)'
+    if not isinstance(state, dict):
+        raise UsageError(f'{what} holds {_kind(state)}, {expected}')
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise UsageError(f'{what} holds a dict with the key {show(key)} ({_kind(key)}), {expected}')
+        if not torch.is_tensor(value) and not key.endswith('_extra_state'):
+            raise UsageError(f'{what} holds a dict whose {key!r} is {_kind(value)}, {expected}')
+
+
+def check_checkpoint(state, what):
+    """``state`` must be a checkpoint of a run: a dict with at least CHECKPOINT_ENTRIES, of their types."""
+    expected = f'not a checkpoint (a dict of {", ".join(CHECKPOINT_ENTRIES)}, ...)'
+    if not isinstance(state, dict):
+        raise UsageError(f'{what} holds {_kind(state)}, {expected}')
+    if state and all(torch.is_tensor(value) for value in state.values()):
+        raise UsageError(f'{what} holds weights only (a state_dict, as model_state.pth), {expected}')
+    missing = [name for name in CHECKPOINT_ENTRIES if name not in state]
+    if missing:
+        raise UsageError(f'{what} holds a dict without {", ".join(map(repr, missing))}, {expected}')
+    for name, kind in CHECKPOINT_ENTRIES.items():
+        if not isinstance(state[name], kind) or isinstance(state[name], bool):
+            raise UsageError(f'{what} holds a dict whose {name!r} is {_kind(state[name])}, not {_kind(kind())}: '
+                             f'{expected}')
+    check_state_dict(state['model'], f"{what}'s 'model'")
 
 
 def restore_args(args, checkpoint):
@@ -299,12 +490,42 @@ def resume_command(argv=None, dist=utils.SINGLE_PROCESS):
 
 # ----------------------------------------------------------------------------- weights of a run
 
+def read_settings(config_path, source, outcome, required=True):
+    """The ``settings`` of a run's config.json, the ones other commands take from it (the arch, the dataset,
+    the model flags) checked against their flags' domains. A file that is no run's config.json is one
+    UsageError starting with ``source`` and ending with ``outcome`` (what happens next); with
+    ``required`` False a JSON object without "settings" (another tool's config.json) gives {}."""
+    try:
+        config = utils.load_json(config_path, what='config')
+    except UsageError as error:
+        text, prefix = str(error), f'config {config_path}: '
+        raise UsageError(f'{source}: {text[len(prefix):] if text.startswith(prefix) else text}; {outcome}') from None
+    if not isinstance(config, dict) or (required and 'settings' not in config):
+        found = f'a JSON {_json_kind(config)}' if not isinstance(config, dict) else 'an object without "settings"'
+        raise UsageError(f'{source}: {found}, not the config.json of a run (an object with "settings"); {outcome}')
+    settings = config.get('settings', {})
+    if not isinstance(settings, dict):
+        raise UsageError(f'{source}: "settings" is a JSON {_json_kind(settings)}, not an object; {outcome}')
+    domains = {'arch': Choice(models.list_models()), 'dataset': Choice(dataloader.DATASET_CHOICES),
+               **{name: flag.domain for name, flag in models.model_flags().items()}}
+    for name, domain in domains.items():
+        if settings.get(name) is not None:
+            try:
+                check_setting(name, domain, settings[name], source)
+            except UsageError as error:
+                raise UsageError(f'{error}; {outcome}') from None
+    return settings
+
+
 def saved_settings(weights_path):
-    """The settings in the config.json beside ``weights_path`` ({} if there is none)."""
+    """The settings in the config.json beside ``weights_path`` ({} if there is none, or if it is another
+    tool's: a JSON object without "settings"); one that is damaged or names an unknown arch is refused."""
     config_path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), 'config.json')
-    if not os.path.isfile(config_path):
+    if not os.path.lexists(config_path):
         return {}
-    return utils.load_json(config_path, what='config').get('settings', {})
+    return read_settings(config_path, f'{config_path} (beside {os.path.basename(weights_path)})',
+                         'fix or remove it (without it --evaluate and --predict take --arch and the model flags '
+                         'from the command line)', required=False)
 
 
 def adopt_saved_settings(args, settings):
@@ -316,12 +537,12 @@ def adopt_saved_settings(args, settings):
 
 def read_weights(path, flag):
     """The state_dict in a model_state.pth or in a checkpoint.pth's ``model``, without DDP's ``module.``;
-    a file that is no checkpoint is refused in one line naming ``flag``."""
+    a file that is no checkpoint, is damaged or holds no weights is refused in one line naming ``flag``."""
     state = load_checkpoint(path, flag)
     if isinstance(state, dict) and isinstance(state.get('model'), dict) and 'optimizer' in state:
         state = state['model']
-    if isinstance(state, dict):
-        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
+    check_state_dict(state, f'{flag}: {path}')
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, 'module.')
     return state
 
 

@@ -1,5 +1,5 @@
-"""Small shared helpers: seeding, atomic JSON and checkpoint I/O, stop signals, test kill points,
-meters, and the process group of a torchrun launch."""
+"""Small shared helpers: seeding, atomic JSON and checkpoint I/O (checksums verified on load), file
+locks, stop signals, test kill points, meters, and the process group of a torchrun launch."""
 import contextlib
 import datetime
 import errno
@@ -11,8 +11,10 @@ import platform
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,11 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from flags import UsageError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs go unlocked (FileLock.acquire says so)
+    fcntl = None
 
 
 class StorageError(Exception):
@@ -243,25 +250,194 @@ def load_json(path, what='file'):
         raise UsageError(f'{what} {path}: cannot read it ({getattr(error, "strerror", None) or error})') from None
 
 
+def _torch_save(obj, f):
+    """torch.save with the CRC-32 of every record of its zip archive written (torch's default, which
+    ``torch.utils.serialization.config.save.compute_crc32`` can turn off): :func:`load_checkpoint`
+    verifies them."""
+    config = getattr(getattr(getattr(torch.utils, 'serialization', None), 'config', None), 'save', None)
+    if config is None or getattr(config, 'compute_crc32', True):
+        return torch.save(obj, f)
+    config.compute_crc32 = True
+    try:
+        torch.save(obj, f)
+    finally:
+        config.compute_crc32 = False
+
+
 def save_checkpoint(state, path):
-    _atomic_write(path, lambda f: torch.save(state, f), kill_point_name='checkpoint_write')
+    _atomic_write(path, lambda f: _torch_save(state, f), kill_point_name='checkpoint_write')
 
 
 def save_weights(state_dict, path):
     """A state_dict (model_state.pth), atomically like a checkpoint."""
-    _atomic_write(path, lambda f: torch.save(state_dict, f))
+    _atomic_write(path, lambda f: _torch_save(state_dict, f))
+
+
+def keep_previous(path, previous):
+    """Make ``previous`` a second name (a hard link) of the file ``path`` before ``path`` is replaced, so that
+    the version before the next one stays readable; the old ``previous`` goes in the same rename. Costs
+    no copy. Nothing happens where ``path`` does not exist or the file system has no hard links (the
+    old ``previous``, if any, stays)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    link = os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{os.path.basename(previous)}')
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, previous):  # linked before a write that did not happen (a kill, a full disk)
+            return True
+    try:
+        os.link(path, link, follow_symlinks=False)
+    except OSError:
+        return False
+    try:
+        os.replace(link, previous)  # a kill before it leaves a .tmp-* link, which remove_temporaries deletes
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            if os.path.lexists(link):  # rename() of two names of one file does nothing
+                os.remove(link)
+
+
+class DamagedFile(UsageError):
+    """A file whose bytes no longer match the checksums written with them."""
+
+
+def verify_checksums(path):
+    """Check every record of the torch.save archive ``path`` (a zip: the pickled structure and each tensor
+    storage) against the CRC-32 that torch's writer stored for it; raise :class:`DamagedFile` naming the
+    first record that differs. torch.load itself never checks them, so a flipped bit in a tensor would
+    load as a wrong weight. Files without checksums are not verified: the legacy (non-zip) format, and
+    records written with ``compute_crc32`` off (stored as 0). Reads the file once more (CRC-32 runs at
+    gigabytes per second)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip archive (the legacy format, or garbage): torch.load judges it
+    with archive:
+        for info in archive.infolist():
+            if info.CRC == 0:
+                continue
+            try:
+                with archive.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+            except Exception as error:  # BadZipFile (a CRC), or a damaged header: zlib.error, EOFError, ...
+                record = info.filename.split('/', 1)[-1]
+                found = ('do not match the CRC-32 written with them' if 'CRC' in str(error) else
+                         f'cannot be read ({type(error).__name__}: {str(error)[:120]})')
+                raise DamagedFile(f'checkpoint {path} is damaged: the bytes of its record {record} {found} '
+                                  f'(changed on the disk or in a copy)') from None
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint as data only (weights_only=True): a checkpoint is never code."""
+    """Load a checkpoint as data only (weights_only=True): a checkpoint is never code. Its checksums are
+    verified first (:func:`verify_checksums`): a damaged file is refused, not loaded."""
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path}: no such file')
+    verify_checksums(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, garbage bytes, or a pickle with code in it
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
         raise UsageError(f'checkpoint {path} is corrupt or not a checkpoint '
                          f'({type(error).__name__}: {first_line[:200]})') from None
+
+
+class LockHeld(Exception):
+    """Another process holds the lock: ``holder`` names it ('PID 1234', 'PID 1234 on host gpu7')."""
+
+    def __init__(self, path, holder):
+        super().__init__(f'{path}: locked by {holder}')
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive advisory lock (flock(2)) on the file ``path``, which holds the holder's PID and host.
+
+    The kernel drops the lock when its process dies, however it dies (kill -9 included): a file left by
+    a dead holder blocks nothing, the next :meth:`acquire` takes it and writes its own PID. Only
+    processes that ask for the lock are kept out; the lock guards nothing else.
+    """
+
+    def __init__(self, path):
+        self.path, self.fd, self.created = path, None, False
+
+    @property
+    def held(self):
+        return self.fd is not None
+
+    def acquire(self):
+        """Take the lock, creating the file if there is none: True once held, False where this system or
+        file system has no such locks (then nothing is held and nothing left behind). Raises
+        :class:`LockHeld` if another process holds it, OSError if the file cannot be created or opened."""
+        if fcntl is None:
+            return False
+        flags = os.O_RDWR | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+        for _ in range(100):
+            created = False
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, flags)
+                except FileNotFoundError:
+                    continue  # its holder removed it as it finished
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise LockHeld(self.path, holder) from None
+            except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+                os.close(fd)
+                if created:
+                    with contextlib.suppress(OSError):
+                        os.remove(self.path)
+                return False
+            if not self._names(fd):  # removed (or replaced) by its last holder between our open and flock
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode(), 0)
+            self.fd, self.created = fd, created
+            return True
+        raise OSError(errno.EAGAIN, 'the lock file kept being replaced', self.path)
+
+    def _names(self, fd):
+        """True if ``self.path`` still names the file open as ``fd``."""
+        try:
+            on_disk = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        mine = os.fstat(fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+
+    @staticmethod
+    def _holder(fd):
+        """'PID 1234' (and ' on host NAME' if not this one) from the holder's file; it writes them just after
+        taking the lock, so an empty file is read again for up to a second."""
+        for _ in range(20):
+            words = os.pread(fd, 200, 0).decode('utf-8', 'replace').split()
+            if words:
+                host = f' on host {words[1]}' if len(words) > 1 and words[1] != socket.gethostname() else ''
+                return f'PID {words[0]}{host}'
+            time.sleep(0.05)
+        return 'a process that did not write its PID'
+
+    def release(self, remove=False):
+        """Drop the lock; ``remove``: delete the file first (while still holding it, so that no process
+        takes a lock on a file that is about to go). Safe to call when not held."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+            fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked workers may share the open file
+        finally:
+            os.close(fd)
 
 
 class StopSignals:

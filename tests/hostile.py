@@ -1,12 +1,15 @@
-"""Files that would run code and damaged files, for tests/test_dataloader_files.py (the library calls)
-and tests/test_main_fuzz.py (the same files through main.py's command line)."""
+"""Files that would run code and damaged files, for tests/test_dataloader_files.py (the library calls),
+tests/test_runs.py (run folders) and tests/test_main_fuzz.py (the same files through main.py's command line)."""
+import json
 import os
 import pickle
 import shlex
 import struct
+import zipfile
 import zlib
 
 import numpy as np
+import torch
 
 from conftest import write_cifar10, write_image_folder
 
@@ -142,3 +145,65 @@ def write_image_folder_with_bad_image(root, split):
 
 def deeply_nested_json(depth):
     return '{"epochs": ' + '[' * depth + ']' * depth + '}'
+
+
+def flip_bit_in_tensor(path, bit=4):
+    """Flip one bit in the middle of the largest tensor's bytes of the torch.save file ``path`` (a bit rotted
+    on the disk): torch.load still reads the file, with one wrong value. Returns the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if '/data/' in info.filename),
+                     key=lambda info: info.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack('<HH', f.read(4))
+        f.seek(record.header_offset + 30 + name_length + extra_length + record.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ (1 << bit)]))
+    return record.filename.split('/', 1)[1]
+
+
+def write_wrong_run_files(root, state_dict, settings):
+    """Weights and run folders that hold the wrong thing or are damaged (issue 21), in ``root``, for the
+    weights ``state_dict`` of a model built with ``settings``: {kind: path}. 'weights ...' and 'config ...'
+    are a model_state.pth (beside a config.json of that kind), 'run ...' the folder of a run."""
+    def folder(name, config=None, **pth):
+        path = os.path.join(root, name)
+        os.makedirs(path)
+        if config is not None:
+            with open(os.path.join(path, 'config.json'), 'w') as f:
+                f.write(config if isinstance(config, str) else json.dumps(config))
+        for file_name, content in pth.items():
+            import utils  # the writer main.py uses: its checksums
+            utils.save_checkpoint(content, os.path.join(path, f'{file_name.replace("_prev", ".prev")}.pth'))
+        return path
+    good = {'settings': settings}
+    checkpoint = {'model': state_dict, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 1,
+                  'args': settings, 'log': []}
+    files = {}
+    for kind, content in (('tensor', torch.ones(3)), ('list', [torch.ones(3)]), ('dict of numbers', {'epoch': 3})):
+        files[f'weights {kind}'] = os.path.join(folder(f'weights_{kind.replace(" ", "_")}', good, model_state=content),
+                                                'model_state.pth')
+    for kind, config in (('list', '[1, 2]'), ('null', 'null'), ('settings a list', {'settings': [1]}),
+                         ('unknown arch', {'settings': {**settings, 'arch': 'resnet_50'}}),
+                         ('bad depth', {'settings': {**settings, 'depth': 'eight'}}), ('not JSON', '{"settings": ')):
+        files[f'config {kind}'] = os.path.join(folder(f'config_{kind.replace(" ", "_")}', config,
+                                                      model_state=state_dict), 'model_state.pth')
+    flipped = folder('flipped_weights', good, model_state=state_dict, checkpoint=checkpoint)
+    flip_bit_in_tensor(os.path.join(flipped, 'model_state.pth'))
+    files['weights flipped'] = os.path.join(flipped, 'model_state.pth')
+    for kind, content in (('tensor', torch.ones(3)), ('list', [1, 2]), ('weights only', state_dict),
+                          ('incomplete', {'model': state_dict, 'epoch': 1})):
+        files[f'run checkpoint {kind}'] = folder(f'run_checkpoint_{kind.replace(" ", "_")}', good, checkpoint=content)
+    files['run flipped'] = folder('run_flipped', good, checkpoint=checkpoint, checkpoint_prev=checkpoint)
+    flip_bit_in_tensor(os.path.join(files['run flipped'], 'checkpoint.pth'))
+    files['run config list'] = folder('run_config_list', '[1, 2]', checkpoint=checkpoint)
+    files['run not a run'] = folder('run_not_a_run')
+    with open(os.path.join(files['run not a run'], 'notes.txt'), 'w') as f:
+        f.write('mine\n')
+    files['run finished without checkpoint'] = folder('run_finished', good, model_state=state_dict)
+    for name, text in (('log.json', '[{"epoch": 1, "test_accuracy": 0.5}]'), ('summary.json', '{"epochs": 1}')):
+        with open(os.path.join(files['run finished without checkpoint'], name), 'w') as f:
+            f.write(text)
+    files['run locked'] = folder('run_locked', good, checkpoint=checkpoint)
+    return files

@@ -364,6 +364,27 @@ def test_bad_input_stops_every_rank_with_exit_2_and_one_line(per_rank, message, 
     assert not os.path.exists(tmp_path / 'run') or not os.listdir(tmp_path / 'run')
 
 
+def test_a_folder_another_run_holds_stops_every_rank(cifar10_dir, tmp_path):
+    """Rank 0 alone takes the folder's lock; when another run holds it, every rank exits with 2 and rank 0
+    says whose it is; nothing in the folder changes."""
+    outdir = tmp_path / 'run'
+    outdir.mkdir()
+    (outdir / 'config.json').write_text('{"settings": {"arch": "resnet"}}\n')
+    lock = utils.FileLock(str(outdir / '.lock'))  # held by this process, as by a run alive
+    assert lock.acquire()
+    try:
+        before = {name: (outdir / name).read_bytes() for name in os.listdir(outdir) if (outdir / name).is_file()}
+        results = launch_same([*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--resume'])
+        assert [status for status, _, _ in results] == [2, 2]
+        errors = [line for _, _, err in results for line in err.splitlines() if line.strip()]
+        assert errors == [f'main.py: error: --outdir {outdir}: in use by another run (PID {os.getpid()}); wait for it '
+                          f'to end or choose another directory'] and results[0][2].strip() == errors[0]
+        assert {name: (outdir / name).read_bytes() for name in os.listdir(outdir)
+                if (outdir / name).is_file()} == before
+    finally:
+        lock.release()
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--dist_backend', 'nccl'], '--dist_backend nccl needs GPUs'),
     (['--sync_bn'], "--sync_bn: torch's SyncBatchNorm runs on GPUs only"),

@@ -5,8 +5,10 @@ Every case runs main.cli in-process and must end with exit status 2, exactly one
 naming a flag, of a readable length, no traceback, and the disk as it was: no run directory
 created, an existing run directory (and everything else in the working folder) unchanged byte for
 byte. The damaged-file cases give the same command lines files that would run code (CIFAR pickles,
-checkpoints), damaged CIFAR batches, images PIL refuses and a --config nested too deep; a file
-whose code ran would leave a marker in the working folder. ``test_report`` prints how many cases ran
+checkpoints), damaged CIFAR batches, images PIL refuses, a --config nested too deep, weights and
+checkpoints that hold the wrong object or have a flipped bit, damaged config.json files beside weights,
+folders --resume must not write into and a run folder another run holds locked; a file whose code ran
+would leave a marker in the working folder. ``test_report`` prints how many cases ran
 (``pytest -s``).
 """
 import hashlib
@@ -313,6 +315,8 @@ def hostile_workspace(tmp_path_factory):
                        ('huge', json.dumps({'arch': 'x' * 5_000_000}))):
         files[f'{name} config'] = str(work / f'{name}.json')
         (work / f'{name}.json').write_text(text)
+    files['wrong'] = hostile.write_wrong_run_files(str(work / 'wrong'), model.state_dict(), {
+        'arch': 'resnet', 'depth': 8, 'base_channels': 4, 'dataset': 'CIFAR10'})
     return files
 
 
@@ -342,13 +346,38 @@ def damaged_file_cases(files):
     for name in ('deep', 'nested', 'huge'):
         cases.append([*hostile_base(files, files['data']), '--config', files[f'{name} config']])
     cases.append([*hostile_base(files, files['data']), '--arch', 'x' * 50_000_000])
+    # weights holding the wrong object, a damaged config.json beside them, a flipped bit (issue 21)
+    for kind, path in files['wrong'].items():
+        if kind.startswith(('weights', 'config')):
+            cases.append([*hostile_base(files, files['data']), '--evaluate', path])
+            cases.append([*hostile_base(files, files['data']), '--predict', files['good image'], '--weights', path])
+            cases.append([*hostile_base(files, files['data']), '--teacher', path])
+        elif kind != 'run locked':  # run folders that --resume must refuse and leave as they are
+            cases.append([*BASE, '--dataset_dir', files['data'], '--outdir', path, '--resume'])
     return cases
+
+
+def locked_run_cases(files):
+    """--resume, and a new run, into a folder whose lock another run holds."""
+    locked = files['wrong']['run locked']
+    return [[*BASE, '--dataset_dir', files['data'], '--outdir', locked, '--resume'],
+            [*BASE, '--dataset_dir', files['data'], '--outdir', locked]]
 
 
 def test_damaged_and_hostile_files(hostile_workspace, capsys, monkeypatch, tally):
     cases = damaged_file_cases(hostile_workspace)
     run_cases(cases, hostile_workspace, capsys, monkeypatch, tally, 'damaged files')
     assert not [name for name in os.listdir(hostile_workspace['work']) if name.startswith('ran-')]
+
+
+def test_a_run_folder_in_use(hostile_workspace, capsys, monkeypatch, tally):
+    """The lock of another run (this process's, on a file of its own: flock refuses a second open file)."""
+    lock = utils.FileLock(os.path.join(hostile_workspace['wrong']['run locked'], '.lock'))
+    assert lock.acquire()
+    try:
+        run_cases(locked_run_cases(hostile_workspace), hostile_workspace, capsys, monkeypatch, tally, 'locked folder')
+    finally:
+        lock.release(remove=True)
 
 
 @pytest.mark.parametrize('kind', ['bomb', 'bomb_warning_size'])

@@ -1,21 +1,28 @@
-"""Runs survive kills, stop signals, full disks, non-finite losses and mismatched files (issue 13).
+"""Runs survive kills, stop signals, full disks, non-finite losses and mismatched files (issue 13); two
+runs never share a folder, --resume writes only into a run's folder, and damaged or wrong files are
+refused in one line (issue 21).
 
 Kill points (utils.kill_point, TOOLKIT_TEST_KILL_AT=NAME:N[:SIGNAL]) stop a real run at chosen
-places; a resumed run must end with the log and weights of an uninterrupted one.
+places; a resumed run must end with the log and weights of an uninterrupted one. SIGSTOP at a kill
+point keeps a run alive (and its lock held) for as long as a test needs.
 """
 import errno
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import engine
+import hostile
 import main
+import runs
 import utils
 from conftest import ROOT, run_main
 
@@ -73,6 +80,7 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(reference, cifa
     assert killed.returncode == -signal.SIGKILL
     checkpoint = torch.load(os.path.join(outdir, 'checkpoint.pth'), weights_only=True)
     assert (checkpoint['epoch'], checkpoint['position']['epoch'], checkpoint['position']['step']) == (1, 2, 2)
+    assert os.path.isfile(os.path.join(outdir, '.lock'))  # the dead run's lock file: it blocks nothing
     assert [r['epoch'] for r in json.load(open(os.path.join(outdir, 'log.json')))] == [1]
     # the second checkpoint write of the resumed run (the end of epoch 2) dies before its rename
     killed = _subprocess([*run, '--resume'], kill_at='checkpoint_write:2')
@@ -95,6 +103,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(reference, cifa
     assert _log_without_times(outdir) == _log_without_times(reference)
     assert _same_weights(outdir, reference)
     assert not _temporaries(outdir)
+    assert sorted(os.listdir(outdir)) == ['checkpoint.pth', 'config.json', 'log.json', 'model_state.pth',
+                                          'summary.json']  # no lock, no previous checkpoint once finished
 
 
 def test_sigterm_stops_after_the_step_and_resumes_there(cifar10_dir, tmp_path, monkeypatch, capsys):
@@ -418,3 +428,354 @@ def test_resumed_tensorboard_has_no_duplicated_steps(cifar10_dir, tmp_path, monk
     assert ('train/loss', 2) in raw and raw.count(('train/loss', 2)) == 2  # written twice on disk ...
     assert len(shown) == len(set(shown))  # ... shown once
     assert sorted(step for tag, step in shown if tag == 'train/loss') == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- two runs, one folder (issue 21)
+
+def _start(args, log_prefix, kill_at=None):
+    """main.py in a process of its own, not waited for; its output goes to files (a stopped process must
+    not fill a pipe nobody reads)."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env.pop(utils.KILL_AT_VARIABLE, None)
+    if kill_at:
+        env[utils.KILL_AT_VARIABLE] = kill_at
+    out, err = open(f'{log_prefix}.out', 'w'), open(f'{log_prefix}.err', 'w')
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], stdout=out, stderr=err,
+                               env=env, cwd=os.path.dirname(log_prefix))
+    process.err_path = f'{log_prefix}.err'
+    return process
+
+
+def _stopped(process):
+    """True while ``process`` is stopped (SIGSTOP): state T in /proc/PID/stat."""
+    try:
+        with open(f'/proc/{process.pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] in 'tT'
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+def _err_lines(process):
+    with open(process.err_path) as f:
+        return _messages(f.read())
+
+
+def _one_error(capsys):
+    """The one line of an in-process main.cli's refusal, without the program name before 'error: '."""
+    err = _messages(capsys.readouterr().err)
+    assert len(err) == 1 and ': error: ' in err[0], err
+    return err[0].split(': error: ', 1)[1]
+
+
+def _snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(d, name), folder): open(os.path.join(d, name), 'rb').read()
+            for d, _, names in os.walk(folder) for name in names}
+
+
+def test_two_runs_started_into_one_outdir_the_second_is_refused_naming_the_first(cifar10_dir, tmp_path):
+    """Both start at once into a folder that does not exist yet. Whichever locks it first stops itself
+    (SIGSTOP) at its first step, keeping the lock, so that the other meets it whatever the timing: the
+    other is refused in one line naming the winner's PID (exit 2), and the winner, continued, finishes
+    with its files intact and its lock file gone."""
+    outdir = tmp_path / 'run'
+    run = [*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]
+    both = [_start(run, str(tmp_path / name), kill_at='step:1:STOP') for name in ('a', 'b')]
+    try:
+        _wait_until(lambda: any(p.poll() is not None for p in both) and all(
+            p.poll() is not None or _stopped(p) for p in both))
+        [refused] = [p for p in both if p.poll() is not None]
+        [winner] = [p for p in both if p is not refused]
+        os.kill(winner.pid, signal.SIGCONT)
+        assert winner.wait(timeout=240) == 0, _err_lines(winner)
+    finally:
+        for process in both:
+            if process.poll() is None:
+                process.kill()
+    assert refused.returncode == 2
+    assert _err_lines(refused) == [f'main.py: error: --outdir {outdir}: in use by another run (PID {winner.pid}); '
+                                   f'wait for it to end or choose another directory']
+    assert sorted(os.listdir(outdir)) == ['checkpoint.pth', 'config.json', 'log.json', 'model_state.pth',
+                                          'summary.json']
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2]
+    assert json.load(open(outdir / 'summary.json'))['epochs'] == 2
+    assert str(winner.pid) not in ' '.join(_err_lines(winner))
+
+
+def test_resume_while_the_run_lives_is_refused_and_after_a_kill_9_it_resumes(cifar10_dir, tmp_path, capsys):
+    """A run stopped (alive, holding its lock) in epoch 2: --resume and a second new run into its folder
+    are refused naming its PID and change nothing. Killed with SIGKILL, its lock goes with it: the
+    lock file it leaves blocks nothing, --resume finishes the run and removes it."""
+    outdir = tmp_path / 'run'
+    run = [*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]
+    alive = _start(run, str(tmp_path / 'first'), kill_at='step:12:STOP')  # epoch 2: after epoch 1's checkpoint
+    try:
+        _wait_until(lambda: _stopped(alive) or alive.poll() is not None)
+        assert alive.poll() is None, _err_lines(alive)
+        before = _snapshot(outdir)
+        assert before['.lock'].split()[0] == str(alive.pid).encode()
+        capsys.readouterr()
+        for extra in (['--resume'], []):
+            assert run_main([*run, *extra]) == 2
+            assert _one_error(capsys) == (f'--outdir {outdir}: in use by another run (PID {alive.pid}); wait for it '
+                                          f'to end or choose another directory'), extra
+            assert _snapshot(outdir) == before
+        alive.kill()
+        assert alive.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if alive.poll() is None:
+            alive.kill()
+    assert os.path.isfile(outdir / '.lock')
+    assert run_main([*run, '--resume']) == 0
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2, 3]
+    assert not os.path.exists(outdir / '.lock')
+
+
+def test_file_lock_names_its_holder_and_reuses_a_dead_ones_file(tmp_path):
+    path = str(tmp_path / '.lock')
+    (tmp_path / '.lock').write_text('999999999 another-host\n')  # left by a process that died
+    first = utils.FileLock(path)
+    assert first.acquire() and not first.created
+    assert open(path).read().split()[0] == str(os.getpid())
+    with pytest.raises(utils.LockHeld) as held:  # flock: a second open file, even in this process, is refused
+        utils.FileLock(path).acquire()
+    assert held.value.holder == f'PID {os.getpid()}'
+    first.release(remove=True)
+    assert not os.path.exists(path)
+    second = utils.FileLock(path)
+    assert second.acquire() and second.created
+    second.release()
+    assert os.path.exists(path)
+    third = utils.FileLock(path)
+    assert third.acquire()
+    third.release()
+
+
+def test_a_file_system_without_locks_runs_unlocked_and_says_so(cifar10_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(utils, 'fcntl', None)
+    run = [*RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'run')]
+    warning = f'--outdir {tmp_path / "run"}: this file system takes no locks; a second run started in this directory ' \
+              f'would not be stopped'
+    for argv in (run, [*run, '--resume', '--epochs', '2']):
+        assert run_main(argv) == 0
+        assert _messages(capsys.readouterr().err).count(warning) == 1
+    assert [r['epoch'] for r in json.load(open(tmp_path / 'run' / 'log.json'))] == [1, 2]
+    assert '.lock' not in os.listdir(tmp_path / 'run')
+
+
+# ----------------------------------------------------------------------------- --resume only into a run's folder
+
+def _finished_without_checkpoint(folder, finished_run):
+    shutil.copytree(finished_run, folder, dirs_exist_ok=True)
+    os.remove(folder / 'checkpoint.pth')
+
+
+@pytest.mark.parametrize('kind, make, message', [
+    ('user files', lambda folder, run: [(folder / 'notes.txt').write_text('mine'), (folder / 'data').mkdir()],
+     'is not a run folder (no config.json; it holds data, notes.txt); give the --outdir of a run, nothing here '
+     'was changed'),
+    ('finished, checkpoint gone', _finished_without_checkpoint,
+     'is a finished run whose checkpoint.pth is gone (it holds config.json, log.json, model_state.pth, '
+     'summary.json); nothing to continue from: start a new --outdir'),
+    ('config.json a list', lambda folder, run: (folder / 'config.json').write_text('[1, 2]'),
+     'config.json: a JSON list, not the config.json of a run (an object with "settings"); '),
+    ('config.json without settings', lambda folder, run: (folder / 'config.json').write_text('{"lr": 0.1}'),
+     'config.json: an object without "settings", not the config.json of a run'),
+    ('config.json not JSON', lambda folder, run: (folder / 'config.json').write_text('{"settings": '),
+     'config.json: not valid JSON (Expecting value: line 1 column 14 (char 13))'),
+    ('config.json naming an unknown arch',
+     lambda folder, run: (folder / 'config.json').write_text('{"settings": {"arch": "resnet_50"}}'),
+     'config.json: "arch": "resnet_50" (a JSON string): expected one of '),
+    ('previous checkpoint only', lambda folder, run: [
+        shutil.copytree(run, folder, dirs_exist_ok=True), os.remove(folder / 'summary.json'),
+        os.rename(folder / 'checkpoint.pth', folder / 'checkpoint.prev.pth')],
+     'has no checkpoint.pth but a checkpoint.prev.pth; rename it to checkpoint.pth to resume from it'),
+])
+def test_resume_refuses_a_folder_that_is_not_a_resumable_run_and_leaves_it(kind, make, message, finished_run,
+                                                                           cifar10_dir, tmp_path, capsys):
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    make(folder, finished_run)
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert run_main([*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(folder), '--resume']) == 2
+    error = _one_error(capsys)
+    assert error.startswith('--resume: ') and message in error, error
+    assert _snapshot(folder) == before and '.lock' not in os.listdir(folder)
+
+
+def test_resume_starts_a_run_that_never_started(cifar10_dir, tmp_path, capsys):
+    """No folder yet, or an empty one (benchmarks/gpu/session.sh passes --resume every time): a new run."""
+    for folder in (tmp_path / 'none', tmp_path / 'empty'):
+        if folder.name == 'empty':
+            folder.mkdir()
+        assert run_main([*RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(folder), '--resume']) == 0
+        assert 'no checkpoint in' in capsys.readouterr().err
+        assert [r['epoch'] for r in json.load(open(folder / 'log.json'))] == [1]
+
+
+# ----------------------------------------------------------------------------- damaged and wrong files
+
+WRONG_WEIGHTS = {'tensor': (torch.ones(3), 'holds a Tensor'), 'list': ([torch.ones(3)], 'holds a list'),
+                 'dict of numbers': ({'epoch': 3}, "holds a dict whose 'epoch' is an int")}
+
+
+def _weights_command(flag, weights, cifar10_dir, tmp_path):
+    if flag == '--evaluate':
+        return ['--evaluate', weights, '--dataset_dir', cifar10_dir, '--device', 'cpu']
+    if flag == '--weights':
+        return ['--predict', hostile.write_png(str(tmp_path / 'cat.png')), '--weights', weights, '--device', 'cpu']
+    return [*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'student'), '--teacher', weights]
+
+
+@pytest.mark.parametrize('flag', ['--evaluate', '--weights', '--teacher'])
+@pytest.mark.parametrize('kind', sorted(WRONG_WEIGHTS))
+def test_weights_that_hold_the_wrong_object_are_one_line(kind, flag, finished_run, cifar10_dir, tmp_path, capsys):
+    content, message = WRONG_WEIGHTS[kind]
+    folder = tmp_path / 'weights'
+    folder.mkdir()
+    shutil.copy(os.path.join(finished_run, 'config.json'), folder)
+    torch.save(content, folder / 'model_state.pth')
+    capsys.readouterr()
+    assert run_main(_weights_command(flag, str(folder / 'model_state.pth'), cifar10_dir, tmp_path)) == 2
+    assert _one_error(capsys) == (f'{flag}: {folder / "model_state.pth"} {message}, not weights (a state_dict: a dict '
+                                  f'of tensors by parameter name)')
+    assert not (tmp_path / 'student').exists()
+
+
+@pytest.mark.parametrize('kind, content, message', [
+    ('tensor', torch.ones(3), 'holds a Tensor, not a checkpoint (a dict of model, optimizer, epoch, args, log, ...)'),
+    ('list', [1, 2], 'holds a list, not a checkpoint'),
+    ('weights only', 'weights', 'holds weights only (a state_dict, as model_state.pth), not a checkpoint'),
+    ('incomplete', {'model': {}, 'epoch': 1}, "holds a dict without 'optimizer', 'args', 'log', not a checkpoint"),
+    ('epoch a string', 'epoch', "holds a dict whose 'epoch' is a str, not an int: not a checkpoint"),
+])
+def test_resume_refuses_a_checkpoint_of_the_wrong_object(kind, content, message, finished_run, cifar10_dir, tmp_path,
+                                                         capsys):
+    outdir = tmp_path / 'run'
+    shutil.copytree(finished_run, outdir)
+    checkpoint = torch.load(outdir / 'checkpoint.pth', weights_only=True)
+    if content == 'weights':
+        content = checkpoint['model']
+    elif content == 'epoch':
+        content = {**checkpoint, 'epoch': '1'}
+    torch.save(content, outdir / 'checkpoint.pth')
+    before = _snapshot(outdir)
+    capsys.readouterr()
+    assert run_main([*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--resume']) == 2
+    error = _one_error(capsys)
+    assert error.startswith(f'--resume: {outdir / "checkpoint.pth"} {message}'), error
+    assert _snapshot(outdir) == before
+
+
+@pytest.mark.parametrize('flag', ['--evaluate', '--weights', '--teacher'])
+@pytest.mark.parametrize('config, message', [
+    ('[1, 2]', 'a JSON list, not the config.json of a run (an object with "settings")'),
+    ('null', 'a JSON null, not the config.json of a run'),
+    ('{"settings": [1]}', '"settings" is a JSON list, not an object'),
+    ('{"settings": {"arch": "resnet_50"}}', '"arch": "resnet_50" (a JSON string): expected one of '),
+    ('{"settings": {"arch": "resnet", "depth": "eight"}}', '"depth": "eight" (a JSON string): expected '),
+    ('{"settings": {"arch": "resnet", "dataset": 10}}', '"dataset": 10 (a JSON number): expected one of '),
+])
+def test_a_damaged_config_json_beside_weights_is_one_line(config, message, flag, finished_run, cifar10_dir, tmp_path,
+                                                          capsys):
+    folder = tmp_path / 'weights'
+    folder.mkdir()
+    shutil.copy(os.path.join(finished_run, 'model_state.pth'), folder)
+    (folder / 'config.json').write_text(config)
+    capsys.readouterr()
+    assert run_main(_weights_command(flag, str(folder / 'model_state.pth'), cifar10_dir, tmp_path)) == 2
+    error = _one_error(capsys)
+    assert error.startswith(f'{folder / "config.json"} (beside model_state.pth): {message}'), error
+    assert error.endswith('; fix or remove it (without it --evaluate and --predict take --arch and the model '
+                          'flags from the command line)')
+
+
+def test_a_flipped_bit_is_refused_naming_the_intact_earlier_file(cifar10_dir, tmp_path, monkeypatch, capsys):
+    """A bit flipped inside a tensor of checkpoint.pth (torch.load reads it as a wrong weight): --resume
+    and --evaluate are refused in one line naming the record and checkpoint.prev.pth, intact, with its
+    step; nothing is written. Renamed over it, the previous checkpoint resumes. A flipped bit in the
+    finished run's model_state.pth names the last checkpoint, which holds the same weights."""
+    outdir = tmp_path / 'run'
+    run = [*RUN, '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--save_every_steps', '4']
+    monkeypatch.setenv(utils.KILL_AT_VARIABLE, 'step:17:TERM')  # epoch 2, step 7; checkpoints at steps 12, 16, 17
+    monkeypatch.setattr(utils, 'kill_point', utils._KillPoints())
+    assert run_main(run) == 128 + signal.SIGTERM
+    monkeypatch.delenv(utils.KILL_AT_VARIABLE)
+    assert sorted(os.listdir(outdir)) == ['checkpoint.prev.pth', 'checkpoint.pth', 'config.json', 'log.json']
+    record = hostile.flip_bit_in_tensor(str(outdir / 'checkpoint.pth'))
+    before = _snapshot(outdir)
+    damaged = (f'checkpoint {outdir / "checkpoint.pth"} is damaged: the bytes of its record {record} do not match '
+               f'the CRC-32 written with them (changed on the disk or in a copy); checkpoint.prev.pth beside it is '
+               f'intact (epoch 2, step 6): rename it to checkpoint.pth to resume from there')
+    capsys.readouterr()
+    assert run_main([*run, '--resume']) == 2
+    assert _one_error(capsys) == f'--resume: {damaged}'
+    evaluate = ['--dataset_dir', cifar10_dir, '--device', 'cpu', '--evaluate']
+    assert run_main([*evaluate, str(outdir / 'checkpoint.pth')]) == 2
+    assert _one_error(capsys) == f'--evaluate: {damaged}'
+    assert _snapshot(outdir) == before
+    os.replace(outdir / 'checkpoint.prev.pth', outdir / 'checkpoint.pth')
+    assert run_main([*run, '--resume']) == 0
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2, 3]
+    assert 'checkpoint.prev.pth' not in os.listdir(outdir)  # a finished run keeps its last checkpoint only
+    record = hostile.flip_bit_in_tensor(str(outdir / 'model_state.pth'))
+    capsys.readouterr()
+    assert run_main([*evaluate, str(outdir / 'model_state.pth')]) == 2
+    assert _one_error(capsys) == (
+        f'--evaluate: checkpoint {outdir / "model_state.pth"} is damaged: the bytes of its record '
+        f'{record} do not match the CRC-32 written with them (changed on the disk or in a copy); checkpoint.pth '
+        f'beside it is intact (after epoch 3): it holds the weights of that epoch (the final ones)')
+
+
+def test_every_flipped_bit_is_refused_or_harmless(tmp_path):
+    """One bit flipped at each byte of a small checkpoint: utils.load_checkpoint refuses the file, or what
+    it returns equals what was saved (a flip in bytes that carry no data: zip timestamps, padding)."""
+    state = {'model': {'weight': torch.arange(24, dtype=torch.float32).view(2, 12), 'count': torch.tensor(7)},
+             'epoch': 3, 'log': [{'epoch': 3, 'lr': 0.1}], 'args': {'arch': 'resnet'}}
+    path = str(tmp_path / 'checkpoint.pth')
+    utils.save_checkpoint(state, path)
+    original = open(path, 'rb').read()
+    silently_different = []
+    for offset in range(len(original)):
+        with open(path, 'wb') as f:
+            f.write(original[:offset] + bytes([original[offset] ^ 0x08]) + original[offset + 1:])
+        try:
+            loaded = utils.load_checkpoint(path)
+        except utils.UsageError:
+            continue
+        same = (loaded['epoch'], loaded['log'], loaded['args']) == (3, state['log'], state['args']) and all(
+            torch.equal(loaded['model'][k], v) for k, v in state['model'].items())
+        if not same:
+            silently_different.append(offset)
+    assert not silently_different, f'{len(silently_different)} of {len(original)} flips loaded a different state'
+
+
+def test_checkpoints_without_checksums_still_load(finished_run, cifar10_dir, tmp_path):
+    """torch.save's legacy (non-zip) format and zip files written with compute_crc32 off carry no
+    checksum: they load unverified, and a run resumes from them."""
+    from torch.utils import serialization
+    checkpoint = torch.load(os.path.join(finished_run, 'checkpoint.pth'), weights_only=True)
+    legacy, no_crc = str(tmp_path / 'legacy.pth'), str(tmp_path / 'no_crc.pth')
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    serialization.config.save.compute_crc32 = False
+    try:
+        torch.save(checkpoint, no_crc)
+    finally:
+        serialization.config.save.compute_crc32 = True
+    for path in (legacy, no_crc):
+        loaded = utils.load_checkpoint(path)['model']
+        assert all(torch.equal(loaded[key], value) for key, value in checkpoint['model'].items())
+    outdir = tmp_path / 'run'
+    shutil.copytree(finished_run, outdir)
+    shutil.copy(legacy, outdir / 'checkpoint.pth')
+    assert run_main([*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--resume']) == 0
+    assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2]
+    assert utils.load_checkpoint(str(outdir / 'checkpoint.pth'))['epoch'] == 2  # written with its checksums again
