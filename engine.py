@@ -195,6 +195,7 @@ class Trainer:
         self.step_forward, self.perturb, self.apply_update, self.accumulate = (
             compiled(function) for function in (self._step_forward, self._perturb, self._apply_update, _accumulate))
         if self.ema is not None:
+            self.ema.track(self.model)
             self.ema_blend = compiled(self.ema.blend)
         self._lr_tensors = [group['lr'] for group in self.optimizer.param_groups]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR) and self.total_steps is not None:
@@ -516,9 +517,8 @@ class Trainer:
         if position is not None:  # the loader was started at that step (its start_at)
             epoch_state.restore(position, self.dist.rank, self.device)
         timer = utils.DeviceTimer(self.device)
-        last_shown = time.perf_counter()
-        bar = (progress or make_progress(False))(loader, f'epoch {epoch} train')
-        for images, labels in bar:
+        progress = progress or make_progress(enabled=False)
+        for images, labels in progress(loader, f'epoch {epoch} train', epoch_state.counters):
             # the scheduler counts the steps taken: a fractional last epoch stops at the budget
             if self.total_steps is not None and self.scheduler.last_epoch >= self.total_steps:
                 break
@@ -535,10 +535,6 @@ class Trainer:
                 if signum:
                     raise Interrupted(signum, f'stopped by {utils.signal_name(signum)} in epoch {epoch} after step '
                                               f'{epoch_state.step}; checkpoint.pth resumes at that step')
-            # reading the running loss waits for the GPU: at most once every 10 s
-            if not bar.disable and time.perf_counter() - last_shown > 10:
-                bar.set_postfix(loss=f'{epoch_state.loss.average:.4f}', acc=f'{epoch_state.accuracy.average:.4f}')
-                last_shown = time.perf_counter()
         elapsed = epoch_state.train_time_before + timer.elapsed()
         nonfinite_steps = self._check_nonfinite(epoch, epoch_state)
         bad_count = int(self.dist.all_reduce_sum_(epoch_state.bad_images.clone()))
@@ -640,6 +636,10 @@ class _EpochState:
         self.first_nonfinite = torch.full((), _NEVER, dtype=torch.int64, device=device)
         self.bad_images = torch.zeros((), dtype=torch.int64, device=device)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)  # self.step, on the device
+
+    def counters(self):
+        """The running loss and accuracy, as progress shows them (a read of the device)."""
+        return {'loss': f'{self.loss.average:.4f}', 'acc': f'{self.accuracy.average:.4f}'}
 
     def update(self, loss, accuracy, batch_size, bad, accumulate=None):
         """Count a step; ``accumulate``: :func:`_accumulate`, or its compiled form."""
@@ -787,30 +787,52 @@ def evaluate(model, loader, device, tta='none', autocast=contextlib.nullcontext,
 
 # ----------------------------------------------------------------------------- progress
 
-class _LinePerUpdate:
-    """A stream that turns tqdm's carriage returns into newlines, for logs redirected to a file."""
+class _Lines:
+    """Progress off a terminal (a log file, a pipe): one plain line per ``interval`` seconds with the counters
+    of that moment, ``epoch 3 train: 120/391 steps, 41.2 steps/s, loss 1.2345, acc 0.5812``, and nothing else
+    (no redraws, no blank lines, nothing for a pass that ends within the interval). ``counters()``, read
+    only for a line (it waits for the GPU), gives the running figures."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, iterable, description, counters=None, enabled=True, interval=30.0, clock=time.perf_counter):
+        self.iterable, self.description, self.counters = iterable, description, counters
+        self.enabled, self.interval, self.clock = enabled, interval, clock
 
-    def write(self, text):
-        self.stream.write(text.replace('\r', '\n'))
+    def __len__(self):
+        return len(self.iterable)
 
-    def flush(self):
-        self.stream.flush()
+    def __iter__(self):
+        start = last = self.clock()
+        for count, item in enumerate(self.iterable, 1):
+            yield item
+            now = self.clock()
+            if self.enabled and now - last >= self.interval:
+                figures = ''.join(f', {key} {value}' for key, value in (self.counters() if self.counters else {}).items())
+                print(f'{self.description}: {count}/{len(self.iterable)} steps, {count / (now - start):.1f} steps/s'
+                      f'{figures}', file=sys.stderr, flush=True)
+                last = now
 
 
-def make_progress(enabled=True):
-    """tqdm bars; when stderr is not a terminal, one plain line every 30 s instead of redraws."""
-    from tqdm import tqdm
-    is_terminal = sys.stderr.isatty()
+class _Bar(_Lines):
+    """A tqdm bar on a terminal, its counters refreshed at most every 10 s (reading them waits for the GPU)."""
 
-    def progress(iterable, description):
-        return tqdm(iterable, desc=description, total=len(iterable), leave=False, disable=not enabled,
-                    dynamic_ncols=is_terminal, ncols=None if is_terminal else 100, ascii=not is_terminal,
-                    mininterval=0.5 if is_terminal else 30.0,
-                    file=sys.stderr if is_terminal else _LinePerUpdate(sys.stderr))
-    return progress
+    def __iter__(self):
+        from tqdm import tqdm
+        bar = tqdm(self.iterable, desc=self.description, total=len(self.iterable), leave=False,
+                   disable=not self.enabled, dynamic_ncols=True, mininterval=0.5)
+        last = self.clock()
+        for item in bar:
+            yield item
+            if self.enabled and self.counters and self.clock() - last > 10:
+                bar.set_postfix(**self.counters())
+                last = self.clock()
+
+
+def make_progress(enabled=True, interval=30.0):
+    """``progress(iterable, description, counters=None)``: tqdm bars on a terminal, elsewhere one plain line
+    every ``interval`` seconds (:class:`_Lines`)."""
+    if sys.stderr.isatty():
+        return functools.partial(_Bar, enabled=enabled)
+    return functools.partial(_Lines, enabled=enabled, interval=interval)
 
 
 # ----------------------------------------------------------------------------- learning-rate range test

@@ -652,8 +652,9 @@ def prepare_for_compile(optimizer):
     """Make ``optimizer`` steppable inside a compiled region that the learning-rate schedule never
     recompiles (the PyTorch tutorial "Running the compiled optimizer with an LR scheduler"):
 
-    - every group's lr becomes a 0-dim float64 tensor on its parameters' device, which the schedule
-      writes in place (a Python float would be a constant of the compiled graph);
+    - every group's lr becomes a 0-dim float32 tensor on its parameters' device, which the schedule
+      writes in place (a Python float would be a constant of the compiled graph; dynamo guards a float64
+      one on the host as it guards a float, reading its value);
     - Adam and AdamW take their capturable path (step counter on the device), which a tensor lr needs
       (on the CPU, where torch has none, their single-tensor path, which inductor fuses anyway);
     - Muon's momentum buffers exist (zeros), which its device step updates.
@@ -665,7 +666,7 @@ def prepare_for_compile(optimizer):
     for inner in _optimizers(optimizer):
         for group in inner.param_groups:
             if not torch.is_tensor(group['lr']):
-                group['lr'] = torch.tensor(group['lr'], dtype=torch.float64, device=group['params'][0].device)
+                group['lr'] = torch.tensor(group['lr'], dtype=torch.float32, device=group['params'][0].device)
             if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
                 on_accelerator = group['params'][0].device.type != 'cpu'
                 # torch's Adam takes a tensor lr capturable (accelerators only) or one tensor at a time
@@ -1060,6 +1061,10 @@ class ExponentialMovingAverage:
             self._source = model
         return self._floats, self._others
 
+    def track(self, model):
+        """Gather the tensor lists of ``model`` (and its average) now; :meth:`blend` reuses them."""
+        self._tensor_lists(model)
+
     def update_parameters(self, model):
         """Count a call; on every ``every``-th, blend ``model`` into the average."""
         if self.due():
@@ -1072,7 +1077,8 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def blend(self, model):
-        """``ema = decay ** every * ema + (1 - decay ** every) * model`` (a compiled step compiles this)."""
+        """``ema = decay ** every * ema + (1 - decay ** every) * model`` (a compiled step compiles this: call
+        :meth:`track` first, so that the compiled code finds the tensor lists gathered)."""
         (averaged_floats, current_floats), (averaged_others, current_others) = self._tensor_lists(model)
         if averaged_floats:
             torch._foreach_lerp_(averaged_floats, current_floats, 1 - self.decay ** self.every)

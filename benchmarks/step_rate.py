@@ -9,6 +9,8 @@ flip and normalization), after warm-up steps; the clock stops after a device syn
     # the same steps timed for another checkout (e.g. `git worktree add /tmp/before 77dcebc`) and
     # this one, alternating rounds in fresh processes, medians and the ratio printed:
     python benchmarks/step_rate.py --compare /tmp/before --archs resnet_preact20 wrn16_4 --device cpu
+    # this checkout eager against --compile (the compile excluded: it runs in the warm-up steps)
+    python benchmarks/step_rate.py --compare_flags=--compile --archs resnet_preact20 wrn16_4 --device cpu
 
 Flags after ``--`` go to main.py's parser (e.g. ``-- --ema_decay 0.999 --use_mixup``).
 """
@@ -54,7 +56,8 @@ def measure(source, arch, device_name, steps, warmup, batch_size, extra):
     optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
     scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=10, steps_per_epoch=len(loader))
     regularizer = augmentations.BatchRegularizer(info.num_classes, **augmentations.regularizer_kwargs(args))
-    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, **engine.trainer_kwargs(args))
+    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, total_steps=10 * len(loader),
+                             **engine.trainer_kwargs(args))
     model.train()
 
     def batches():
@@ -73,16 +76,20 @@ def measure(source, arch, device_name, steps, warmup, batch_size, extra):
 
 
 def compare(args, extra):
-    """Alternate fresh processes of the two checkouts, ``rounds`` times per architecture."""
-    sources = {'before': os.path.abspath(args.compare), 'after': HERE}
+    """Alternate fresh processes of the two checkouts (or of this one without and with ``--compare_flags``),
+    ``rounds`` times per architecture."""
+    if args.compare_flags is not None:
+        sources = {'before': (HERE, []), 'after': (HERE, args.compare_flags.split())}
+    else:
+        sources = {'before': (os.path.abspath(args.compare), []), 'after': (HERE, [])}
     rates = {arch: {name: [] for name in sources} for arch in args.archs}
     for round_index in range(args.rounds):
         for arch in args.archs:
-            for name, source in sources.items():
+            for name, (source, flags) in sources.items():
                 with tempfile.NamedTemporaryFile(suffix='.json') as out:
                     command = [sys.executable, os.path.abspath(__file__), '--source', source, '--archs', arch,
                                '--device', args.device, '--steps', str(args.steps), '--warmup', str(args.warmup),
-                               '--batch_size', str(args.batch_size), '--json', out.name, '--', *extra]
+                               '--batch_size', str(args.batch_size), '--json', out.name, '--', *extra, *flags]
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                     rates[arch][name].append(json.load(open(out.name))[arch])
                 print(f'round {round_index + 1} {arch} {name}: {rates[arch][name][-1]:.3f} steps/s', flush=True)
@@ -104,11 +111,13 @@ def main():
     parser.add_argument('--batch_size', type=int, default=128)
     parser.add_argument('--source', default=HERE, help='the checkout whose code is timed')
     parser.add_argument('--compare', help='another checkout to time against this one, alternating')
+    parser.add_argument('--compare_flags', help='time this checkout without and with these main.py flags '
+                                                '(e.g. --compile), alternating')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--json', help='write the figures to this file')
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != '--']
-    if args.compare:
+    if args.compare or args.compare_flags is not None:
         figures = compare(args, extra)
     else:
         figures = {arch: measure(args.source, arch, args.device, args.steps, args.warmup, args.batch_size, extra)

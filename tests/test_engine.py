@@ -431,7 +431,7 @@ def test_compiled_training_and_padded_evaluation_do_not_recompile(capsys):
     assert '--compile' not in capsys.readouterr().err
     compiled_frames = dict(counters['stats'])
     for epoch in (1, 2):
-        trainer.train_one_epoch(train_loader, epoch, lambda loader, _: _Bar(loader))
+        trainer.train_one_epoch(train_loader, epoch, lambda loader, *_: _Bar(loader))
         trainer.evaluate(test_loader)
     assert dict(counters['stats']) == compiled_frames
     assert counters['stats']['unique_graphs'] >= 2  # training (forward and loss) and evaluation
