@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -633,6 +634,9 @@ def cli(argv=None):
     Any other exception ends its rank with a traceback, and torchrun stops the other ranks; a rank
     that finds itself alone in a collective operation (its peer died, or --dist_timeout passed)
     says so in one line instead of a second traceback.
+
+    Ctrl-C (SIGINT) ends the command with 130 and a line; called from Python with ``argv`` (a test
+    suite, a benchmark) it raises KeyboardInterrupt after that line, so that the caller stops too.
     """
     program = os.path.basename(sys.argv[0]) or 'main.py'
     rank = utils.env_rank()
@@ -642,9 +646,11 @@ def cli(argv=None):
     except UsageError as error:
         _exit(2, f'{program}: error: {error}', speaks)
     except KeyboardInterrupt:
-        _exit(130, 'interrupted; resume with the same command plus --resume', speaks, leave_group=False)
+        _exit(130, 'interrupted; resume with the same command plus --resume', speaks, leave_group=False,
+              interrupt=argv is not None)
     except engine.Interrupted as interrupted:
-        _exit(128 + interrupted.signum, f'{program}: {interrupted}', speaks)
+        _exit(128 + interrupted.signum, f'{program}: {interrupted}', speaks,
+              interrupt=argv is not None and interrupted.signum == signal.SIGINT)
     except utils.StorageError as error:
         _exit(1, f'{program}: {error}; the previous {os.path.basename(error.path)} is intact (free space, '
                  f'then continue with --resume)', speaks)
@@ -660,11 +666,13 @@ def cli(argv=None):
     utils.close_distributed()
 
 
-def _exit(status, message, speaks, leave_group=True):
+def _exit(status, message, speaks, leave_group=True, interrupt=False):
     if leave_group:
         utils.close_distributed()
     if speaks:
         print(message, file=sys.stderr)
+    if interrupt:
+        raise KeyboardInterrupt(message) from None
     sys.exit(status)
 
 

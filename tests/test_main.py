@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -88,7 +89,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(cifar10_dir, tmp_path,
         if state['epoch'] == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(utils, 'save_checkpoint', crash_after_epoch_2)
-    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
     monkeypatch.setattr(utils, 'save_checkpoint', real_save)
     assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 2
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
@@ -309,7 +311,8 @@ def test_resume_of_a_run_that_died_in_its_first_epoch_starts_over(cifar10_dir, t
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash)
-    assert run_main(run) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main(run)
     assert (outdir / 'config.json').exists() and not (outdir / 'checkpoint.pth').exists()
     monkeypatch.undo()
     assert run_main(run) == 2  # a plain rerun still refuses the non-empty directory
@@ -393,7 +396,8 @@ def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_
             raise KeyboardInterrupt
         return real_train(self, loader, epoch, *rest, **keywords)
     monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_4)
-    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
     monkeypatch.undo()
     assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 3
     assert torch.load(tmp_path / 'crashed' / 'checkpoint.pth', weights_only=True)['epoch'] == 2
@@ -478,7 +482,8 @@ def test_airbench_recipe_resumed_after_a_crash_equals_the_uninterrupted_run(cras
     assert code == 0
     run = [*AIRBENCH_RECIPE, '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'crashed')]
     monkeypatch.setattr(utils, 'save_checkpoint', CheckpointRecorder(crash_after_epoch=crash_after_epoch))
-    assert run_main(run) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main(run)
     monkeypatch.undo()
     assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == crash_after_epoch
     assert run_main([*run, '--resume']) == 0
@@ -498,7 +503,8 @@ def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar1
             raise KeyboardInterrupt
         return real_train(self, loader, epoch, *rest, **keywords)
     monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_2)
-    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
     monkeypatch.undo()
     assert (tmp_path / 'crashed' / 'log.json').exists() and not (tmp_path / 'crashed' / 'checkpoint.pth').exists()
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
@@ -541,7 +547,8 @@ def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, t
             raise KeyboardInterrupt
         return real_train(self, loader, epoch, *rest, **keywords)
     monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_3)
-    assert run_main([*run, '--outdir', str(tmp_path / 'crashed')]) == 130
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
+        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
     monkeypatch.undo()
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
     assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
@@ -567,3 +574,32 @@ def test_fast_airbench94_recipe_runs_with_lookahead(cifar10_dir, tmp_path):
     assert math.isfinite(log[-1]['train_loss']) and 'test_accuracy' in log[-1]
     config = json.load(open(outdir / 'config.json'))['settings']
     assert config['lookahead_every'] == 5 and config['head_scale'] == pytest.approx(1 / 9)
+
+
+def test_a_run_restores_the_signal_handlers_it_installed(cifar10_dir, tmp_path):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(tmp_path / 'run')]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_stops_a_test_suite_that_runs_main_in_process(cifar10_dir, tmp_path):
+    """SIGINT during an in-process run (as a terminal's Ctrl-C reaches pytest): the run checkpoints, then
+    KeyboardInterrupt reaches pytest, which stops: the next test does not run."""
+    marker = tmp_path / 'second_test_ran'
+    test_file = tmp_path / 'test_interrupted.py'
+    test_file.write_text(
+        'import os, sys\n'
+        f'sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]\n'
+        'from conftest import TINY_RUN, run_main\n\n\n'
+        'def test_training_run():\n'
+        "    os.environ['TOOLKIT_TEST_KILL_AT'] = 'step:3:INT'\n"
+        f"    run_main([*TINY_RUN, '--epochs', '3', '--dataset_dir', {cifar10_dir!r}, '--outdir', "
+        f"{str(tmp_path / 'run')!r}])\n\n\n"
+        'def test_after():\n'
+        f'    open({str(marker)!r}, "w").close()\n')
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '--rootdir',
+                             str(tmp_path), str(test_file)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:]  # pytest's exit status for an interrupted session
+    assert 'KeyboardInterrupt' in result.stdout and not marker.exists()
+    assert 'stopped by SIGINT in epoch 1 after step 3' in result.stderr + result.stdout
+    assert (tmp_path / 'run' / 'checkpoint.pth').exists()
