@@ -256,6 +256,10 @@ def get_args_parser():
                        type=Text(pattern=r'(cpu|cuda|mps|xpu)(:[0-9]+)?', what='cpu, cuda or cuda:N', examples=['cpu'],
                                  optional=True))
     group.add_argument('--gpu', type=Int(0, optional=True), default=None, help='shorthand for --device cuda:N')
+    group.add_argument('--num_threads', type=Int(1, optional=True), default=None,
+                       help='threads of torch\'s CPU operators (default: OMP_NUM_THREADS if set, else on a CPU the '
+                            'cores this process may use less the machine\'s load average, at least 1; set 1 where '
+                            'other jobs share the cores)')
     flags.switch(group, '--test_first', 'evaluate once before training (logged as epoch 0)')
     flags.switch(group, '--tensorboard', 'write TensorBoard scalars', True)
     group.add_argument('--no-tensorboard', dest='tensorboard', action='store_false')
@@ -307,7 +311,7 @@ OPTION_SWITCHES = {
 # Modes that exclude each other.
 EXCLUSIVE = [('evaluate', 'resume'), ('evaluate', 'lr_finder'), ('evaluate', 'dry_run'), ('lr_finder', 'dry_run')]
 # Settings that may differ between the machines of a multi-node run; all others must be the same on every rank.
-MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download')
+MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download', 'num_threads')
 
 
 def parse_args(argv=None):
@@ -403,6 +407,7 @@ def main(argv=None):
         return predict(args)
     # under torchrun: join the process group, one device per rank (a single process otherwise)
     dist, device = utils.init_distributed(resolve_device(args.device), args.dist_backend, args.dist_timeout)
+    args.num_threads = utils.set_threads(args.num_threads, device, dist)
     if dist.enabled and args.lr_finder:
         raise UsageError('--lr_finder runs in one process: start it without torchrun')
     utils.check_same_settings(dist, vars(args), machine_local=MACHINE_LOCAL_FLAGS)

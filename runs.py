@@ -30,7 +30,7 @@ import utils
 from flags import Choice, UsageError, check_setting, show
 
 # Flags that never change what a run computes, so a resumed run may give them anew.
-RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'tensorboard', 'dataset_dir',
+RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'tensorboard', 'dataset_dir',
                   'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
                   'epochs', 'eval_every',
                   'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
