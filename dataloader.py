@@ -405,13 +405,16 @@ def _download(root, name):
         raise UsageError(f'--dataset_dir: {target} exists but does not hold a complete {name}; remove it to '
                          f'download {name} again, or complete it by hand ({_expected_location(root, name)})')
     url = _source(name)
+    parent = os.path.dirname(root)
+    created = _missing_folders(parent)  # removed again if the download fails: a failure leaves no trace
     try:
-        parent = os.path.dirname(root)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(root)}.download-')
     except OSError as error:
+        _remove_empty(created)
         raise UsageError(f'--dataset_dir {root}: cannot create a download folder beside it '
                          f'({error.strerror or error})') from None
+    succeeded = False
     try:
         dataset_class = getattr(datasets, _TORCHVISION_CLASSES[name])
         try:
@@ -419,15 +422,15 @@ def _download(root, name):
                 dataset_class(staging, train=train, download=True)
         except Exception as error:  # network failures surface as many exception types
             reason = (str(error).strip().splitlines() or [''])[0]
-            raise UsageError(f'--download: could not fetch {name} from {url} into {root} ({type(error).__name__}: '
-                             f'{reason}); without network, download it elsewhere and {_by_hand(root, name)}, or '
-                             f'pass --no-download') from None
+            raise UsageError(f'{name} is not in {root} and could not be downloaded from {url} '
+                             f'({type(error).__name__}: {reason}); without network, download it elsewhere and '
+                             f'{_by_hand(root, name)}, or pass --no-download') from None
         reader = _read_cifar if name in _CIFAR_FILES else _read_mnist_family
         for train in (True, False):
             try:
                 reader(staging, name, train)
             except FileNotFoundError as missing:
-                raise UsageError(f'--download: the {name} that torchvision fetched from {url} lacks '
+                raise UsageError(f'the {name} that torchvision downloaded from {url} lacks '
                                  f'{os.path.basename(missing.args[0])}') from None
         try:
             os.makedirs(root, exist_ok=True)
@@ -436,8 +439,28 @@ def _download(root, name):
             if not os.path.isdir(target):  # not another process that placed it first
                 raise UsageError(f'--dataset_dir {root}: cannot move the downloaded {name} into place '
                                  f'({error.strerror or error})') from None
+        succeeded = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not succeeded:
+            _remove_empty(created)
+
+
+def _missing_folders(path):
+    """The folders ``os.makedirs(path)`` would create, deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders):
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one: whatever else put something there keeps it
+        except OSError:
+            break
 
 
 def load_split(root, name, train, download=False):
@@ -450,7 +473,7 @@ def load_split(root, name, train, download=False):
         if not download:
             raise UsageError(f'--dataset_dir: {name} files not found: looked for '
                              f'{_expected_location(root, name)} (missing {missing.args[0]}); downloading is off '
-                             f'(--no-download or {OFFLINE_ENV}=1): pass --download to fetch them, or fetch '
+                             f'(--no-download, {OFFLINE_ENV}=1 or --dry_run): pass --download to fetch them, or fetch '
                              f'{_source(name)} and {_by_hand(root, name)}') from None
     _download(root, name)
     return reader(root, name, train)

@@ -432,6 +432,15 @@ def switch(group, name, help, default=False):
     group.add_argument(name, type=Bool(), nargs='?', const=True, default=default, metavar='BOOL', help=help)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default ("(default: None)" left out) and the description's paragraphs kept."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or '%(default)' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's errors as one line naming the flag and what it expects (the flag's domain)."""
 

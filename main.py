@@ -19,8 +19,10 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import textwrap
 
 import torch
 
@@ -53,7 +55,7 @@ def add_model_flags(group):
 
 
 def get_args_parser():
-    parser = flags.Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = flags.Parser(description=__doc__.split('\n\n')[0], formatter_class=flags.HelpFormatter,
                      allow_abbrev=False)  # --epoch is not --epochs: a typo must not pass
 
     group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
@@ -89,8 +91,10 @@ def get_args_parser():
     group.add_argument('--optimizer', **flags.choice(optim.OPTIMIZER_CHOICES), default='sgd',
                        help='muon: Muon (torch.optim.Muon, torch 2.9+) for the convolution filters, SGD with '
                             '--base_lr/--momentum for the other parameters')
-    group.add_argument('--base_lr', type=_POSITIVE, default=0.1)
-    group.add_argument('--weight_decay', type=Real(0), default=1e-4)
+    group.add_argument('--base_lr', type=_POSITIVE, default=0.1,
+                       help='learning rate (of the whole batch: not rescaled with --batch_size or the ranks)')
+    group.add_argument('--weight_decay', type=Real(0), default=1e-4,
+                       help='L2 weight decay (decoupled for adamw)')
     flags.switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
     flags.switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
     group.add_argument('--bn_bias_lr_factor', type=_POSITIVE, default=1.0,
@@ -105,16 +109,20 @@ def get_args_parser():
                             'torch.optim.Muon\'s factor sqrt(max(1, out / (in x kh x kw))) for banks with more '
                             'outputs than inputs (1x1 expansions, projection shortcuts, wide stems)')
     flags.switch(group, '--muon_normalize_weights', 'muon: rescale each filter bank to norm sqrt(out) before '
-            'its update (airbench94_muon)', True)
+                 'its update (airbench94_muon)', True)
     group.add_argument('--whiten_bias_epochs', type=Real(0, None, '(]', optional=True), default=None,
                        help='airbench: the patch-whitening bias trains (on its own copy of the schedule) '
                             'for this many epochs only')
-    group.add_argument('--momentum', type=_FRACTION, default=0.9)
-    group.add_argument('--nesterov', type=Bool(), nargs='?', const=True, default=True)
+    group.add_argument('--momentum', type=_FRACTION, default=0.9,
+                       help='SGD/LARS momentum')
+    group.add_argument('--nesterov', type=Bool(), nargs='?', const=True, default=True,
+                       help="Nesterov momentum (sgd, lars, muon's filters)")
     group.add_argument('--betas', type=ListOf(_FRACTION, 2, example='[0.9,0.999]'), default=[0.9, 0.999],
                        help='adam/adamw/adabound betas')
-    group.add_argument('--adabound_final_lr', type=_POSITIVE, default=0.1)
-    group.add_argument('--adabound_gamma', type=_POSITIVE, default=1e-3)
+    group.add_argument('--adabound_final_lr', type=_POSITIVE, default=0.1,
+                       help='adabound: the lr its bounds converge to')
+    group.add_argument('--adabound_gamma', type=_POSITIVE, default=1e-3,
+                       help='adabound: how fast the bounds converge')
     flags.switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
     group.add_argument('--sam_rho', type=Real(0, None, '(]', optional=True), default=None,
                        help='SAM neighbourhood radius (default: 0.05, or 0.5 with --sam_adaptive, the authors\' '
@@ -123,7 +131,7 @@ def get_args_parser():
     group.add_argument('--asam_eta', type=Real(0), default=0.01,
                        help='ASAM: T_w = |w| + eta on the parameters named *weight* (SamsungLabs/ASAM asam.py)')
     flags.switch(group, '--sam_freeze_bn_stats', 'SAM: the second forward pass (at w + e) leaves BatchNorm running '
-            'statistics alone (davda54/sam bypass_bn); false: both passes update them', True)
+                 'statistics alone (davda54/sam bypass_bn); false: both passes update them', True)
     group.add_argument('--lars_eps', type=Real(0), default=1e-9,
                        help='lars: trust ratio ||w|| / (eps + ||g|| + wd ||w||) (the original tool\'s LARS)')
     group.add_argument('--lars_thresh', type=Real(0), default=1e-2,
@@ -147,7 +155,8 @@ def get_args_parser():
                        help='run a learning-rate range test instead of training; writes lr_finder.json/png')
 
     group = parser.add_argument_group('Learning-rate schedule (stepped every iteration)')
-    group.add_argument('--scheduler', **flags.choice(optim.SCHEDULER_CHOICES), default='multistep')
+    group.add_argument('--scheduler', **flags.choice(optim.SCHEDULER_CHOICES), default='multistep',
+                       help='learning-rate schedule, stepped every iteration')
     group.add_argument('--milestones', type=ListOf(_POSITIVE, ordered=True, example='[80,120]'), default=[80, 120],
                        help='multistep: epochs')
     group.add_argument('--lr_decay', type=Real(0, 1, '(]'), default=0.1, help='multistep factor')
@@ -158,17 +167,19 @@ def get_args_parser():
     group.add_argument('--T0', type=Int(1), default=10, help='sgdr: first period in epochs')
     group.add_argument('--T_mul', type=Int(1), default=1, help='sgdr: period multiplier')
     group.add_argument('--poly_power', type=_POSITIVE, default=1.0, help='polynomial decay power')
-    group.add_argument('--warmup_epochs', type=Real(0), default=0)
+    group.add_argument('--warmup_epochs', type=Real(0), default=0,
+                       help='epochs of warmup before the schedule (may be fractional)')
     group.add_argument('--warmup_method', **flags.choice(optim.WARMUP_METHODS), default='linear',
                        help='linear: s + (1 - s) t; exponential: s + (1 - s) t^warmup_exponent (the original '
                             'tool\'s); geometric: s^(1 - t); s = --warmup_start_factor, t = warmup progress')
     group.add_argument('--warmup_start_factor', type=Real(0, 1), default=1e-3, help='lr factor at step 0 of warmup')
     group.add_argument('--warmup_exponent', type=_POSITIVE, default=4.0, help='exponential warmup: power of t')
     flags.switch(group, '--milestones_after_warmup', 'multistep: count --milestones from the end of warmup (the '
-            'original tool); false: from the start of training (torch MultiStepLR, Goyal et al.)', True)
+                 'original tool); false: from the start of training (torch MultiStepLR, Goyal et al.)', True)
 
     group = parser.add_argument_group('Data')
-    group.add_argument('--dataset', **flags.choice(dataloader.DATASET_CHOICES), default='CIFAR10')
+    group.add_argument('--dataset', **flags.choice(dataloader.DATASET_CHOICES), default='CIFAR10',
+                       help='ImageFolder: your own class folders in --dataset_dir (train/ and test/)')
     group.add_argument('--dataset_dir', type=Text(path=True, optional=True), default=None,
                        help='root holding cifar-10-batches-py/, MNIST/raw/, ... (default ~/.torchvision/datasets/NAME)')
     group.add_argument('--download', action='store_true', default=None,
@@ -181,39 +192,51 @@ def get_args_parser():
     group.add_argument('--data_pipeline', **flags.choice(('device', 'workers')), default='device',
                        help='device: dataset held on the training device, batched augmentation; '
                             'workers: per-sample DataLoader with worker processes')
-    group.add_argument('--num_workers', type=Int(0), default=2)
+    group.add_argument('--num_workers', type=Int(0), default=2,
+                       help='worker processes of the workers pipeline (and of ImageFolder)')
     group.add_argument('--val_ratio', type=_FRACTION, default=0.0,
                        help='hold out this part of the training set and evaluate on it instead of the test set')
-    group.add_argument('--test_batch_size', type=Int(1, optional=True), default=None)
+    group.add_argument('--test_batch_size', type=Int(1, optional=True), default=None,
+                       help='batch of the evaluation (default: max(--batch_size, 256))')
     flags.switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
-    group.add_argument('--random_crop_padding', type=Int(0), default=4)
+    group.add_argument('--random_crop_padding', type=Int(0), default=4,
+                       help='pixels of padding before the random crop')
     group.add_argument('--padding_mode', **flags.choice(('zeros', 'reflect')), default='zeros',
                        help='random crop padding; reflect is airbench\'s random translation')
     flags.switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
     flags.switch(group, '--alternating_flip', 'flip each image on every other epoch instead of at random '
-            '(airbench, arXiv 2404.00498)')
+                 '(airbench, arXiv 2404.00498)')
 
     group = parser.add_argument_group('Augmentation and regularization')
     flags.switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
-    group.add_argument('--cutout_size', type=Int(1), default=16)
-    group.add_argument('--cutout_prob', type=_PROBABILITY, default=1.0)
+    group.add_argument('--cutout_size', type=Int(1), default=16,
+                       help='side of the Cutout square (pixels)')
+    group.add_argument('--cutout_prob', type=_PROBABILITY, default=1.0,
+                       help='probability that an image is cut out')
     flags.switch(group, '--cutout_inside', 'keep the whole square inside the image')
     flags.switch(group, '--use_random_erasing', 'Random Erasing (arXiv 1708.04896)')
-    group.add_argument('--random_erasing_prob', type=_PROBABILITY, default=0.5)
+    group.add_argument('--random_erasing_prob', type=_PROBABILITY, default=0.5,
+                       help='probability that an image gets a rectangle erased')
     group.add_argument('--random_erasing_area_ratio_range', default=[0.02, 0.4],
-                       type=ListOf(Real(0, 1, '(]'), 2, ordered=True, example='[0.02,0.4]'))
-    group.add_argument('--random_erasing_min_aspect_ratio', type=Real(0, 1, '(]'), default=0.3)
-    group.add_argument('--random_erasing_max_attempt', type=Int(1), default=20)
+                       type=ListOf(Real(0, 1, '(]'), 2, ordered=True, example='[0.02,0.4]'),
+                       help="[low, high] share of the image's area erased")
+    group.add_argument('--random_erasing_min_aspect_ratio', type=Real(0, 1, '(]'), default=0.3,
+                       help="the erased rectangle's aspect ratio h/w lies in [this, 1/this]")
+    group.add_argument('--random_erasing_max_attempt', type=Int(1), default=20,
+                       help='tries to fit a rectangle into the image')
     group.add_argument('--random_erasing_fill', **flags.choice(augmentations.RANDOM_ERASING_FILLS), default='mean',
                        help='mean: the per-channel mean pixel, 0 after normalization (the paper authors\' code); '
                             'random: a standard-normal value per pixel (the paper\'s random values, as torchvision); '
                             'uniform: one U(0,1) value per rectangle (the original tool, hysts)')
     flags.switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
-    group.add_argument('--mixup_alpha', type=_POSITIVE, default=1.0)
+    group.add_argument('--mixup_alpha', type=_POSITIVE, default=1.0,
+                       help='Mixup: lambda ~ Beta(alpha, alpha)')
     flags.switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
-    group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3)
+    group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3,
+                       help='RICAP: the crossing point ~ Beta(beta, beta)')
     flags.switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
-    group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0)
+    group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0,
+                       help='CutMix: lambda ~ Beta(alpha, alpha)')
     group.add_argument('--cutmix_prob', type=_PROBABILITY, default=1.0,
                        help='probability that a batch is mixed (the paper\'s Algorithm 1: 1; the authors\' CIFAR '
                             'command: 0.5)')
@@ -221,14 +244,16 @@ def get_args_parser():
                        help='integer: the authors\' rand_bbox (an integer centre, each side cut at the border); '
                             'continuous: a continuous centre (this tool before; pastes about 7%% more area)')
     flags.switch(group, '--use_dual_cutout', 'Dual-Cutout (arXiv 1802.07426)')
-    group.add_argument('--dual_cutout_alpha', type=Real(0), default=0.1)
+    group.add_argument('--dual_cutout_alpha', type=Real(0), default=0.1,
+                       help='Dual-Cutout: weight of the consistency term')
     group.add_argument('--dual_cutout_distance', **flags.choice(('logits', 'softmax')), default='logits',
                        help='consistency term: MSE of the two views\' logits as in the paper authors\' code '
                             'and hysts, or squared distance of their softmax outputs')
     flags.switch(group, '--dual_cutout_joint_forward', 'forward both Dual-Cutout views in one pass of 2B images '
-            '(shared BatchNorm statistics) instead of one pass per view as the paper authors\' code and hysts')
+                 '(shared BatchNorm statistics) instead of one pass per view as the paper authors\' code and hysts')
     flags.switch(group, '--use_label_smoothing', 'label smoothing (arXiv 1512.00567)')
-    group.add_argument('--label_smoothing_epsilon', type=_FRACTION, default=0.1)
+    group.add_argument('--label_smoothing_epsilon', type=_FRACTION, default=0.1,
+                       help="label smoothing: the target's mass spread over all classes")
     flags.switch(group, '--use_autoaugment', 'AutoAugment (arXiv 1805.09501), policy --autoaugment_policy')
     group.add_argument('--autoaugment_policy', **flags.choice(augmentations.AUTOAUGMENT_POLICIES), default='cifar10',
                        help='AutoAugment\'s policy learned on CIFAR-10, SVHN or ImageNet')
@@ -251,7 +276,8 @@ def get_args_parser():
 
     group = parser.add_argument_group('Run')
     group.add_argument('--outdir', type=Text(path=True, optional=True), help='run directory (required for training)')
-    group.add_argument('--seed', type=Int(0, 2**63 - 1), default=17)
+    group.add_argument('--seed', type=Int(0, 2**63 - 1), default=17,
+                       help='random seed (model initialization, data order, augmentation)')
     group.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda if available)',
                        type=Text(pattern=r'(cpu|cuda|mps|xpu)(:[0-9]+)?', what='cpu, cuda or cuda:N', examples=['cpu'],
                                  optional=True))
@@ -262,7 +288,8 @@ def get_args_parser():
                             'other jobs share the cores)')
     flags.switch(group, '--test_first', 'evaluate once before training (logged as epoch 0)')
     flags.switch(group, '--tensorboard', 'write TensorBoard scalars', True)
-    group.add_argument('--no-tensorboard', dest='tensorboard', action='store_false')
+    group.add_argument('--no-tensorboard', dest='tensorboard', action='store_false',
+                       help='write no TensorBoard scalars')
     flags.switch(group, '--resume', 'continue the run in --outdir from its checkpoint.pth')
     group.add_argument('--dry_run', action='store_true',
                        help='build data and model, print the settings and parameter count, write nothing')
@@ -283,15 +310,15 @@ def get_args_parser():
                             'per epoch as nonfinite_steps in log.json); the run stops when more happen (0: at the '
                             'first)')
     flags.switch(group, '--channels_last', 'channels_last memory format for model and inputs')
-    flags.switch(group, '--compile', 'torch.compile the forward pass and loss (the backward is compiled with them)')
+    flags.switch(group, '--compile', 'torch.compile the whole training step (see README, Speed) and the evaluation')
     group.add_argument('--compile_mode', **flags.choice(COMPILE_MODES, optional=True), default=None,
                        help='torch.compile mode (needs --compile)')
     flags.switch(group, '--sync_bn', 'under torchrun: BatchNorm statistics over the batch of all ranks (SyncBatchNorm, '
-            'GPUs only); without it each rank normalizes its own images and every rank takes rank 0\'s running '
-            'statistics at the end of each epoch')
-    flags.switch(group, '--find_unused_parameters', 'under torchrun: DistributedDataParallel looks for parameters a step '
-            'did not use (architectures that skip layers at random, such as resnet_stochastic_depth, need it; '
-            'it costs a little time per step)')
+                 'GPUs only); without it each rank normalizes its own images and every rank takes rank 0\'s running '
+                 'statistics at the end of each epoch')
+    flags.switch(group, '--find_unused_parameters', 'under torchrun: DistributedDataParallel looks for parameters a '
+                 'step did not use (architectures that skip layers at random, such as resnet_stochastic_depth, need '
+                 'it; it costs a little time per step)')
     group.add_argument('--dist_backend', **flags.choice(('auto', 'nccl', 'gloo')), default='auto',
                        help='under torchrun: the process group backend (auto: nccl on GPUs, gloo on CPUs)')
     group.add_argument('--dist_timeout', type=_POSITIVE, default=600,
@@ -319,6 +346,9 @@ def parse_args(argv=None):
     flag's domain, then the relations main.py owns (modes, options without their switch); the libraries
     check theirs when main() builds their objects. Reads at most the --config file."""
     parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '-h' in argv or '--help' in argv:
+        print_help(parser, argv)
     defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
@@ -337,6 +367,20 @@ def parse_args(argv=None):
     resolve_defaults(args)
     check_relations(args)
     return args
+
+
+def print_help(parser, argv):
+    """--help: every flag with the default a run of the --arch given (else of the default arch) takes,
+    its training defaults and its model flags' values included; then exit."""
+    given = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == '--arch']
+    given += [word.split('=', 1)[1] for word in argv if word.startswith('--arch=')]
+    arch = given[-1] if given and given[-1] in models.list_models() else parser.get_default('arch')
+    parser.set_defaults(arch=arch, **models.train_defaults(arch), **models.model_params(arch))
+    parser.description += '\n\n' + textwrap.fill(
+        f'Defaults below are those of --arch {arch} (--arch NAME --help shows another\'s; --list_archs lists them '
+        f'all); model flags without a default do not apply to it.', width=min(shutil.get_terminal_size().columns, 100))
+    parser.print_help()
+    raise SystemExit(0)
 
 
 def read_config(path, domains):
@@ -359,8 +403,8 @@ def read_config(path, domains):
 def resolve_defaults(args):
     """The defaults that depend on other settings or on the machine."""
     args.precision = PRECISION_ALIASES.get(args.precision, args.precision)
-    if args.download is None:
-        args.download = not dataloader.offline()
+    if args.download is None:  # --dry_run writes nothing, a dataset included
+        args.download = not (dataloader.offline() or args.dry_run)
     if args.sam_rho is None:
         args.sam_rho = optim.default_sam_rho(args.sam_adaptive)
     if args.gpu is not None:
@@ -368,9 +412,36 @@ def resolve_defaults(args):
             raise UsageError(f'--gpu {args.gpu} and --device {args.device} contradict each other: give one')
         args.device = f'cuda:{args.gpu}'
     if args.dataset_dir is None:
-        args.dataset_dir = os.path.expanduser(os.path.join('~/.torchvision/datasets', args.dataset))
+        args.dataset_dir = default_dataset_dir(args.dataset)
     # a policy given by the user replaces the one an arch's defaults switch on; two given are refused
     augmentations.resolve_policy_switches(args, set(args.explicit))
+    resolve_model_flags(args)
+
+
+def default_dataset_dir(dataset):
+    return os.path.expanduser(os.path.join('~/.torchvision/datasets', dataset))
+
+
+def adopt_saved_run(args, saved):
+    """--evaluate and --predict: the arch, model flags and dataset of the run that saved the weights, where
+    the command line does not give them, and that run's --dataset_dir where it still exists."""
+    runs.adopt_saved_settings(args, saved)
+    resolve_model_flags(args)
+    if 'dataset_dir' not in args.explicit:
+        saved_dir = saved.get('dataset_dir')
+        args.dataset_dir = saved_dir if saved_dir and os.path.isdir(saved_dir) else default_dataset_dir(args.dataset)
+
+
+def resolve_model_flags(args):
+    """The model flags of ``args.arch`` take its builder's default where not given (so that config.json and
+    --dry_run show the values the model is built with); those of other archs, unless given, are None."""
+    params = models.model_params(args.arch)
+    for name in models.model_flag_names():
+        if name not in params:
+            if name not in args.explicit:
+                setattr(args, name, None)
+        elif getattr(args, name) is None:
+            setattr(args, name, list(params[name]) if isinstance(params[name], tuple) else params[name])
 
 
 def check_relations(args):
@@ -382,6 +453,9 @@ def check_relations(args):
         if option in args.explicit and not any(getattr(args, flag) for flag in switch.split('|')):
             raise UsageError(f'--{option} {flags.show(getattr(args, option))}: applies only with '
                              f'{" or ".join("--" + flag for flag in switch.split("|"))}')
+    if args.dry_run and args.download and 'download' in args.explicit:
+        raise UsageError('--download with --dry_run: a dry run writes nothing, a dataset included; run without '
+                         '--dry_run to fetch it')
     if args.predict and not args.weights:
         raise UsageError('--predict needs --weights MODEL_STATE (a model_state.pth or checkpoint.pth)')
     if not (args.list_archs or args.dry_run or args.evaluate or args.predict or args.outdir):
@@ -575,7 +649,7 @@ def evaluate_weights(args, device, dist=utils.SINGLE_PROCESS):
     the ranks share the test set and rank 0 prints the result of all of them.
     """
     saved = runs.saved_settings(args.evaluate)
-    runs.adopt_saved_settings(args, saved)
+    adopt_saved_run(args, saved)
     state = dist.run_on_main(lambda: runs.read_weights(args.evaluate, '--evaluate'))
     data = build_data(args, max(1, args.batch_size // dist.world_size), device, dist)
     with dist.agree():
@@ -595,7 +669,7 @@ def predict(args):
     its input size and normalized with its statistics, as the test images were in training.
     """
     settings = runs.saved_settings(args.weights)
-    runs.adopt_saved_settings(args, settings)
+    adopt_saved_run(args, settings)
     dataset_dirs = [args.dataset_dir if 'dataset_dir' in args.explicit else None, settings.get('dataset_dir')]
     if args.dataset not in dataloader.DATASETS:
         directory = next((d for d in dataset_dirs if d), None)

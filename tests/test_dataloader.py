@@ -227,8 +227,8 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no route to host')
     monkeypatch.setattr(datasets, 'CIFAR10', offline)
-    with pytest.raises(UsageError, match=r'--download: could not fetch CIFAR10 from https://\S+cifar-10-python.tar.gz '
-                                         r'into .*no route to host.*cifar-10-batches-py'):
+    with pytest.raises(UsageError, match=r'CIFAR10 is not in \S+ and could not be downloaded from '
+                                         r'https://\S+cifar-10-python.tar.gz .*no route to host.*cifar-10-batches-py'):
         dataloader.load_split(str(tmp_path), 'CIFAR10', train=True, download=True)
 
 

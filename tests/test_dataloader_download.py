@@ -78,10 +78,27 @@ def test_a_failed_or_interrupted_download_leaves_nothing(online, tmp_path, monke
         with pytest.raises(UsageError) as error:
             dataloader.load_split(str(root), 'CIFAR10', train=True, download=True)
         message = str(error.value)
-        assert 'could not fetch CIFAR10 from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz' in message
+        assert message.startswith(f'CIFAR10 is not in {root} and could not be downloaded from '
+                                  f'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz')  # no --download: not given
         assert 'no route to host' in message and f'{root}/cifar-10-batches-py/' in message
         assert '\n' not in message
     assert not os.path.exists(root / 'cifar-10-batches-py') and not leftovers(tmp_path)
+
+
+def test_a_failed_download_into_new_folders_removes_them(online, tmp_path, monkeypatch):
+    """The default --dataset_dir (~/.torchvision/datasets/NAME) on a fresh machine: a failed download
+    leaves none of the folders it created."""
+    import torchvision.datasets.cifar as cifar
+
+    def fail(url, download_root, **kwargs):
+        raise urllib.error.URLError('no route to host')
+    monkeypatch.setattr(cifar, 'download_and_extract_archive', fail)
+    home = tmp_path / 'home'
+    home.mkdir()
+    with pytest.raises(UsageError):
+        dataloader.load_split(str(home / '.torchvision' / 'datasets' / 'CIFAR10'), 'CIFAR10', train=True,
+                              download=True)
+    assert os.listdir(home) == []
 
 
 def test_an_incomplete_dataset_folder_is_not_overwritten(online, tmp_path):
@@ -118,11 +135,12 @@ def test_the_readme_run_works_on_a_fresh_machine(online, tmp_path, capsys):
 def test_an_explicit_download_overrides_the_environment(online, tmp_path, monkeypatch):
     import main
     monkeypatch.setenv(dataloader.OFFLINE_ENV, 'yes')
-    assert main.parse_args(['--dry_run']).download is False
-    assert main.parse_args(['--dry_run', '--download']).download is True
+    assert main.parse_args(['--outdir', 'x']).download is False
+    assert main.parse_args(['--outdir', 'x', '--download']).download is True
     monkeypatch.setenv(dataloader.OFFLINE_ENV, '0')
-    assert main.parse_args(['--dry_run']).download is True
-    assert main.parse_args(['--dry_run', '--no-download']).download is False
+    assert main.parse_args(['--outdir', 'x']).download is True
+    assert main.parse_args(['--outdir', 'x', '--no-download']).download is False
+    assert main.parse_args(['--dry_run']).download is False  # a dry run writes nothing
 
 
 def test_fetch_dataset_fetches_only_what_is_missing(online, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataloader
 import engine
 import main
 import utils
@@ -603,3 +604,23 @@ def test_ctrl_c_stops_a_test_suite_that_runs_main_in_process(cifar10_dir, tmp_pa
     assert 'KeyboardInterrupt' in result.stdout and not marker.exists()
     assert 'stopped by SIGINT in epoch 1 after step 3' in result.stderr + result.stdout
     assert (tmp_path / 'run' / 'checkpoint.pth').exists()
+
+
+def test_dry_run_downloads_nothing(tmp_path, capsys, monkeypatch):
+    """--dry_run writes nothing, a dataset included: a missing one is the one-line error, not a download."""
+    monkeypatch.delenv('CIFAR_TOOLKIT_OFFLINE')
+    monkeypatch.setattr(dataloader, '_download', lambda *args: pytest.fail('--dry_run downloaded'))
+    assert run_main(['--dry_run', '--dataset_dir', str(tmp_path / 'nothing')]) == 2
+    assert '--dry_run' in capsys.readouterr().err and not (tmp_path / 'nothing').exists()
+    assert run_main(['--dry_run', '--download', '--dataset_dir', str(tmp_path / 'nothing')]) == 2
+    assert '--download with --dry_run' in capsys.readouterr().err
+
+
+def test_evaluate_reads_the_dataset_folder_the_run_saved(cifar10_dir, tmp_path, capsys, monkeypatch):
+    """--evaluate without --dataset_dir takes the saved run's, not the default folder (and downloads nothing)."""
+    outdir = tmp_path / 'run'
+    assert run_main([*TINY_RUN, '--epochs', '1', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv('HOME', str(tmp_path / 'empty_home'))
+    assert run_main(['--evaluate', str(outdir / 'model_state.pth'), '--device', 'cpu']) == 0
+    assert 'test accuracy' in capsys.readouterr().out and not (tmp_path / 'empty_home').exists()

@@ -117,7 +117,10 @@ def test_generated_flags_parse_like_the_hand_written_ones():
                             '--use_bn', 'false'])
     assert (args.n_channels, args.n_layers, args.use_bn) == ([64, 128], [1, 2], False)
     args = main.parse_args(['--outdir', 'x', '--arch', 'shake_shake', '--shake_image'])
-    assert args.shake_image is True and args.shake_forward is None and args.depth is None
+    # the flags not given take shake_shake's builder defaults (config.json shows what the model is built with)
+    params = models.model_params('shake_shake')
+    assert args.shake_image is True and (args.shake_forward, args.depth) == (params['shake_forward'], params['depth'])
+    assert args.growth_rate is None  # a flag of another arch
     args = main.parse_args(['--outdir', 'x', '--arch', 'swin_t', '--n_blocks', '[2,2,2,2]', '--drop_path_rate',
                             '0.1', '--window_size', '4'])
     assert (args.n_blocks, args.drop_path_rate, args.window_size) == ([2, 2, 2, 2], 0.1, 4)
