@@ -525,6 +525,8 @@ def build_and_train(args, run, argv, dist, device):
         utils.set_seed(args.seed + dist.rank)  # each rank augments (and drops out) with its own stream
     steps_per_epoch = len(data.train_loader)
     total_steps = args.total_steps or math.ceil(args.epochs * steps_per_epoch - 1e-9)
+    length_note = None if checkpoint is None else dist.run_on_main(
+        lambda: runs.check_new_length(checkpoint, args, total_steps, steps_per_epoch))
     optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
     scheduler = optim.build_scheduler(optimizer, **optim.scheduler_kwargs(args), epochs=total_steps / steps_per_epoch,
                                       steps_per_epoch=steps_per_epoch)
@@ -540,8 +542,11 @@ def build_and_train(args, run, argv, dist, device):
         log, first_epoch, position = runs.resume(checkpoint, model, trainer, args)
     if resumed:
         run.save_json(log, 'log.json')  # the checkpoint's log is authoritative: drop epochs after it
-    run.write_config(args, n_params, device)
+    run.write_config(args, n_params, device, data)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    dist.print(runs.start_lines(args, device, n_params, data, steps_per_epoch, epochs, first_epoch, position, dist))
+    if length_note:
+        dist.print(length_note)
     ema_model = trainer.ema.module if trainer.ema is not None else None
     if first_epoch > epochs:
         if run.is_finished(with_ema=ema_model is not None):
@@ -561,6 +566,7 @@ def build_and_train(args, run, argv, dist, device):
             raise engine.Interrupted(interrupted.signum,
                                      f'{interrupted}; resume with: {runs.resume_command(argv, dist)}') from None
     run.finish(model, ema_model, log, data.test_split_name)
+    dist.print(run.written())
 
 
 def build_data(args, batch_size, device, dist):

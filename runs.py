@@ -16,6 +16,7 @@ every .pth file is verified against the checksums written with it when it is rea
 """
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import sys
@@ -216,11 +217,14 @@ class RunDirectory:
         if self.writes:
             utils.save_weights(state_dict, self.path(name))
 
-    def write_config(self, args, n_params, device):
+    def write_config(self, args, n_params, device, data):
         config = {
             'settings': {k: v for k, v in vars(args).items() if k != 'explicit'},
             'explicit_flags': args.explicit,
             'n_params': n_params,
+            # what summarize.py's data column shows (the training images after any --val_ratio hold-out)
+            'data': {'dataset': args.dataset, 'train_images': data.train_loader.num_samples,
+                     'test_images': data.test_loader.num_samples, 'test_split': data.test_split_name},
             'model_flags': {k: getattr(args, k) for k in models.model_params(args.arch)
                             if getattr(args, k) is not None},
             'command_line': ' '.join(shlex.quote(a) for a in sys.argv),
@@ -285,6 +289,12 @@ class RunDirectory:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def written(self):
+        """'wrote DIR: config.json, log.json, ...': the files the run folder holds, for the run's last line."""
+        names = sorted(name + ('/' if os.path.isdir(self.path(name)) else '') for name in os.listdir(self.outdir)
+                       if not name.startswith('.'))
+        return f'wrote {self.outdir}: {", ".join(names)}'
 
     def is_finished(self, with_ema):
         names = [FINAL_WEIGHTS, 'summary.json'] + ([EMA_WEIGHTS] if with_ema else [])
@@ -477,6 +487,33 @@ def resume(checkpoint, model, trainer, args):
     return log, checkpoint['epoch'] + 1, position
 
 
+# Schedules whose curve is drawn over the run's whole length: another --epochs changes them from the first step.
+LENGTH_DEPENDENT_SCHEDULES = ('cosine', 'linear', 'polynomial')
+
+
+def check_new_length(checkpoint, args, total_steps, steps_per_epoch):
+    """--resume with another --epochs: refused where the schedule (or lookahead's ramp) spans the run's
+    length, since the longer run would have had another learning rate from its first step (a finished
+    cosine run would go on at lr 0); where it does not (multistep, none, sgdr), the line that says so."""
+    saved = checkpoint.get('args') or {}
+    saved_epochs = saved.get('epochs', args.epochs)
+    saved_steps = saved.get('total_steps') or math.ceil(saved_epochs * steps_per_epoch - 1e-9)
+    if saved_steps == total_steps:
+        return
+    spans = []
+    if args.scheduler in LENGTH_DEPENDENT_SCHEDULES:
+        spans.append(f'its {args.scheduler} schedule')
+    if args.lookahead_every:
+        spans.append('its lookahead ramp')
+    if spans:
+        raise UsageError(f'--epochs {show(args.epochs)}: the run in {args.outdir} was started for {show(saved_epochs)} '
+                         f'epochs and {" and ".join(spans)} spans them: a {show(args.epochs)}-epoch run has another '
+                         f'learning rate from its first step. Resume it with --epochs {show(saved_epochs)}, or train '
+                         f'{show(args.epochs)} epochs in a new --outdir')
+    return (f'--resume: the run goes on to {show(args.epochs)} epochs instead of {show(saved_epochs)}; its '
+            f'{args.scheduler} schedule does not depend on the length and continues as it was')
+
+
 def resume_command(argv=None, dist=utils.SINGLE_PROCESS):
     """The command line of this run with --resume (under torchrun, with its launcher)."""
     words = list(sys.argv) if argv is None else ['./main.py', *argv]
@@ -546,16 +583,41 @@ def read_weights(path, flag):
     return state
 
 
+def model_name(settings):
+    """'resnet_preact depth 20', 'wrn depth 28 widening_factor 10': the arch and the flags that size it."""
+    arch = settings.get('arch')
+    known = models.model_params(arch) if arch in models.list_models() else {}
+    sizes = [flag for flag in ('depth', 'widening_factor') if flag in known and settings.get(flag) not in (None, 1)]
+    return ' '.join([str(arch)] + [f'{flag} {show(settings[flag])}' for flag in sizes])
+
+
+def start_lines(args, device, n_params, data, steps_per_epoch, epochs, first_epoch, position, dist):
+    """What a run is about to do, in three lines (and where a resumed run goes on)."""
+    threads = f' ({_count(args.num_threads, "thread")})' if device.type == 'cpu' else ''
+    ranks = f', {dist.world_size} ranks' if dist.enabled else ''
+    global_batch = data.train_loader.batch_size * dist.world_size
+    left_out = data.train_loader.num_samples - steps_per_epoch * global_batch
+    lines = [f'{model_name(vars(args))}: {n_params:,} parameters; {device}{threads}{ranks}, {args.precision}',
+             f'{data.info.name} in {args.dataset_dir}: {data.train_loader.num_samples:,} training and '
+             f'{data.test_loader.num_samples:,} {data.test_split_name} images; {_count(epochs, "epoch")} of '
+             f'{_count(steps_per_epoch, "step")} of {global_batch} images' + (f' ({left_out} images of each epoch left out: every batch is full)'
+                                                  if left_out > 0 else ''),
+             f'run folder: {args.outdir}']
+    if first_epoch > 1 or position is not None:
+        step = f', step {position["step"]}' if position is not None else ''
+        lines.append(f'resuming at epoch {position["epoch"] if position is not None else first_epoch}{step}')
+    return '\n'.join(lines)
+
+
+def _count(number, noun):
+    return f'{number:,} {noun}{"" if number == 1 else "s"}'
+
+
 def describe_weights(state_dict, settings=None):
     """'resnet_preact depth 20 for 10 classes, 3 input channels': what a state_dict holds, from its
     settings (a checkpoint's or config.json's) where known, and from the shapes of its first
     convolution (input channels) and last linear layer (classes)."""
-    name = 'weights'
-    if settings:
-        arch = settings.get('arch')
-        known = models.model_params(arch) if arch in models.list_models() else {}
-        name = ' '.join([str(arch)] + [f'{flag} {show(settings[flag])}' for flag in ('depth', 'widening_factor')
-                                       if settings.get(flag) is not None and flag in known])
+    name = model_name(settings) if settings else 'weights'
     tensors = [value for value in state_dict.values() if torch.is_tensor(value)] if isinstance(state_dict, dict) else []
     convolutions = [value for value in tensors if value.dim() == 4]
     linears = [value for value in tensors if value.dim() == 2]

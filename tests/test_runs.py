@@ -782,3 +782,40 @@ def test_checkpoints_without_checksums_still_load(finished_run, cifar10_dir, tmp
     assert run_main([*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir), '--resume']) == 0
     assert [r['epoch'] for r in json.load(open(outdir / 'log.json'))] == [1, 2]
     assert utils.load_checkpoint(str(outdir / 'checkpoint.pth'))['epoch'] == 2  # written with its checksums again
+
+
+def test_a_longer_resume_of_a_length_dependent_schedule_is_refused(cifar10_dir, tmp_path, capsys):
+    """--resume --epochs 3 of a 2-epoch cosine run would train at lr 0 (the curve ended): refused in one
+    line, nothing written; a multistep run goes on, saying so."""
+    cosine = [*RUN, '--epochs', '2', '--scheduler', 'cosine', '--dataset_dir', cifar10_dir,
+              '--outdir', str(tmp_path / 'cosine')]
+    assert run_main(cosine) == 0
+    before = {name: os.path.getmtime(tmp_path / 'cosine' / name) for name in os.listdir(tmp_path / 'cosine')}
+    capsys.readouterr()
+    assert run_main([*cosine, '--resume', '--epochs', '3']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'was started for 2 epochs and its cosine schedule spans them' in err
+    assert 'Resume it with --epochs 2, or train 3 epochs in a new --outdir' in err
+    assert {name: os.path.getmtime(tmp_path / 'cosine' / name) for name in os.listdir(tmp_path / 'cosine')} == before
+    multistep = [*RUN, '--epochs', '2', '--milestones', '[1]', '--dataset_dir', cifar10_dir,
+                 '--outdir', str(tmp_path / 'multistep')]
+    assert run_main(multistep) == 0
+    capsys.readouterr()
+    assert run_main([*multistep, '--resume', '--epochs', '3']) == 0
+    out = capsys.readouterr().out
+    assert 'the run goes on to 3 epochs instead of 2; its multistep schedule does not depend on the length' in out
+    assert [r['epoch'] for r in json.load(open(tmp_path / 'multistep' / 'log.json'))] == [1, 2, 3]
+
+
+def test_a_run_says_what_it_does_and_what_it_wrote(cifar10_dir, tmp_path, capsys):
+    outdir = tmp_path / 'run'
+    argv = [*RUN, '--epochs', '2', '--dataset_dir', cifar10_dir, '--outdir', str(outdir)]
+    assert run_main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('resnet_preact depth 8: ') and ' parameters; cpu (1 thread), fp32' in out[0]
+    assert out[1].startswith(f'CIFAR10 in {cifar10_dir}: 200 training and 40 test images; 2 epochs of ')
+    assert out[2] == f'run folder: {outdir}'
+    assert out[-1] == f'wrote {outdir}: checkpoint.pth, config.json, log.json, model_state.pth, summary.json'
+    assert run_main([*argv, '--resume', '--epochs', '3']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert 'resuming at epoch 3' in out
