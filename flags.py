@@ -10,6 +10,7 @@ before torch, so that ``--help`` and a mistyped flag answer at once.
 import argparse
 import json
 import math
+import os
 import re
 
 
@@ -128,9 +129,20 @@ class Domain:
     """
     parse = str
 
+    def __new__(cls, *args, **kwargs):
+        domain = super().__new__(cls)
+        domain._arguments = (args, kwargs)  # for spec(): the parser kept in a cache as JSON
+        return domain
+
     def __init__(self, optional=False):
         self.optional = optional
         self.__name__ = type(self).__name__  # argparse names a type by it
+
+    def spec(self):
+        """The domain as JSON (:func:`domain_from_spec` builds it again)."""
+        args, kwargs = self._arguments
+        return {'domain': type(self).__name__, 'args': [_encode(value) for value in args],
+                'kwargs': {name: _encode(value) for name, value in kwargs.items()}}
 
     def __call__(self, text):
         """The value of a command-line text; argparse turns the ArgumentTypeError into ``--flag <message>``."""
@@ -141,8 +153,14 @@ class Domain:
         try:
             self.check(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'{show(value)}: expected {self.describe()}') from None
+            hint = self.suggestion(value)
+            raise argparse.ArgumentTypeError(f'{show(value)}: expected {self.describe()}'
+                                             + (f'; did you mean {hint}?' if hint else '')) from None
         return value
+
+    def suggestion(self, value):
+        """What the user may have meant by ``value`` (None: no guess)."""
+        return None
 
     def check(self, value):
         if value is None and self.optional:
@@ -259,15 +277,30 @@ class Real(Domain):
 
 
 class Choice(Domain):
-    def __init__(self, choices, optional=False):
+    """One of ``choices``. ``what``: how to name them where they are too many to list (``--arch``: 'the archs
+    that --list_archs prints'); ``number_flag``: a value that is a choice with a number appended means that
+    choice and this flag (``--arch resnet56``: did you mean ``resnet --depth 56``)."""
+
+    def __init__(self, choices, optional=False, what=None, number_flag=None):
         super().__init__(optional)
         self.choices = tuple(choices)
+        self.what, self.number_flag = what, number_flag
 
     def _contains(self, value):
         return isinstance(value, str) and value in self.choices
 
     def _describe(self):
-        return 'one of ' + ', '.join(self.choices)
+        return 'one of ' + (self.what or ', '.join(self.choices))
+
+    def suggestion(self, value):
+        if not isinstance(value, str):
+            return None
+        numbered = re.fullmatch(r'(.+?)[-_]?([0-9]+)', value)
+        if self.number_flag and numbered and numbered.group(1) in self.choices:
+            return f'{numbered.group(1)} --{self.number_flag} {numbered.group(2)}'
+        import difflib
+        close = difflib.get_close_matches(value, self.choices, n=1, cutoff=0.6)
+        return close[0] if close else None
 
     def _describe_many(self):
         return 'strings from ' + ', '.join(self.choices)
@@ -442,7 +475,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's errors as one line naming the flag and what it expects (the flag's domain)."""
+    """argparse's errors as one line naming the flag and what it expects (the flag's domain), and a
+    mistyped flag's nearest name. A flag's name may be spelled with ``-`` or ``_`` alike
+    (``--batch-size``, ``--no_download``), and ``aliases`` maps the names other tools use to ours
+    (``--lr``: ``--base_lr``)."""
+
+    aliases = {}
+
+    def _spelled(self, word):
+        """``word`` with its flag name as this parser knows it, if it knows it under another spelling."""
+        name, equals, value = word.partition('=')
+        if not name.startswith('--') or name in self._option_string_actions:
+            return word
+        underscored = '--' + name[2:].replace('-', '_')
+        for candidate in (self.aliases.get(underscored), underscored, '--' + name[2:].replace('_', '-')):
+            if candidate in self._option_string_actions:
+                return candidate + equals + value
+        return word
 
     def error(self, message):
         match = re.fullmatch(r'argument (\S+?)(?:/\S+)?: (.*)', message, flags=re.DOTALL)
@@ -452,11 +501,21 @@ class Parser(argparse.ArgumentParser):
                 raise UsageError(f'{match.group(1)}: missing its value ({action.type.describe()})')
             raise UsageError(f'{match.group(1)} {match.group(2)}')  # the domain's own '<value>: expected ...'
         if message.startswith('unrecognized arguments: '):
-            raise UsageError(f'unrecognized arguments: {" ".join(map(show, getattr(self, "_unrecognized", [])))} '
-                             f'(see --help for the flags)')
+            import difflib
+            unknown = getattr(self, '_unrecognized', [])
+            names = [name for name in self._option_string_actions if name.startswith('--')]
+            hints = []
+            for word in unknown:
+                close = difflib.get_close_matches(word.partition('=')[0], names, n=1, cutoff=0.7)
+                if word.startswith('--') and close:
+                    hints.append(f'did you mean {close[0]}?')
+            raise UsageError(f'unrecognized arguments: {" ".join(map(show, unknown))} ('
+                             + ('; '.join(hints) or 'see --help for the flags') + ')')
         raise UsageError(message)
 
     def parse_known_args(self, args=None, namespace=None):
+        import sys
+        args = [self._spelled(word) for word in (sys.argv[1:] if args is None else args)]
         parsed, extras = super().parse_known_args(args, namespace)
         self._unrecognized = extras
         return parsed, extras
@@ -475,3 +534,111 @@ def domains(parser):
         elif isinstance(action.const, bool):
             found[action.dest] = Bool(optional=action.default is None)
     return found
+
+
+# ----------------------------------------------------------------------------- the launch
+
+_TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+
+
+def launched_by_torchrun(environ=None):
+    """True in a process started by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK)."""
+    environ = os.environ if environ is None else environ
+    return all(name in environ for name in _TORCHRUN_VARIABLES)
+
+
+def env_rank(environ=None):
+    """This process's rank from torchrun's variables (0 outside torchrun), known before any setup (and
+    before torch: the rank that prints a command line's error)."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get('RANK', 0)) if launched_by_torchrun(environ) else 0
+
+
+# ----------------------------------------------------------------------------- the parser, cached
+
+_PARSE_FUNCTIONS = {'int': int, 'float': float, 'str': str}
+
+
+def _encode(value):
+    if isinstance(value, Domain):
+        return value.spec()
+    if callable(value):
+        return {'function': value.__name__ if value in _PARSE_FUNCTIONS.values() else value.__module__ + ':' +
+                value.__qualname__}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _decode(value):
+    if isinstance(value, dict) and 'domain' in value:
+        return domain_from_spec(value)
+    if isinstance(value, dict) and 'function' in value:
+        name = value['function']
+        return _PARSE_FUNCTIONS[name] if name in _PARSE_FUNCTIONS else globals()[name.split(':')[1]]
+    return value
+
+
+def domain_from_spec(spec):
+    cls = {cls.__name__: cls for cls in (Int, Real, Choice, Bool, Text, ListOf)}[spec['domain']]
+    return cls(*map(_decode, spec['args']), **{name: _decode(value) for name, value in spec['kwargs'].items()})
+
+
+_ACTIONS = {argparse._StoreAction: 'store', argparse._StoreTrueAction: 'store_true',
+            argparse._StoreFalseAction: 'store_false'}
+
+
+def parser_spec(parser):
+    """A :class:`Parser` of domains as JSON: its description and, per group, each flag's argparse keywords."""
+    groups = []
+    for group in parser._action_groups:
+        flags = []
+        for action in group._group_actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            keywords = {'dest': action.dest, 'action': _ACTIONS[type(action)], 'default': _encode(action.default),
+                        'help': action.help}
+            if keywords['action'] == 'store':
+                keywords.update(type=_encode(action.type), nargs=action.nargs, const=action.const,
+                                metavar=action.metavar, choices=_encode(action.choices))
+            flags.append([action.option_strings, keywords])
+        groups.append([group.title, flags])
+    return {'description': parser.description, 'groups': groups}
+
+
+def parser_from_spec(spec):
+    parser = Parser(description=spec['description'], formatter_class=HelpFormatter, allow_abbrev=False)
+    for title, flags in spec['groups']:
+        group = parser._optionals if title == parser._optionals.title else parser.add_argument_group(title)
+        for option_strings, keywords in flags:
+            if keywords['action'] == 'store':
+                keywords = {**keywords, 'type': _decode(keywords['type'])}
+            group.add_argument(*option_strings, **{key: value for key, value in keywords.items()
+                                                   if value is not None or key == 'default'})
+    return parser
+
+
+def cached(name, sources, build, load=lambda value: value):
+    """``load(build())``, ``build()`` (a JSON value) kept in the user's cache folder under the hash of the
+    files ``sources``: built again when one of them changes, when the kept value does not load, and each
+    time where nothing can be written there."""
+    import hashlib
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    folder = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'cifar-toolkit')
+    path = os.path.join(folder, f'{name}-{digest.hexdigest()[:20]}.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            return load(json.load(f))
+    except Exception:  # absent, unreadable, or written by something else: build it
+        pass
+    value = build()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        temporary = f'{path}.{os.getpid()}.tmp'
+        with open(temporary, 'w', encoding='utf-8') as f:
+            json.dump(value, f)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+    return load(value)

@@ -16,6 +16,7 @@ data, model, optimizer, schedule, engine and run folder, the epoch loop, then th
 The engine is engine.py's, the run folder's format runs.py's.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -24,19 +25,31 @@ import signal
 import sys
 import textwrap
 
-import torch
-
-import augmentations
-import dataloader
-import engine
 import flags
-import models
-import optim
-import runs
-import utils
 from flags import Bool, Choice, Int, ListOf, Real, Text, UsageError, number
 
+
+def import_toolkit():
+    """Import torch and the modules behind the command line into this module (seconds). Imported as a
+    library (tests, benchmarks) main.py imports them at once; run as a script, after the command line has
+    been read with the cached parser (:func:`args_parser`), so that --help, a mistyped flag and a bad value
+    answer before."""
+    global torch, augmentations, dataloader, engine, models, optim, runs, utils
+    import torch
+    import augmentations
+    import dataloader
+    import engine
+    import models
+    import optim
+    import runs
+    import utils
+
+
 PRECISION_ALIASES = {'O0': 'fp32', 'O1': 'fp16', 'O2': 'fp16', 'O3': 'fp16'}
+# Flag names of timm's and torchvision's reference scripts, taken as ours (spelled with - or _ alike)
+FLAG_ALIASES = {'--lr': '--base_lr', '--learning_rate': '--base_lr', '--wd': '--weight_decay', '--model': '--arch',
+                '--output': '--outdir', '--output_dir': '--outdir', '--data_dir': '--dataset_dir',
+                '--data_path': '--dataset_dir', '--workers': '--num_workers', '--lr_warmup_epochs': '--warmup_epochs'}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 _POSITIVE = Real(0, None, '(]')
 _FRACTION = Real(0, 1, '[)')
@@ -55,11 +68,15 @@ def add_model_flags(group):
 
 
 def get_args_parser():
+    import_toolkit()
     parser = flags.Parser(description=__doc__.split('\n\n')[0], formatter_class=flags.HelpFormatter,
-                     allow_abbrev=False)  # --epoch is not --epochs: a typo must not pass
+                          allow_abbrev=False)  # --epoch is not --epochs: a typo must not pass
+    parser.aliases = FLAG_ALIASES
 
     group = parser.add_argument_group('Model (see --list_archs for which flags apply to which arch)')
-    group.add_argument('--arch', type=Choice(models.list_models()), default='resnet_preact', help='architecture name')
+    group.add_argument('--arch', default='resnet_preact', help='architecture name (see --list_archs)',
+                       type=Choice(models.list_models(), what='the archs that --list_archs prints',
+                                   number_flag='depth'))
     group.add_argument('--config', type=Text(path=True, optional=True),
                        help='JSON file of flag defaults; explicit flags override it')
     group.add_argument('--list_archs', action='store_true',
@@ -341,18 +358,44 @@ EXCLUSIVE = [('evaluate', 'resume'), ('evaluate', 'lr_finder'), ('evaluate', 'dr
 MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download', 'num_threads')
 
 
+def args_parser():
+    """(the parser, {arch: its defaults}): get_args_parser() and :func:`arch_defaults`, kept in the user's
+    cache under the hash of the code that defines them (building them imports torch and every model
+    file: seconds), so that reading a command line imports none of it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob(os.path.join(here, 'models', '*.py')))
+
+    def build():
+        return {'parser': flags.parser_spec(get_args_parser()),
+                'arch_defaults': {arch: arch_defaults(arch) for arch in models.list_models()}}
+
+    def load(value):
+        parser = flags.parser_from_spec(value['parser'])
+        parser.aliases = FLAG_ALIASES
+        return parser, dict(value['arch_defaults'])
+    return flags.cached('parser', sources, build, load)
+
+
+def arch_defaults(arch):
+    """The settings a run of ``arch`` takes unless given: its training defaults and its model flags' values."""
+    model_flags = {name: list(value) if isinstance(value, tuple) else value
+                   for name, value in models.model_params(arch).items()}
+    return {**models.train_defaults(arch), **model_flags}
+
+
 def parse_args(argv=None):
     """Resolve settings: defaults < arch defaults < --config < explicit flags, each checked against its
     flag's domain, then the relations main.py owns (modes, options without their switch); the libraries
     check theirs when main() builds their objects. Reads at most the --config file."""
-    parser = get_args_parser()
+    parser, defaults_of_archs = args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if '-h' in argv or '--help' in argv:
-        print_help(parser, argv)
+        print_help(parser, argv, defaults_of_archs)
     defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
+    import_toolkit()
     domains = flags.domains(parser)
     from_config = read_config(explicit['config'], domains) if explicit.get('config') else {}
     arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
@@ -369,13 +412,13 @@ def parse_args(argv=None):
     return args
 
 
-def print_help(parser, argv):
+def print_help(parser, argv, defaults_of_archs):
     """--help: every flag with the default a run of the --arch given (else of the default arch) takes,
     its training defaults and its model flags' values included; then exit."""
     given = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == '--arch']
     given += [word.split('=', 1)[1] for word in argv if word.startswith('--arch=')]
-    arch = given[-1] if given and given[-1] in models.list_models() else parser.get_default('arch')
-    parser.set_defaults(arch=arch, **models.train_defaults(arch), **models.model_params(arch))
+    arch = given[-1] if given and given[-1] in defaults_of_archs else parser.get_default('arch')
+    parser.set_defaults(arch=arch, **defaults_of_archs[arch])
     parser.description += '\n\n' + textwrap.fill(
         f'Defaults below are those of --arch {arch} (--arch NAME --help shows another\'s; --list_archs lists them '
         f'all); model flags without a default do not apply to it.', width=min(shutil.get_terminal_size().columns, 100))
@@ -647,13 +690,14 @@ def load_teacher(args, info, device):
 
 # ----------------------------------------------------------------------------- the other modes
 
-def evaluate_weights(args, device, dist=utils.SINGLE_PROCESS):
+def evaluate_weights(args, device, dist=None):
     """--evaluate: rebuild the model from the config.json beside the weights and test it.
 
     MODEL_STATE is a model_state.pth or a checkpoint.pth, of a single-process or a distributed run
     (or another tool's state_dict with DistributedDataParallel's ``module.`` prefix). Under torchrun
     the ranks share the test set and rank 0 prints the result of all of them.
     """
+    dist = utils.SINGLE_PROCESS if dist is None else dist
     saved = runs.saved_settings(args.evaluate)
     adopt_saved_run(args, saved)
     state = dist.run_on_main(lambda: runs.read_weights(args.evaluate, '--evaluate'))
@@ -724,7 +768,7 @@ def cli(argv=None):
     suite, a benchmark) it raises KeyboardInterrupt after that line, so that the caller stops too.
     """
     program = os.path.basename(sys.argv[0]) or 'main.py'
-    rank = utils.env_rank()
+    rank = flags.env_rank()
     speaks = rank == 0
     try:
         main(argv)
@@ -733,33 +777,37 @@ def cli(argv=None):
     except KeyboardInterrupt:
         _exit(130, 'interrupted; resume with the same command plus --resume', speaks, leave_group=False,
               interrupt=argv is not None)
-    except engine.Interrupted as interrupted:
-        _exit(128 + interrupted.signum, f'{program}: {interrupted}', speaks,
-              interrupt=argv is not None and interrupted.signum == signal.SIGINT)
-    except utils.StorageError as error:
-        _exit(1, f'{program}: {error}; the previous {os.path.basename(error.path)} is intact (free space, '
-                 f'then continue with --resume)', speaks)
     except FloatingPointError as error:
         _exit(1, f'{program}: diverged: {error}; checkpoint.pth keeps the last checkpoint before it, if any '
                  f'(try a lower --base_lr, warmup or --gradient_clip)', speaks)
-    except Exception as error:  # only a distributed run's lost peer is handled here
-        if not (utils.launched_by_torchrun() and utils.is_collective_failure(error)):
+    except Exception as error:  # the toolkit's own stops (it was imported to raise them), a lost distributed peer
+        import_toolkit()
+        if isinstance(error, engine.Interrupted):
+            _exit(128 + error.signum, f'{program}: {error}', speaks,
+                  interrupt=argv is not None and error.signum == signal.SIGINT)
+        if isinstance(error, utils.StorageError):
+            _exit(1, f'{program}: {error}; the previous {os.path.basename(error.path)} is intact (free space, '
+                     f'then continue with --resume)', speaks)
+        if not (flags.launched_by_torchrun() and utils.is_collective_failure(error)):
             raise
         first_line = (str(error).strip().splitlines() or [''])[0][:300]
         _exit(1, f'{program}: rank {rank} stopped: another rank failed or stopped answering ({first_line})', True,
               leave_group=False)
-    utils.close_distributed()
+    _exit(0, None, speaks)
 
 
 def _exit(status, message, speaks, leave_group=True, interrupt=False):
-    if leave_group:
+    if leave_group and 'utils' in globals():  # a run that imported the toolkit may have joined a process group
         utils.close_distributed()
-    if speaks:
+    if speaks and message:
         print(message, file=sys.stderr)
     if interrupt:
         raise KeyboardInterrupt(message) from None
-    sys.exit(status)
+    if status:
+        sys.exit(status)
 
 
-if __name__ == '__main__':
+if __name__ != '__main__':
+    import_toolkit()
+else:
     cli()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from flags import UsageError
+from flags import UsageError, env_rank, launched_by_torchrun
 
 try:
     import fcntl
@@ -556,21 +556,6 @@ def count_parameters(model):
 
 
 # ----------------------------------------------------------------------------- distributed
-
-_TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
-
-
-def launched_by_torchrun(environ=None):
-    """True in a process started by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK)."""
-    environ = os.environ if environ is None else environ
-    return all(name in environ for name in _TORCHRUN_VARIABLES)
-
-
-def env_rank(environ=None):
-    """This process's rank from torchrun's variables (0 outside torchrun), known before any setup."""
-    environ = os.environ if environ is None else environ
-    return int(environ.get('RANK', 0)) if launched_by_torchrun(environ) else 0
-
 
 @dataclass(frozen=True)
 class Distributed:

@@ -623,4 +623,62 @@ def test_evaluate_reads_the_dataset_folder_the_run_saved(cifar10_dir, tmp_path, 
     capsys.readouterr()
     monkeypatch.setenv('HOME', str(tmp_path / 'empty_home'))
     assert run_main(['--evaluate', str(outdir / 'model_state.pth'), '--device', 'cpu']) == 0
-    assert 'test accuracy' in capsys.readouterr().out and not (tmp_path / 'empty_home').exists()
+    assert 'test accuracy' in capsys.readouterr().out
+    assert not (tmp_path / 'empty_home' / '.torchvision').exists()
+
+
+def _run_script(argv, cache, *python_flags):
+    return subprocess.run([sys.executable, *python_flags, os.path.join(ROOT, 'main.py'), *argv],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'XDG_CACHE_HOME': str(cache)})
+
+
+def test_help_a_typo_and_a_bad_value_answer_without_importing_torch(tmp_path):
+    """Reading the command line needs no torch once the parser is in the cache (the first run writes it)."""
+    cache = tmp_path / 'cache'
+    first = _run_script(['--help'], cache)
+    assert first.returncode == 0 and '--use_cutout' in first.stdout
+    for argv, status, answer in [(['--help'], 0, first.stdout),
+                                 (['--use_cutot'], 2, 'main.py: error: unrecognized arguments: --use_cutot '
+                                                      '(did you mean --use_cutout?)\n'),
+                                 (['--epochs', '0'], 2, 'main.py: error: --epochs 0: expected a number > 0\n'),
+                                 (['--arch', 'resnet56'], 2, 'main.py: error: --arch resnet56: expected one of the '
+                                                             'archs that --list_archs prints; did you mean resnet '
+                                                             '--depth 56?\n')]:
+        result = _run_script(argv, cache, '-X', 'importtime')
+        imported = {line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines() if 'import time:' in line}
+        assert result.returncode == status, result.stderr
+        assert (result.stdout if status == 0 else result.stderr.splitlines(keepends=True)[-1]) == answer
+        assert 'torch' not in imported and 'numpy' not in imported, argv
+
+
+def _help_defaults(help_text):
+    """{flag: the default its help entry shows} of a --help text."""
+    entries, flag = {}, None
+    for line in help_text.splitlines():
+        if line.startswith('  -'):
+            flag = line.split()[0]
+            entries[flag] = ''
+        if flag:
+            entries[flag] += ' ' + line.strip()
+    return {flag: text.rsplit('(default: ', 1)[-1].rstrip(')') for flag, text in entries.items() if '(default: ' in text}
+
+
+def test_help_shows_the_defaults_of_the_arch_given(capsys):
+    for argv, shown in [(['--help'], {'--arch': 'resnet_preact', '--depth': '110', '--epochs': '160'}),
+                        (['--arch', 'wrn', '--help'], {'--arch': 'wrn', '--depth': '28', '--widening_factor': '10',
+                                                       '--epochs': '200', '--lr_decay': '0.2'}),
+                        (['--arch=densenet', '-h'], {'--depth': '100', '--growth_rate': '12'})]:
+        with pytest.raises(SystemExit) as exit_status:
+            main.parse_args(argv)
+        defaults = _help_defaults(capsys.readouterr().out)
+        assert exit_status.value.code == 0
+        assert {flag: defaults.get(flag) for flag in shown} == shown, argv
+
+
+def test_other_tools_flag_names_and_spellings(tmp_path):
+    args = main.parse_args(['--lr', '0.3', '--batch-size', '64', '--model', 'wrn', '--no_download',
+                            '--output_dir', str(tmp_path / 'out')])
+    assert (args.base_lr, args.batch_size, args.arch, args.download, args.outdir) == \
+        (0.3, 64, 'wrn', False, str(tmp_path / 'out'))
+    assert 'base_lr' in args.explicit and 'arch' in args.explicit
