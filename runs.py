@@ -241,7 +241,7 @@ class RunDirectory:
         self.save_json(config, 'config.json')
 
     def open_tensorboard(self, purge_step=None):
-        """TensorBoard scalars: tensorboardX (the SPEC's dependency), else PyTorch's own writer.
+        """TensorBoard scalars: tensorboardX (the original tool's dependency), else PyTorch's own writer.
 
         torch.utils.tensorboard needs the tensorboard package; with neither installed the run goes
         on without scalars and says so once (log.json holds the same figures). ``purge_step``: a
