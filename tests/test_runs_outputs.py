@@ -1,4 +1,4 @@
-"""The files a run writes, compared with those recorded before the redesign of issue 18.
+"""The files a run writes, compared with those recorded before engine.py and runs.py left main.py.
 
 Each case trains a tiny model on the tiny CIFAR-10 of conftest with one thread and compares the
 run's log.json, summary.json and config.json (timing fields, paths and the environment aside)
