@@ -833,13 +833,26 @@ class ResumableSampler(torch.utils.data.Sampler):
 _read_folder_image = functools.partial(open_image, mode='RGB', flag='--dataset_dir')
 
 
+def _nested_image_folder_hint(dataset_dir):
+    """A hint where ``dataset_dir`` has no train/ but a folder of its has train/ and test/ (the class
+    folders nested one level down, as an unpack script may write them); else ''."""
+    try:
+        children = sorted(entry.path for entry in os.scandir(dataset_dir) if entry.is_dir())
+    except OSError:
+        return ''
+    nested = [child for child in children
+              if os.path.isdir(os.path.join(child, 'train')) and os.path.isdir(os.path.join(child, 'test'))]
+    return f' ({nested[0]} has train/ and test/: pass it as --dataset_dir)' if len(nested) == 1 else ''
+
+
 def _image_folder_info(dataset_dir, image_size):
     from torchvision import datasets
     splits = {}
     for split in ('train', 'test'):
         path = os.path.join(dataset_dir, split)
         if not os.path.isdir(path):
-            raise UsageError(f'--dataset_dir: ImageFolder needs {path}/ with one folder per class')
+            raise UsageError(f'--dataset_dir: ImageFolder needs {path}/ with one folder per class'
+                             + _nested_image_folder_hint(dataset_dir))
         try:
             splits[split] = datasets.ImageFolder(path, loader=_read_folder_image)
         except (FileNotFoundError, RuntimeError) as error:

@@ -24,7 +24,7 @@ the same "main schedule after warmup" and does what users of the original tool e
 ``--milestones_after_warmup false`` counts them from the start of training instead, as torch's
 MultiStepLR, timm and Goyal et al. (arXiv 1706.02677) do. Without warmup the two are the same.
 
-Where a reference implementation exists, the defaults are its behaviour (issue 11); each class
+Where a reference implementation exists, the defaults are its behaviour; each class
 or function documents the reference and any difference: :class:`LARS` (hysts' LARSOptimizer:
 ``--lars_eps 1e-9 --lars_thresh 1e-2``), :class:`SAM` (ASAM as SamsungLabs/ASAM: ``--asam_eta
 0.01``, weights only, rho 0.5), :func:`frozen_bn_statistics` (SAM's second pass leaves the

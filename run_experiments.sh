@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The experiments behind the original tool's published figures (SPEC section 4), the fast recipes
-# (SPEC section 5) and this project's CPU checks, each row with the settings behind its figure.
+# The experiments behind the figures the original tool (hysts/pytorch_image_classification) published
+# in its README's tables of test error, the fast-training recipes (the DAWNBench ResNet-9 and
+# airbench line) and this project's CPU checks, each row with the settings behind its figure.
 #
 #   ./run_experiments.sh --list [NAME...]     # one line per row: NAME, published error %, runs, command
 #   ./run_experiments.sh NAME... [--seeds 0,1,2] [--epochs K] [--dry] [--results DIR] [-- FLAGS...]
@@ -31,8 +32,9 @@
 # A row without such a line has no published figure. `row NAME FLAGS...` runs
 # ./main.py FLAGS --seed S --outdir results/NAME/S; `norun NAME REASON` stands for a published
 # figure main.py has no way to reproduce. Settings quoted below come from the original tool's
-# README (../shared/reference/original-tool-readme-en.txt: its flat-flag main.py; -es.txt: the later
-# train.py version) and, where those are silent, from its history (hysts/pytorch_image_classification).
+# README (hysts/pytorch_image_classification on GitHub: the command lines of its flat-flag main.py,
+# and of the later train.py version for the batch-size, LARS, ghost-BN and precision tables) and,
+# where those are silent, from the repository's history.
 set -euo pipefail
 cd "$(dirname "$0")"
 SCRIPT=$(pwd)/$(basename "$0")
@@ -252,7 +254,7 @@ datasets() {
     row kmnist/cutout14 "${RP20_DATA[@]}" --dataset KMNIST --epochs 200 --use_cutout --cutout_size 14
 }
 
-# --- Fast training (SPEC section 5): David Page's final ResNet-9 recipe, 94.1% CIFAR-10 test
+# --- Fast training (the DAWNBench line): David Page's final ResNet-9 recipe, 94.1% CIFAR-10 test
 # accuracy with flip TTA in 10 epochs (26 s on one V100): "How to train your ResNet 8: Bag of
 # tricks" (myrtle.ai, 2019); code: myrtle.ai's cifar10-fast, new_dawn.py and the last cell of
 # bag_of_tricks.ipynb. Page sums the loss over the batch with lr/512 and weight decay 5e-4*512;
@@ -325,7 +327,8 @@ fast_training() {
 }
 
 # --- Short CPU checks on a CIFAR-10 subset (what results/ reports from this project's machine) ---
-# unpack_cifar10.py DIR --limit 10000 gives 10,000 train / 2,000 test images; pass it with EXTRA.
+# The subset: the first 10,000 training and 2,000 test images of CIFAR-10 in a --dataset_dir of their own
+# (results/ used a JPEG copy, unpack_cifar10.py DIR --limit 10000); pass it: -- --dataset_dir DIR.
 # Their shipped runs are in results/cpu_*, so those are skipped there: --results DIR runs them anew.
 CPU_REG=(--arch resnet_preact --depth 8 --base_channels 16 --epochs 4 --batch_size 128 --scheduler cosine
          --base_lr 0.1 --device cpu --no-tensorboard)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Operators dispatched from Python per training step, eager against --compile: the CPU-side proxy for
-the kernel launches a GPU step costs (issue 19).
+the kernel launches a GPU step costs, and what --compile saves of them.
 
 torch.profiler records every operator; an operator whose parent is none was called by Python itself
 (the step's code, or the wrapper of a compiled region), one nested under another was called by that

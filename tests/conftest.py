@@ -84,6 +84,28 @@ def write_image_folder(root, n_per_class=6, classes=('cat', 'dog', 'frog'), size
     return root
 
 
+# Real data for the opt-in checks (pytest -m realdata, and a few reader tests that skip without it): a
+# folder named by this variable, else ../shared/data beside the checkout where a machine has one.
+REALDATA_VARIABLE = 'CIFAR_TOOLKIT_REALDATA'
+REALDATA_DEFAULT = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'data'))
+
+
+def realdata_path(*names, what):
+    """The first of ``names`` (paths inside the real-data folder) that exists; otherwise the test is
+    skipped with one line naming CIFAR_TOOLKIT_REALDATA and ``what`` it needs there."""
+    folder = os.environ.get(REALDATA_VARIABLE)
+    where = f'{REALDATA_VARIABLE}={folder}'
+    if not folder:
+        if not os.path.isdir(REALDATA_DEFAULT):
+            pytest.skip(f'no real data: set {REALDATA_VARIABLE} to a folder holding {what}')
+        folder, where = REALDATA_DEFAULT, f'{REALDATA_DEFAULT} ({REALDATA_VARIABLE} unset)'
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    pytest.skip(f'{where} holds no {what}')
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test reaches the network: a missing dataset is an error unless a test mocks the download."""

@@ -164,7 +164,7 @@ def flip_bit_in_tensor(path, bit=4):
 
 
 def write_wrong_run_files(root, state_dict, settings):
-    """Weights and run folders that hold the wrong thing or are damaged (issue 21), in ``root``, for the
+    """Weights and run folders that hold the wrong thing or are damaged, in ``root``, for the
     weights ``state_dict`` of a model built with ``settings``: {kind: path}. 'weights ...' and 'config ...'
     are a model_state.pth (beside a config.json of that kind), 'run ...' the folder of a run."""
     def folder(name, config=None, **pth):

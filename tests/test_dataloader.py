@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dataloader
-from conftest import write_cifar10, write_cifar100, write_image_folder, write_mnist_family
+from conftest import realdata_path, write_cifar10, write_cifar100, write_image_folder, write_mnist_family
 from utils import UsageError
 
 CPU = torch.device('cpu')
@@ -24,9 +24,6 @@ def test_cifar10_reader_matches_written_pickles(cifar10_dir):
     assert labels[40:80].tolist() == batch['labels']
     test_images, test_labels = dataloader.load_split(cifar10_dir, 'CIFAR10', train=False)
     assert test_images.shape == (40, 3, 32, 32) and test_labels.dtype == torch.int64
-
-
-SHARED_DATA = os.path.join(os.path.dirname(dataloader.__file__), '..', 'shared', 'data')
 
 
 @pytest.mark.parametrize('protocol', [2, 3, 4, 5])
@@ -54,11 +51,9 @@ def test_cifar_reader_reads_the_numpy_1_names(tmp_path):
 
 
 def test_cifar_reader_reads_the_python2_files_of_the_original_release(tmp_path):
-    """The original files' layout (Python 2 byte strings, numpy.core names), as ../shared/data's
-    unpack_cifar10.py writes it."""
-    script = os.path.join(SHARED_DATA, 'unpack_cifar10.py')
-    if not os.path.isfile(script):
-        pytest.skip('../shared/data/unpack_cifar10.py not beside the checkout')
+    """The original files' layout (Python 2 byte strings, numpy.core names), as the unpack script of
+    the real-data folder (CIFAR_TOOLKIT_REALDATA) writes it."""
+    script = realdata_path('unpack_cifar10.py', what='unpack_cifar10.py')
     spec = importlib.util.spec_from_file_location('unpack_cifar10', script)
     unpack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(unpack)
@@ -98,9 +93,9 @@ def test_mnist_family_reader(tmp_path, name, compress):
 
 
 def test_real_mnist_test_set_if_present():
-    folder = os.path.join(os.path.dirname(dataloader.__file__), '..', 'shared', 'data', 'mnist')
-    if not os.path.isdir(folder):
-        pytest.skip('../shared/data/mnist not beside the checkout')
+    """The official MNIST test set in the real-data folder (CIFAR_TOOLKIT_REALDATA): its mnist/ or
+    MNIST/raw/ (as torchvision downloads it)."""
+    folder = realdata_path('mnist', os.path.join('MNIST', 'raw'), what='mnist/ or MNIST/raw/')
     images, labels = dataloader.load_split(folder, 'MNIST', train=False)
     assert images.shape == (10000, 1, 28, 28)
     assert labels[:5].tolist() == [7, 2, 1, 0, 4]  # the official test set's first labels
@@ -218,6 +213,20 @@ def test_image_folder_dataset(tmp_path):
     assert abs(all_test.mean().item()) < 0.5
     with pytest.raises(UsageError, match='ImageFolder needs .*train'):
         dataloader.build_data('ImageFolder', str(tmp_path / 'nothing'), 4, CPU)
+
+
+def test_image_folder_one_level_too_high_names_the_folder_to_pass(tmp_path):
+    """ROOT/cifar10-folder/{train,test}/<class>/ (as an unpack script writes it) given as ROOT: the
+    error names the folder that holds train/ and test/."""
+    nested = write_image_folder(str(tmp_path / 'cifar10-folder'))
+    with pytest.raises(UsageError) as error:
+        dataloader.build_data('ImageFolder', str(tmp_path), 4, CPU)
+    assert str(error.value).endswith(f'({nested} has train/ and test/: pass it as --dataset_dir)')
+    (tmp_path / 'other' / 'train').mkdir(parents=True)
+    (tmp_path / 'other' / 'test').mkdir()
+    with pytest.raises(UsageError) as error:  # two candidates: no guess
+        dataloader.build_data('ImageFolder', str(tmp_path), 4, CPU)
+    assert str(error.value).endswith('with one folder per class')
 
 
 def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""No host-device synchronization in a training step (issue 10, item 1).
+"""No host-device synchronization in a training step.
 
 A step that reads a device value on the host (``.item()``, ``float()``, ``bool()``, a Python ``if``
 on a tensor), copies between host and device, or runs an op whose output size depends on the data

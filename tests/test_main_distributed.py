@@ -1,4 +1,4 @@
-"""Distributed training (issue 12): torchrun, DDP on CPU with gloo, two ranks started by the tests.
+"""Distributed training: torchrun, DDP on CPU with gloo, two ranks started by the tests.
 
 The ranks are started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in
 the environment of ``python main.py``), by torchrun itself where its behaviour is the point (a failing

@@ -346,7 +346,7 @@ def damaged_file_cases(files):
     for name in ('deep', 'nested', 'huge'):
         cases.append([*hostile_base(files, files['data']), '--config', files[f'{name} config']])
     cases.append([*hostile_base(files, files['data']), '--arch', 'x' * 50_000_000])
-    # weights holding the wrong object, a damaged config.json beside them, a flipped bit (issue 21)
+    # weights holding the wrong object, a damaged config.json beside them, a flipped bit
     for kind, path in files['wrong'].items():
         if kind.startswith(('weights', 'config')):
             cases.append([*hostile_base(files, files['data']), '--evaluate', path])

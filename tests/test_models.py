@@ -475,12 +475,12 @@ def test_families_register_the_shared_recipes(arch, recipe):
 SIGNATURES_PATH = os.path.join(os.path.dirname(__file__), 'data', 'model_signatures.json')
 
 
-# (arch, flags, num_classes, in_channels) recorded in the fixture. The SPEC section 4 networks
-# (with their regularization rows' variants), each arch's defaults, and the small configurations
-# the tests build; a few with 100 classes or one input channel (28x28 images for the transformers,
-# whose position tables follow the image size), whose head and stem differ.
+# (arch, flags, num_classes, in_channels) recorded in the fixture. The networks of the original tool's
+# published tables (with their regularization rows' variants), each arch's defaults, and the small
+# configurations the tests build; a few with 100 classes or one input channel (28x28 images for the
+# transformers, whose position tables follow the image size), whose head and stem differ.
 SIGNATURE_CONFIGS = [
-    # SPEC section 4
+    # the original tool's published tables
     ('vgg', {}, 10, 3),
     ('resnet', dict(depth=110), 10, 3),
     ('resnet_preact', dict(depth=110), 10, 3),
@@ -533,7 +533,7 @@ SIGNATURE_CONFIGS = [
     ('shake_shake', dict(depth=8, base_channels=4), 10, 1),
     ('resnet9', dict(base_channels=8), 10, 3),
     ('airbench', dict(n_channels=[8, 16, 16]), 10, 3),
-    # the models of the CIFAR tricks collection (issue 14), at their defaults
+    # the models of the CIFAR tricks collection, at their defaults
     *[(arch, {}, 10, 3) for arch in (
         'coatnet_0', 'coatnet_1', 'coatnet_2', 'cvt', 'densenet121', 'dla', 'dpn26', 'dpn92', 'efficientnet_b0',
         'googlenet', 'mobilenet', 'mobilenetv2', 'mobilevit_s', 'mobilevit_xs', 'mobilevit_xxs', 'preact_resnet18',
@@ -927,8 +927,9 @@ def test_other_families_keep_kaiming_fan_out_and_unit_bn_scales():
 
 # ----------------------------------------------------------------------------- training and model flag defaults
 
-# SPEC section 2's table; all SGD momentum 0.9 Nesterov (main.py's defaults).
-SPEC_TRAINING = {
+# The original tool's per-architecture configs (epochs, batch, lr, wd, milestones, lr decay); all SGD
+# momentum 0.9 Nesterov (main.py's defaults).
+ORIGINAL_TRAINING = {
     'vgg': (160, 128, 0.1, 1e-4, [80, 120], 0.1),
     'resnet': (160, 128, 0.1, 1e-4, [80, 120], 0.1),
     'resnet_preact': (160, 128, 0.1, 1e-4, [80, 120], 0.1),
@@ -937,15 +938,15 @@ SPEC_TRAINING = {
 }
 
 
-@pytest.mark.parametrize('arch', sorted(SPEC_TRAINING))
-def test_training_defaults_match_spec(arch):
-    epochs, batch_size, base_lr, weight_decay, milestones, lr_decay = SPEC_TRAINING[arch]
+@pytest.mark.parametrize('arch', sorted(ORIGINAL_TRAINING))
+def test_training_defaults_match_the_original_configs(arch):
+    epochs, batch_size, base_lr, weight_decay, milestones, lr_decay = ORIGINAL_TRAINING[arch]
     assert train_defaults(arch) == dict(epochs=epochs, batch_size=batch_size, base_lr=base_lr,
                                         weight_decay=weight_decay, scheduler='multistep',
                                         milestones=milestones, lr_decay=lr_decay)
 
 
-def test_model_flag_defaults_match_spec():
+def test_model_flag_defaults_match_the_original_configs():
     def plain(params):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
 
@@ -964,7 +965,7 @@ def test_model_flag_defaults_match_spec():
                                               se_reduction=None)
 
 
-SPEC_TABLE = {
+ORIGINAL_CONFIGS = {
     'densenet': (dict(depth=100, block_type='bottleneck', growth_rate=12, compression_rate=0.5, drop_rate=0.0),
                  dict(epochs=300, batch_size=64, base_lr=0.1, weight_decay=1e-4, scheduler='multistep',
                       milestones=[150, 225], lr_decay=0.1)),
@@ -980,9 +981,9 @@ SPEC_TABLE = {
 }
 
 
-@pytest.mark.parametrize('arch', sorted(SPEC_TABLE))
-def test_defaults_follow_spec_table(arch):
-    model_defaults, training = SPEC_TABLE[arch]
+@pytest.mark.parametrize('arch', sorted(ORIGINAL_CONFIGS))
+def test_defaults_follow_the_original_configs(arch):
+    model_defaults, training = ORIGINAL_CONFIGS[arch]
     params = models.model_params(arch)
     assert {k: params[k] for k in model_defaults} == model_defaults
     defaults = models.train_defaults(arch)
@@ -1012,8 +1013,8 @@ def test_airbench_training_defaults():
 
 # --------------------------------------------------------------------------- DenseNet, PyramidNet, ResNeXt, Shake-Shake
 
-# Every configuration of these families in SPEC section 4, CIFAR-10 heads.
-SPEC_CONFIGS = [
+# Every configuration of these families in the original tool's published tables, CIFAR-10 heads.
+PUBLISHED_CONFIGS = [
     ('densenet', dict(depth=100, block_type='basic', growth_rate=12)),
     ('densenet', dict(depth=100, block_type='bottleneck', growth_rate=12)),
     ('pyramidnet', dict(depth=110, block_type='basic', pyramid_alpha=84)),
@@ -1027,8 +1028,8 @@ SPEC_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize('arch, flags', SPEC_CONFIGS, ids=[config_id(a, f) for a, f in SPEC_CONFIGS])
-def test_spec_configurations_build(arch, flags):
+@pytest.mark.parametrize('arch, flags', PUBLISHED_CONFIGS, ids=[config_id(a, f) for a, f in PUBLISHED_CONFIGS])
+def test_published_configurations_build(arch, flags):
     model = build_on_meta(arch, **flags)
     assert count_parameters(model) > 0
     if arch == 'resnext':

@@ -182,7 +182,7 @@ def test_lars_checkpoint_without_eps_and_thresh_loads_with_the_defaults():
     param = nn.Parameter(torch.ones(3))
     optimizer = optim.LARS([param], lr=0.1, eps=1e-7, thresh=0.5)
     state = optimizer.state_dict()
-    for group in state['param_groups']:  # as written before issue 11
+    for group in state['param_groups']:  # as written before LARS had eps and thresh
         del group['eps'], group['thresh']
     optimizer.load_state_dict(state)
     assert optimizer.param_groups[0]['eps'] == 1e-7 and optimizer.param_groups[0]['thresh'] == 0.5

@@ -1,9 +1,9 @@
 """The foreach LARS, AdaBound and SAM in optim.py against their per-tensor versions, and the device-side
-fp16 hand-off (GradScaler's ``_step_supports_amp_scaling``) of LARS, AdaBound and Muon (issue 10).
+fp16 hand-off (GradScaler's ``_step_supports_amp_scaling``) of LARS, AdaBound and Muon.
 
 The reference classes below are verbatim copies of optim.py's per-tensor implementations as of commit
 06ff7ce, before the rewrite, renamed; the rewrite must reproduce their parameters and state. One
-intentional change since (issue 11): ReferenceLARS's trust ratio is now hysts' (``eps``, ``thresh``:
+intentional change since (LARS made as the original tool's): ReferenceLARS's trust ratio is now hysts' (``eps``, ``thresh``:
 ``||w|| / (eps + ||g|| + wd ||w||)``, 1 where ``||w|| < thresh``) instead of 1 where either norm is 0,
 the three lines marked below; the rest is as at 06ff7ce.
 """
@@ -39,7 +39,7 @@ class ReferenceLARS(torch.optim.Optimizer):
         if nesterov and momentum <= 0:
             raise ValueError('LARS: nesterov momentum requires momentum > 0')
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                      eps=eps, thresh=thresh))  # issue 11: eps, thresh
+                                      eps=eps, thresh=thresh))  # changed: eps, thresh
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -57,7 +57,7 @@ class ReferenceLARS(torch.optim.Optimizer):
                 weight_norm = torch.linalg.vector_norm(param)
                 grad_norm = torch.linalg.vector_norm(grad)
                 # torch.where keeps the ratio on the device: no host sync per tensor
-                # issue 11: hysts' trust ratio (was: 1 where either norm is 0, no eps)
+                # changed: hysts' trust ratio (was: 1 where either norm is 0, no eps)
                 local_lr = torch.where(weight_norm < group['thresh'], torch.ones_like(weight_norm),
                                        weight_norm / (group['eps'] + grad_norm + weight_decay * weight_norm))
                 update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()

@@ -16,8 +16,9 @@ SCRIPT = os.path.join(ROOT, 'run_experiments.sh')
 # the pattern summarize.py reads the published figures with
 PUBLISHED_LINE = re.compile(r'^\s*#\s*published:\s+(\S+)\s+(\d+(?:\.\d*)?)\s*(.*?)\s*$')
 
-# Every figure of SPEC section 4: row -> (test error %, runs)
-SPEC_ROWS = {
+# Every figure of the original tool's published tables (hysts/pytorch_image_classification's README):
+# row -> (test error %, runs)
+PUBLISHED_ROWS = {
     'vgg15': ('7.29', 'median of 3'),
     'resnet110': ('6.52', 'median of 3'),
     'resnet_preact110': ('6.47', 'median of 3'),
@@ -114,8 +115,8 @@ def settings(listed):
     return parsed
 
 
-def test_list_has_every_spec_figure_and_matches_the_published_lines(listed):
-    for name, (error, runs) in SPEC_ROWS.items():
+def test_list_has_every_published_figure_and_matches_the_published_lines(listed):
+    for name, (error, runs) in PUBLISHED_ROWS.items():
         assert name in listed, f'{name} missing from --list'
         assert listed[name][:2] == (error, runs), name
     published = {}

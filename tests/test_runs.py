@@ -1,6 +1,6 @@
-"""Runs survive kills, stop signals, full disks, non-finite losses and mismatched files (issue 13); two
-runs never share a folder, --resume writes only into a run's folder, and damaged or wrong files are
-refused in one line (issue 21).
+"""Runs survive kills, stop signals, full disks, non-finite losses and mismatched files; two runs never
+share a folder, --resume writes only into a run's folder, and damaged or wrong files are refused in
+one line.
 
 Kill points (utils.kill_point, TOOLKIT_TEST_KILL_AT=NAME:N[:SIGNAL]) stop a real run at chosen
 places; a resumed run must end with the log and weights of an uninterrupted one. SIGSTOP at a kill
@@ -433,7 +433,7 @@ def test_resumed_tensorboard_has_no_duplicated_steps(cifar10_dir, tmp_path, monk
     assert sorted(step for tag, step in shown if tag == 'train/loss') == [1, 2, 3]
 
 
-# ----------------------------------------------------------------------------- two runs, one folder (issue 21)
+# ----------------------------------------------------------------------------- two runs, one folder
 
 def _start(args, log_prefix, kill_at=None):
     """main.py in a process of its own, not waited for; its output goes to files (a stopped process must

@@ -1,4 +1,4 @@
-"""The files a run writes, compared with those recorded before the redesign of issue 18.
+"""The files a run writes, compared with those recorded before engine.py and runs.py left main.py.
 
 Each case trains a tiny model on the tiny CIFAR-10 of conftest with one thread and compares the
 run's log.json, summary.json and config.json (timing fields, paths and the environment aside)
@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import runs
 from conftest import ROOT, TINY_RUN, run_main
 
 RECORDS = os.path.join(os.path.dirname(__file__), 'data', 'run_outputs')
@@ -110,3 +111,18 @@ def test_two_rank_run_outputs_unchanged(cifar10_dir, tmp_path):
     outputs = read_outputs(outdir)
     outputs['config'].pop('distributed')  # the rendezvous details are the same; the backend name is recorded
     check_against_record('two_ranks', outputs)
+
+
+def test_summary_error_rate_is_rounded_for_reading_and_the_accuracies_keep_every_digit():
+    """1 - 0.285 is 0.7150000000000001 in floating point: summary.json says 0.715, while the accuracies,
+    which programs (summarize.py) read, are the logged ones unchanged."""
+    log = [{'epoch': 1, 'test_accuracy': 0.3}, {'epoch': 2, 'test_accuracy': 0.285}]
+    summary = runs.summarize(log, 'test')
+    assert 1 - 0.285 != 0.715
+    assert json.dumps(summary['final_test_error']) == '0.715'
+    assert (summary['final_test_accuracy'], summary['best_test_accuracy']) == (0.285, 0.3)
+    assert runs.summarize([{'epoch': 1, 'val_accuracy': 0.1 + 0.2}], 'val')['final_val_error'] == 0.7
+    # the rounding loses nothing of a real test set's error rate: k errors in 10,000 read k / 10,000
+    for k in range(10001):
+        error = runs.summarize([{'epoch': 1, 'test_accuracy': (10000 - k) / 10000}], 'test')['final_test_error']
+        assert error == k / 10000, k

@@ -318,7 +318,8 @@ def test_plots_never_go_into_run_or_experiment_folders_by_default(tmp_path, caps
 
 def test_user_runs_under_results_are_ignored_by_git():
     """results/ keeps the project's measurements tracked and ignores the rest (a user's runs, plots/):
-    every tracked file there stays un-ignored, and the SPEC's example run folder is ignored."""
+    every tracked file there stays un-ignored, and the example run folder of the original tool's README
+    (results/resnet_preact_56/00) is ignored."""
     try:
         tracked = subprocess.run(['git', 'ls-files', 'results'], cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):

@@ -7,7 +7,9 @@
 #   benchmarks/gpu/prepare.sh RETURNED_DIR    # after a call: RETURNED_DIR is where its $OUT files came back
 #                                             # (files_at); its row.tgz becomes .gpu/row, resumed next time
 #
-# .data/cifar10-jpeg75.npz, unpack_cifar10.py   copied from ../shared/data (SHARED_DATA=... for another place)
+# .data/cifar10-jpeg75.npz, unpack_cifar10.py   a JPEG copy of CIFAR-10 and its unpack script (not in a clone),
+#                                               copied from SHARED_DATA=DIR (default ../shared/data, where the
+#                                               development machines keep them)
 # .gpu/commit.txt                               the commit under test (git may not work on the device copy)
 # .gpu/row/<seed>/                              the published row's runs, to resume (from a returned row.tgz);
 #                                               a finished seed keeps log.json/summary.json/config.json only, its
