@@ -809,5 +809,19 @@ def _exit(status, message, speaks, leave_group=True, interrupt=False):
 
 if __name__ != '__main__':
     import_toolkit()
+elif flags.launched_by_torchrun():
+    # A torchrun rank that had left its process group and written everything sometimes aborted while the
+    # interpreter shut down (gloo's threads on CPU, 'terminate called without an active exception': exit
+    # -6, and torchrun reported the run failed); so a rank ends here, its output flushed, without that.
+    try:
+        cli()
+        exit_status = 0
+    except SystemExit as stop:
+        exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_status)
 else:
     cli()
