@@ -358,13 +358,16 @@ EXCLUSIVE = [('evaluate', 'resume'), ('evaluate', 'lr_finder'), ('evaluate', 'dr
 MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download', 'num_threads')
 
 
+def source_files():
+    """The code main.py's answers come from: what :func:`flags.cached` keys them by."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob(os.path.join(here, 'models', '*.py')))
+
+
 def args_parser():
     """(the parser, {arch: its defaults}): get_args_parser() and :func:`arch_defaults`, kept in the user's
     cache under the hash of the code that defines them (building them imports torch and every model
     file: seconds), so that reading a command line imports none of it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob(os.path.join(here, 'models', '*.py')))
-
     def build():
         return {'parser': flags.parser_spec(get_args_parser()),
                 'arch_defaults': {arch: arch_defaults(arch) for arch in models.list_models()}}
@@ -373,7 +376,7 @@ def args_parser():
         parser = flags.parser_from_spec(value['parser'])
         parser.aliases = FLAG_ALIASES
         return parser, dict(value['arch_defaults'])
-    return flags.cached('parser', sources, build, load)
+    return flags.cached('parser', source_files(), build, load)
 
 
 def arch_defaults(arch):
@@ -395,6 +398,10 @@ def parse_args(argv=None):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
+    dataset = explicit.get('dataset', defaults['dataset'])
+    if explicit.get('list_archs') and set(explicit) <= {'list_archs', 'dataset'} and dataset != 'ImageFolder':
+        print('\n'.join(every_arch_listed(dataset)))  # the whole list, kept in the cache like the parser
+        sys.exit(0)
     import_toolkit()
     domains = flags.domains(parser)
     from_config = read_config(explicit['config'], domains) if explicit.get('config') else {}
@@ -740,6 +747,15 @@ def predict(args):
         values, indices = probabilities.topk(topk)
         ranked = ', '.join(f'{names[i]} {p:.3f}' for p, i in zip(values.tolist(), indices.tolist()))
         print(f'{path}: {ranked}')
+
+
+def every_arch_listed(dataset):
+    """--list_archs' lines for every arch on a built-in ``dataset``, kept in the cache as the parser is
+    (building them imports torch and builds every model: seconds)."""
+    def build():
+        import_toolkit()
+        return list(models.describe_archs(models.list_models(), dataloader.DATASETS[dataset]))
+    return flags.cached(f'archs-{dataset}', source_files(), build)
 
 
 def list_archs(args):

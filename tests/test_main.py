@@ -633,12 +633,17 @@ def _run_script(argv, cache, *python_flags):
                           env={**os.environ, 'XDG_CACHE_HOME': str(cache)})
 
 
-def test_help_a_typo_and_a_bad_value_answer_without_importing_torch(tmp_path):
-    """Reading the command line needs no torch once the parser is in the cache (the first run writes it)."""
+def test_help_a_typo_a_bad_value_and_the_arch_list_answer_without_importing_torch(tmp_path):
+    """Reading the command line (and the whole --list_archs) needs no torch once the cache holds the parser
+    (the first run writes it)."""
     cache = tmp_path / 'cache'
     first = _run_script(['--help'], cache)
     assert first.returncode == 0 and '--use_cutout' in first.stdout
+    listed = _run_script(['--list_archs', '--dataset', 'MNIST'], cache)
+    assert listed.returncode == 0 and listed.stdout.startswith('MNIST: 1x28x28 images')
+    assert listed.stdout.count(' parameters, ') == len(main.models.list_models())
     for argv, status, answer in [(['--help'], 0, first.stdout),
+                                 (['--list_archs', '--dataset', 'MNIST'], 0, listed.stdout),
                                  (['--use_cutot'], 2, 'main.py: error: unrecognized arguments: --use_cutot '
                                                       '(did you mean --use_cutout?)\n'),
                                  (['--epochs', '0'], 2, 'main.py: error: --epochs 0: expected a number > 0\n'),
