@@ -148,3 +148,19 @@ def run_main(argv):
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+def run_main_interrupted_in_epoch(argv, epoch):
+    """run_main(argv) with a Ctrl-C as training epoch ``epoch`` starts (a crash between checkpoints):
+    the run saves what it saves on SIGINT, and main.cli's caller gets the KeyboardInterrupt."""
+    import engine
+    real_train = engine.Trainer.train_one_epoch
+
+    def interrupted(self, loader, epoch_now, *rest, **keywords):
+        if epoch_now == epoch:
+            raise KeyboardInterrupt
+        return real_train(self, loader, epoch_now, *rest, **keywords)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.Trainer, 'train_one_epoch', interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_main(argv)

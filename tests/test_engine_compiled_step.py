@@ -168,23 +168,14 @@ def test_checkpoints_move_between_compiled_and_eager_trainers():
 def test_resumed_compiled_run_equals_the_uninterrupted_one(cifar10_dir, tmp_path, monkeypatch):
     """Through main.py: a --compile run stopped after epoch 1 and resumed ends with the uninterrupted
     --compile run's log and weights (aot_eager in place of inductor for the test's time)."""
-    from conftest import TINY_RUN, run_main
+    from conftest import TINY_RUN, run_main, run_main_interrupted_in_epoch
     real_compile = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda function=None, **options: real_compile(
         function, **{**options, 'backend': 'aot_eager', 'mode': None}))
     base = [*TINY_RUN, '--epochs', '3', '--milestones', '[2]', '--compile', '--use_mixup', '--ema_decay', '0.9',
             '--dataset_dir', cifar10_dir]
     assert run_main([*base, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = engine.Trainer.train_one_epoch
-
-    def crash_in_epoch_2(self, loader, epoch, *rest, **keywords):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_train(self, loader, epoch, *rest, **keywords)
-    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
-        run_main([*base, '--outdir', str(tmp_path / 'resumed')])
-    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', real_train)
+    run_main_interrupted_in_epoch([*base, '--outdir', str(tmp_path / 'resumed')], epoch=2)
     assert run_main([*base, '--outdir', str(tmp_path / 'resumed'), '--resume']) == 0
     import json
     logs = [json.load(open(tmp_path / name / 'log.json')) for name in ('whole', 'resumed')]

@@ -15,7 +15,7 @@ import dataloader
 import engine
 import main
 import utils
-from conftest import ROOT, TINY_RUN, run_main, write_image_folder
+from conftest import ROOT, TINY_RUN, run_main, run_main_interrupted_in_epoch, write_image_folder
 
 EPOCH_KEYS = {'epoch', 'lr', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
               'best_test_accuracy', 'best_test_epoch', 'epoch_time', 'train_images_per_sec',
@@ -385,21 +385,12 @@ def test_save_every_writes_every_nth_and_the_last_epoch(epochs, saved, cifar10_d
     assert all(torch.equal(final[k], checkpoint['model'][k]) for k in final)
 
 
-def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_path, monkeypatch):
+def test_resume_between_checkpoints_repeats_the_unsaved_epochs(cifar10_dir, tmp_path):
     """--save_every 2, killed in epoch 4: log.json has 3 epochs, the checkpoint 2; resuming redoes
     epoch 3 and ends where an uninterrupted run does."""
     run = [*TINY_RUN, '--epochs', '4', '--save_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = engine.Trainer.train_one_epoch
-
-    def crash_in_epoch_4(self, loader, epoch, *rest, **keywords):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return real_train(self, loader, epoch, *rest, **keywords)
-    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_4)
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
-        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
-    monkeypatch.undo()
+    run_main_interrupted_in_epoch([*run, '--outdir', str(tmp_path / 'crashed')], epoch=4)
     assert len(json.load(open(tmp_path / 'crashed' / 'log.json'))) == 3
     assert torch.load(tmp_path / 'crashed' / 'checkpoint.pth', weights_only=True)['epoch'] == 2
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
@@ -494,19 +485,10 @@ def test_airbench_recipe_resumed_after_a_crash_equals_the_uninterrupted_run(cras
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
-def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar10_dir, tmp_path, monkeypatch):
+def test_resume_of_a_run_that_died_before_its_first_save_every_checkpoint(cifar10_dir, tmp_path):
     run = [*TINY_RUN, '--epochs', '3', '--save_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = engine.Trainer.train_one_epoch
-
-    def crash_in_epoch_2(self, loader, epoch, *rest, **keywords):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_train(self, loader, epoch, *rest, **keywords)
-    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
-        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
-    monkeypatch.undo()
+    run_main_interrupted_in_epoch([*run, '--outdir', str(tmp_path / 'crashed')], epoch=2)
     assert (tmp_path / 'crashed' / 'log.json').exists() and not (tmp_path / 'crashed' / 'checkpoint.pth').exists()
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
     assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
@@ -537,20 +519,11 @@ def test_total_steps_overrides_epochs(cifar10_dir, tmp_path):
     assert _steps_taken(outdir) == 13
 
 
-def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, tmp_path, monkeypatch):
+def test_lookahead_and_ema_every_resume_like_an_uninterrupted_run(cifar10_dir, tmp_path):
     run = [*TINY_RUN, '--epochs', '2.5', '--scheduler', 'linear', '--lookahead_every', '3',
            '--ema_decay', '0.9', '--ema_every', '2', '--dataset_dir', cifar10_dir]
     assert run_main([*run, '--outdir', str(tmp_path / 'whole')]) == 0
-    real_train = engine.Trainer.train_one_epoch
-
-    def crash_in_epoch_3(self, loader, epoch, *rest, **keywords):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_train(self, loader, epoch, *rest, **keywords)
-    monkeypatch.setattr(engine.Trainer, 'train_one_epoch', crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C reaches the caller of main.cli
-        run_main([*run, '--outdir', str(tmp_path / 'crashed')])
-    monkeypatch.undo()
+    run_main_interrupted_in_epoch([*run, '--outdir', str(tmp_path / 'crashed')], epoch=3)
     assert run_main([*run, '--outdir', str(tmp_path / 'crashed'), '--resume']) == 0
     assert _log_without_times(tmp_path / 'crashed') == _log_without_times(tmp_path / 'whole')
     for name in ('model_state.pth', 'model_state_ema.pth'):

@@ -22,7 +22,6 @@ import torch
 import engine
 import hostile
 import main
-import runs
 import utils
 from conftest import ROOT, run_main
 

@@ -1,4 +1,4 @@
-import os, sys, warnings, traceback, collections
+import sys, warnings, traceback, collections
 import torch
 sys.path.insert(0, sys.argv[1])
 import main
