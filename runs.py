@@ -36,6 +36,10 @@ RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threa
                   'epochs', 'eval_every',
                   'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
                   'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
+# Those of them that describe this machine or this command, resolved anew on resume; the others keep the
+# saved run's value unless given (`--outdir X --resume` alone trains the saved --epochs, not the arch's).
+RESOLVED_ANEW = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'download', 'dry_run', 'evaluate',
+                 'list_archs', 'predict', 'weights', 'topk', 'config', 'dist_backend', 'dataset_dir'}
 # Settings added after runs were saved without them, with the value that reproduces what those runs computed.
 LEGACY_SETTINGS = {'muon_lr_adjust': 'torch', 'cutmix_box': 'continuous', 'cutmix_prob': 1.0}
 FINAL_WEIGHTS = 'model_state.pth'
@@ -444,7 +448,8 @@ def check_checkpoint(state, what):
 
 
 def restore_args(args, checkpoint):
-    """A resumed run keeps its saved settings; only run-control flags (and --epochs) may change."""
+    """A resumed run keeps its saved settings; only run-control flags (and --epochs) may change, and those
+    not given keep their saved values too (the machine's own, :data:`RESOLVED_ANEW`, are resolved anew)."""
     saved = checkpoint.get('args')
     if not isinstance(saved, dict):
         raise UsageError(f'--resume: {args.outdir}/checkpoint.pth holds no settings')
@@ -456,7 +461,12 @@ def restore_args(args, checkpoint):
                                 for name in changed)
         raise UsageError(f'--resume: settings differ from the saved run: {differences}; a resumed run keeps its '
                          f'settings (start a new --outdir instead)')
-    restored = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RUN_ONLY_FLAGS}})
+    kept = {name: value for name, value in saved.items()
+            if name not in RUN_ONLY_FLAGS or (name not in RESOLVED_ANEW and name not in args.explicit)}
+    restored = argparse.Namespace(**{**vars(args), **kept})
+    saved_dir = saved.get('dataset_dir')
+    if 'dataset_dir' not in args.explicit and isinstance(saved_dir, str) and os.path.isdir(saved_dir):
+        restored.dataset_dir = saved_dir  # where the run read its data, while that folder is there
     restored.resume = True
     return restored
 

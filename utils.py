@@ -479,18 +479,48 @@ class StopSignals:
 def set_threads(threads, device, dist=None):
     """Set the threads of torch's CPU operators and return their number: ``threads`` if given; else
     OMP_NUM_THREADS if set (torch has read it); else, on a CPU device, the cores this process may use
-    (its CPU affinity), shared among this machine's ranks, less the machine's load average (the cores
-    other jobs keep busy), at least 1. More threads than idle cores make OpenMP's threads wait for each
+    (its CPU affinity), shared among this machine's ranks, less the cores other work keeps busy
+    (:func:`busy_cores`), at least 1. More threads than idle cores make OpenMP's threads wait for each
     other: a ResNet epoch ran 5.7 times slower with the default threads than with one on a loaded 2-core
     machine. On a GPU the operators' threads hardly matter: torch's default stays."""
     if threads is None and 'OMP_NUM_THREADS' not in os.environ and device.type == 'cpu':
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+        cpus = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
         ranks = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if dist is not None and dist.enabled else 1
-        load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
-        threads = max(1, min(cores // ranks, round(cores - load)))
+        threads = max(1, min(len(cpus) // ranks, round(len(cpus) - busy_cores(cpus))))
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def busy_cores(cpus, interval=0.2):
+    """How many of the cores ``cpus`` other work keeps busy now: their share of non-idle time over
+    ``interval`` seconds (Linux's /proc/stat; this process sleeps meanwhile). Elsewhere the load average,
+    a mean over the last minute, in which the run just before this one (a seed loop's) still counts."""
+    try:
+        idle_before, total_before = cpu_times(cpus)
+        time.sleep(interval)
+        idle, total = cpu_times(cpus)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    if total <= total_before:
+        return 0.0
+    return len(cpus) * (1 - (idle - idle_before) / (total - total_before))
+
+
+def cpu_times(cpus, path='/proc/stat'):
+    """(idle, total) clock ticks of the cores ``cpus`` since boot, from the ``cpuN`` lines of /proc/stat
+    (user nice system idle iowait irq softirq steal; waiting for I/O counts as idle)."""
+    idle = total = 0
+    with open(path) as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith('cpu') and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(value) for value in fields[:8]]
+                idle += ticks[3] + ticks[4]
+                total += sum(ticks)
+    if not total:
+        raise ValueError(f'{path}: no line of the cores {sorted(cpus)}')
+    return idle, total
 
 
 def environment_info(device):

@@ -40,6 +40,8 @@ def test_two_epoch_run_writes_the_run_directory(cifar10_dir, tmp_path):
     model = main.models.create_model('resnet', depth=8, base_channels=4)
     assert config['n_params'] == utils.count_parameters(model)
     assert config['environment']['torch'] == torch.__version__ and 'main.py' in config['command_line']
+    threads = config['settings']['num_threads']  # the number the run used, which its first lines say
+    assert isinstance(threads, int) and threads >= 1 and f'cpu ({threads} thread' in result.stdout
     summary = json.load(open(os.path.join(outdir, 'summary.json')))
     assert summary['final_test_accuracy'] == log[-1]['test_accuracy']
     assert summary['best_test_accuracy'] == max(r['test_accuracy'] for r in log)

@@ -623,6 +623,24 @@ def test_resume_starts_a_run_that_never_started(cifar10_dir, tmp_path, capsys):
         assert [r['epoch'] for r in json.load(open(folder / 'log.json'))] == [1]
 
 
+def test_resume_with_only_the_folder_keeps_the_saved_run_control_settings(cifar10_dir, tmp_path, capsys):
+    """`./main.py --outdir X --resume`: the saved --epochs (not the arch's 160), --dataset_dir (not the
+    default download folder) and --no-tensorboard, as the interrupted run had them."""
+    from conftest import run_main_interrupted_in_epoch
+    outdir = tmp_path / 'run'
+    run_main_interrupted_in_epoch([*RUN, '--epochs', '2', '--eval_every', '2', '--dataset_dir', cifar10_dir,
+                                   '--outdir', str(outdir)], epoch=2)
+    capsys.readouterr()
+    assert run_main(['--outdir', str(outdir), '--resume', '--no-download']) == 0
+    out = capsys.readouterr().out
+    assert f'in {cifar10_dir}' in out and 'resuming at epoch 2' in out
+    log = json.load(open(outdir / 'log.json'))
+    assert [r['epoch'] for r in log] == [1, 2] and 'test_accuracy' not in log[0]  # --eval_every 2 kept
+    assert not (outdir / 'tensorboard').exists()
+    config = json.load(open(outdir / 'config.json'))['settings']
+    assert config['epochs'] == 2 and config['dataset_dir'] == cifar10_dir and config['tensorboard'] is False
+
+
 # ----------------------------------------------------------------------------- damaged and wrong files
 
 WRONG_WEIGHTS = {'tensor': (torch.ones(3), 'holds a Tensor'), 'list': ([torch.ones(3)], 'holds a list'),

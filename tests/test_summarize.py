@@ -334,7 +334,10 @@ def test_user_runs_under_results_are_ignored_by_git():
 
     assert ignored(files) == []
     user = ['results/resnet_preact_56/00/config.json', 'results/r20/0/log.json', 'results/x/model_state.pth',
-            'results/plots/cpu_seeds.png', 'results/my_table.csv']
+            'results/plots/cpu_seeds.png', 'results/my_table.csv',
+            # beside and below the shipped runs: run_experiments.sh's quick checks and new seeds of their rows
+            'results/cpu_reg/plain_ep1/0/log.json', 'results/cpu_reg/plain/1/log.json',
+            'results/cpu_seeds/plain/3/summary.json', 'results/zoo_cpu/mine/config.json']
     assert ignored(user) == user
     assert not [f for f in files if f.endswith('.png')]  # no generated figures shipped
 
