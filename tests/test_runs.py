@@ -52,7 +52,7 @@ def _temporaries(outdir):
 
 
 def _subprocess(args, kill_at=None, tmp_path=None):
-    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     env.pop(utils.KILL_AT_VARIABLE, None)
     if kill_at:
         env[utils.KILL_AT_VARIABLE] = kill_at
