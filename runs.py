@@ -522,7 +522,7 @@ def check_new_length(checkpoint, args, total_steps, steps_per_epoch):
         spans.append('its lookahead ramp')
     if spans:
         raise UsageError(f'--epochs {show(args.epochs)}: the run in {args.outdir} was started for {show(saved_epochs)} '
-                         f'epochs and {" and ".join(spans)} spans them: a {show(args.epochs)}-epoch run has another '
+                         f'epoch{"" if saved_epochs == 1 else "s"} and {" and ".join(spans)} spans them: a {show(args.epochs)}-epoch run has another '
                          f'learning rate from its first step. Resume it with --epochs {show(saved_epochs)}, or train '
                          f'{show(args.epochs)} epochs in a new --outdir')
     return (f'--resume: the run goes on to {show(args.epochs)} epochs instead of {show(saved_epochs)}; its '
