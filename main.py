@@ -16,6 +16,7 @@ data, model, optimizer, schedule, engine and run folder, the epoch loop, then th
 The engine is engine.py's, the run folder's format runs.py's.
 """
 import argparse
+import functools
 import glob
 import json
 import math
@@ -386,17 +387,26 @@ def arch_defaults(arch):
     return {**models.train_defaults(arch), **model_flags}
 
 
+@functools.lru_cache(maxsize=None)
+def command_line_reader():
+    """(the parser with its defaults suppressed, so that it returns only the flags given; the defaults),
+    made once per process: a caller of main.cli in a loop (the tests, a benchmark) neither hashes the
+    sources nor rebuilds the parser again (6 of the 7 ms of a bad command line read in-process)."""
+    parser, _ = args_parser()
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser, defaults
+
+
 def parse_args(argv=None):
     """Resolve settings: defaults < arch defaults < --config < explicit flags, each checked against its
     flag's domain, then the relations main.py owns (modes, options without their switch); the libraries
     check theirs when main() builds their objects. Reads at most the --config file."""
-    parser, defaults_of_archs = args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if '-h' in argv or '--help' in argv:
-        print_help(parser, argv, defaults_of_archs)
-    defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
+        print_help(*args_parser(), argv)
+    parser, defaults = command_line_reader()
     explicit = vars(parser.parse_args(argv))
     dataset = explicit.get('dataset', defaults['dataset'])
     if explicit.get('list_archs') and set(explicit) <= {'list_archs', 'dataset'} and dataset != 'ImageFolder':
@@ -419,7 +429,7 @@ def parse_args(argv=None):
     return args
 
 
-def print_help(parser, argv, defaults_of_archs):
+def print_help(parser, defaults_of_archs, argv):
     """--help: every flag with the default a run of the --arch given (else of the default arch) takes,
     its training defaults and its model flags' values included; then exit."""
     given = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == '--arch']
