@@ -160,8 +160,6 @@ class Trainer:
         self.stop = None  # a utils.StopSignals while training
         self.last_nonfinite = None  # the last step's non-finite flag (a device bool)
         self.nonfinite_before = 0  # non-finite steps of the epochs before this one
-        self.compiled_step = False  # the whole step in compiled regions (see _compiled_step)
-        self._lr_table = None
         self._eager_functions()
         if compile:
             try:
@@ -176,7 +174,8 @@ class Trainer:
         self.step_forward, self.perturb, self.apply_update = self._step_forward, self._perturb, self._apply_update
         self.accumulate = _accumulate
         self.ema_blend = self.ema.blend if self.ema is not None else None
-        self.compiled_step = False
+        self.compiled_step = False  # the whole step in compiled regions (see _compiled_step)
+        self._lr_table = None  # the schedule's learning rates, written on the device by the compiled step
         self._compile_pending = {'train': False, 'eval': False}
 
     def _compile(self, compiled):

@@ -460,6 +460,36 @@ def test_a_compile_failure_at_the_first_step_falls_back_to_eager_with_one_line(m
     assert trainer.forward_loss == trainer._forward_loss and trainer.eval_forward is model
 
 
+def test_after_a_compile_failure_the_schedule_goes_on_as_eager(monkeypatch, capsys):
+    """The compiled step writes the learning rates from a table on the device; the eager step it falls back to
+    must step the schedule itself again (it stayed at its first lr)."""
+    import augmentations
+    import engine
+    import optim
+
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError('inductor: no working C++ compiler')
+        return compiled
+
+    def learning_rates(compile):
+        model = tiny_bn_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = optim.build_scheduler(optimizer, scheduler='linear', epochs=1, steps_per_epoch=10)
+        trainer = engine.Trainer(model, optimizer, scheduler, augmentations.BatchRegularizer(10), torch.device('cpu'),
+                                 total_steps=10, compile=compile)
+        rates = []
+        for step in range(4):
+            trainer.train_step(*batch(8, seed=step))
+            rates.append(float(optimizer.param_groups[0]['lr']))
+        return rates
+    monkeypatch.setattr(torch, 'compile', failing_compile)
+    eager = learning_rates(compile=False)
+    assert eager == pytest.approx([0.09, 0.08, 0.07, 0.06])
+    assert learning_rates(compile=True) == pytest.approx(eager)
+    assert 'running eager' in capsys.readouterr().err
+
+
 def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(monkeypatch):
     monkeypatch.setattr(torch, 'compile', lambda function, **kwargs: function)
     model = nn.Sequential(nn.Flatten(), nn.Linear(5, 10))  # wrong input size: eager fails too
