@@ -64,6 +64,11 @@ def offline():
     return os.environ.get(OFFLINE_ENV, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
+def default_dataset_dir(dataset):
+    """Where --dataset_dir points unless given: torchvision's download folder of ``dataset``."""
+    return os.path.expanduser(os.path.join('~/.torchvision/datasets', dataset))
+
+
 _TORCHVISION_CLASSES = {'CIFAR10': 'CIFAR10', 'CIFAR100': 'CIFAR100', 'MNIST': 'MNIST',
                         'FashionMNIST': 'FashionMNIST', 'KMNIST': 'KMNIST'}
 

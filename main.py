@@ -472,14 +472,10 @@ def resolve_defaults(args):
             raise UsageError(f'--gpu {args.gpu} and --device {args.device} contradict each other: give one')
         args.device = f'cuda:{args.gpu}'
     if args.dataset_dir is None:
-        args.dataset_dir = default_dataset_dir(args.dataset)
+        args.dataset_dir = dataloader.default_dataset_dir(args.dataset)
     # a policy given by the user replaces the one an arch's defaults switch on; two given are refused
     augmentations.resolve_policy_switches(args, set(args.explicit))
     resolve_model_flags(args)
-
-
-def default_dataset_dir(dataset):
-    return os.path.expanduser(os.path.join('~/.torchvision/datasets', dataset))
 
 
 def adopt_saved_run(args, saved):
@@ -487,9 +483,7 @@ def adopt_saved_run(args, saved):
     the command line does not give them, and that run's --dataset_dir where it still exists."""
     runs.adopt_saved_settings(args, saved)
     resolve_model_flags(args)
-    if 'dataset_dir' not in args.explicit:
-        saved_dir = saved.get('dataset_dir')
-        args.dataset_dir = saved_dir if saved_dir and os.path.isdir(saved_dir) else default_dataset_dir(args.dataset)
+    args.dataset_dir = runs.saved_dataset_dir(args, saved, args.dataset)
 
 
 def resolve_model_flags(args):

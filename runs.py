@@ -464,9 +464,7 @@ def restore_args(args, checkpoint):
     kept = {name: value for name, value in saved.items()
             if name not in RUN_ONLY_FLAGS or (name not in RESOLVED_ANEW and name not in args.explicit)}
     restored = argparse.Namespace(**{**vars(args), **kept})
-    saved_dir = saved.get('dataset_dir')
-    if 'dataset_dir' not in args.explicit and isinstance(saved_dir, str) and os.path.isdir(saved_dir):
-        restored.dataset_dir = saved_dir  # where the run read its data, while that folder is there
+    restored.dataset_dir = saved_dataset_dir(args, saved, restored.dataset)
     restored.resume = True
     return restored
 
@@ -578,6 +576,18 @@ def saved_settings(weights_path):
     return read_settings(config_path, f'{config_path} (beside {os.path.basename(weights_path)})',
                          'fix or remove it (without it --evaluate and --predict take --arch and the model flags '
                          'from the command line)', required=False)
+
+
+def saved_dataset_dir(args, saved, dataset):
+    """--dataset_dir of a command on a saved run (--resume, --evaluate, --predict): the one the command line
+    gives (``args``), else the folder the run read while it is there, else the default folder of
+    ``dataset``, the run's."""
+    if 'dataset_dir' in args.explicit:
+        return args.dataset_dir
+    saved_dir = saved.get('dataset_dir')
+    if isinstance(saved_dir, str) and os.path.isdir(saved_dir):
+        return saved_dir
+    return dataloader.default_dataset_dir(dataset)
 
 
 def adopt_saved_settings(args, settings):

@@ -641,6 +641,27 @@ def test_resume_with_only_the_folder_keeps_the_saved_run_control_settings(cifar1
     assert config['epochs'] == 2 and config['dataset_dir'] == cifar10_dir and config['tensorboard'] is False
 
 
+def test_resume_looks_for_a_moved_dataset_in_the_default_folder_of_its_own_dataset(mnist_dir, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The saved --dataset_dir is gone and none is given: the default folder of the run's dataset (MNIST),
+    not that of the command line's default --dataset (CIFAR10); --evaluate follows the same rule."""
+    import shutil
+    from conftest import run_main_interrupted_in_epoch
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    data, outdir = str(tmp_path / 'mnist'), tmp_path / 'run'
+    shutil.copytree(mnist_dir, data)
+    run_main_interrupted_in_epoch([*RUN, '--epochs', '2', '--dataset', 'MNIST', '--tta', 'none', '--dataset_dir', data,
+                                   '--outdir', str(outdir)], epoch=2)
+    shutil.rmtree(data)
+    capsys.readouterr()
+    expected = os.path.join(str(tmp_path / 'home'), '.torchvision', 'datasets', 'MNIST')
+    for command in (['--outdir', str(outdir), '--resume', '--no-download'],
+                    ['--evaluate', str(outdir / 'checkpoint.pth'), '--no-download']):
+        assert run_main(command) == 2
+        err = capsys.readouterr().err
+        assert expected in err and 'CIFAR10' not in err, err
+
+
 # ----------------------------------------------------------------------------- damaged and wrong files
 
 WRONG_WEIGHTS = {'tensor': (torch.ones(3), 'holds a Tensor'), 'list': ([torch.ones(3)], 'holds a list'),
