@@ -636,6 +636,13 @@ class DeviceLoader:
         sizes = [len(part) for part in slices]
         return list(zip(self.normalize(images).split(sizes), self.labels[index].split(sizes)))
 
+    def example_batch(self):
+        """A batch as this loader yields them (the first images, augmented and normalized for training), for
+        compiling ahead (:meth:`engine.Trainer.compile_ahead`): one batch's work, where iterating would
+        augment the whole epoch first."""
+        images, labels = self.images[:self.batch_size], self.labels[:self.batch_size]
+        return self.normalize(self.augment(images) if self.train else images), labels
+
     def _test_batches(self):
         """The evaluation batches: views of the normalized split, normalized once and kept."""
         if self._normalized is None:
@@ -785,6 +792,10 @@ class WorkersLoader(torch.utils.data.DataLoader):
         ``batch`` on. The order is that of the interrupted epoch; with worker processes
         (--num_workers > 0) the random augmentation of the remaining images is drawn anew."""
         self.sampler.start_at(order, batch * self.batch_size)
+
+    def example_batch(self):
+        """As :meth:`DeviceLoader.example_batch`: the first batch of an epoch."""
+        return next(iter(self))
 
     def __iter__(self):
         resuming = isinstance(self.sampler, ResumableSampler) and self.sampler.resuming

@@ -302,7 +302,7 @@ class Trainer:
         self._synchronize()
         start = time.perf_counter()
         self.network.train()
-        images, labels = next(iter(train_loader))
+        images, labels = train_loader.example_batch()
         if self.compiled_step:
             saved = self._snapshot()
             ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None

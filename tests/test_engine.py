@@ -345,6 +345,21 @@ def test_compile_ahead_leaves_weights_buffers_and_rng_as_they_were(capsys):
     assert not torch.equal(state['1.running_mean'], model.state_dict()['1.running_mean'])
 
 
+def test_compile_ahead_augments_one_batch_not_an_epoch(capsys):
+    model = tiny_bn_model()
+    trainer = stand_in_compiled_trainer(model, capsys)
+    train_loader, test_loader = device_loaders(n_train=64, batch_size=16)
+    augmented, augment = [], train_loader.augment
+    train_loader.augment = lambda images, *rest: augmented.append(len(images)) or augment(images, *rest)
+    trainer.compile_ahead(train_loader, test_loader)
+    assert augmented == [16]
+    images, labels = train_loader.example_batch()
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (16,)
+    batches = list(train_loader)
+    assert augmented[2:] == [64] and len(batches) == 4  # an epoch augments all its images at once
+    assert all(b.shape == images.shape and b.dtype == images.dtype for b, _ in batches)
+
+
 def test_compile_ahead_with_a_full_first_test_batch_keeps_the_compiled_functions(capsys):
     model = tiny_bn_model()
     trainer = stand_in_compiled_trainer(model, capsys)
