@@ -640,11 +640,11 @@ class _EpochState:
         """The running loss and accuracy, as progress shows them (a read of the device)."""
         return {'loss': f'{self.loss.average:.4f}', 'acc': f'{self.accuracy.average:.4f}'}
 
-    def update(self, loss, accuracy, batch_size, bad, accumulate=None):
+    def update(self, loss, accuracy, batch_size, bad, accumulate):
         """Count a step; ``accumulate``: :func:`_accumulate`, or its compiled form."""
         self.step += 1
         (self.loss.total, self.accuracy.total, self.nonfinite, self.first_nonfinite, self.bad_images,
-         self.step_number) = (accumulate or _accumulate)(
+         self.step_number) = accumulate(
             self.loss.total, self.accuracy.total, self.nonfinite, self.first_nonfinite, self.bad_images,
             self.step_number, loss, accuracy, bad, batch_size)
         self.loss.count += batch_size

@@ -14,6 +14,19 @@ import os
 import re
 
 
+# Flags that never change what a run computes, so a resumed run may give them anew (runs.restore_args), and
+# runs of one experiment may differ in (summarize.py).
+RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'tensorboard', 'dataset_dir',
+                  'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
+                  'epochs', 'eval_every',
+                  'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
+                  'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
+# Those of them that describe this machine or this command, resolved anew on resume; the others keep the
+# saved run's value unless given (`--outdir X --resume` alone trains the saved --epochs, not the arch's).
+RESOLVED_ANEW = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'download', 'dry_run', 'evaluate',
+                 'list_archs', 'predict', 'weights', 'topk', 'config', 'dist_backend', 'dataset_dir'}
+
+
 class UsageError(ValueError):
     """Bad input (a flag, a file, a combination of settings): main.py's ``cli`` prints the message as one
     line and exits with 2. The libraries raise it where they check their own arguments (a ValueError, so
@@ -188,7 +201,8 @@ class Domain:
         return []
 
 
-def _format_number(value):
+def format_number(value):
+    """A number as an error names it: 5 for 5.0, 0.001 for 1e-3."""
     return f'{value:g}' if isinstance(value, float) else str(value)
 
 
@@ -249,11 +263,11 @@ class Real(Domain):
     def _describe(self):
         low, high = self.low, self.high
         if low is not None and high is not None:
-            return f'a number in {self.closed[0]}{_format_number(low)}, {_format_number(high)}{self.closed[1]}'
+            return f'a number in {self.closed[0]}{format_number(low)}, {format_number(high)}{self.closed[1]}'
         if low is not None:
-            return f'a number {">" if self.closed[0] == "(" else ">="} {_format_number(low)}'
+            return f'a number {">" if self.closed[0] == "(" else ">="} {format_number(low)}'
         if high is not None:
-            return f'a number {"<" if self.closed[1] == ")" else "<="} {_format_number(high)}'
+            return f'a number {"<" if self.closed[1] == ")" else "<="} {format_number(high)}'
         return 'a finite number'
 
     def _describe_many(self):
@@ -263,16 +277,16 @@ class Real(Domain):
     def invalid(self):
         texts = ['x', '', 'nan', 'inf', '1,5']
         if self.low is not None:
-            texts += [_format_number(self.low - 1)] + ([_format_number(self.low)] if self.closed[0] == '(' else [])
+            texts += [format_number(self.low - 1)] + ([format_number(self.low)] if self.closed[0] == '(' else [])
         if self.high is not None:
-            texts += [_format_number(self.high + 1)] + ([_format_number(self.high)] if self.closed[1] == ')' else [])
+            texts += [format_number(self.high + 1)] + ([format_number(self.high)] if self.closed[1] == ')' else [])
         return texts
 
     def valid(self):
         if self.low is not None and self.high is not None:
-            return [_format_number((self.low + self.high) / 2)]
+            return [format_number((self.low + self.high) / 2)]
         if self.low is not None:
-            return [_format_number(self.low + 1)]
+            return [format_number(self.low + 1)]
         return ['0.5']
 
 
@@ -438,17 +452,21 @@ class ListOf(Domain):
         return [self._example()]
 
 
+def json_kind(value):
+    """The JSON type of a value read from a JSON file, as an error names it: 'number', 'list', 'null', ..."""
+    return {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
+            type(None): 'null'}.get(type(value), type(value).__name__)
+
+
 def check_setting(name, domain, value, source):
     """Raise UsageError unless ``value``, read from ``source`` (a --config file, an arch's defaults), lies in
     the ``domain`` of flag ``name``; the message names the JSON type that was found."""
     try:
         domain.check(value)
     except ValueError:
-        kind = {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
-                type(None): 'null'}.get(type(value), type(value).__name__)
         expected = 'true or false' if isinstance(domain, Bool) else domain.describe()  # JSON's own booleans
-        raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {kind}): expected '
-                         f'{expected} (--{name})') from None
+        raise UsageError(f'{source}: "{name}": {json.dumps(value, default=str)} (a JSON {json_kind(value)}): '
+                         f'expected {expected} (--{name})') from None
 
 
 # ----------------------------------------------------------------------------- argparse

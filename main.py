@@ -691,8 +691,6 @@ def load_teacher(args, info, device):
         raise UsageError(f'--teacher {args.teacher}: no config.json with the teacher\'s arch beside it')
     if saved.get('dataset', args.dataset) != args.dataset:
         raise UsageError(f'--teacher {args.teacher}: trained on {saved["dataset"]}, not --dataset {args.dataset}')
-    if arch not in models.list_models():
-        raise UsageError(f'--teacher {args.teacher}: unknown arch {arch!r} in its config.json')
     settings = argparse.Namespace(arch=arch, channels_last=args.channels_last,
                                   **{name: saved.get(name) for name in models.model_params(arch)})
     teacher = runs.load_run_model(args.teacher, '--teacher', settings, info, device, state=state, saved=saved)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flags import UsageError
+from flags import UsageError, format_number
 
 OPTIMIZER_CHOICES = ('sgd', 'adam', 'adamw', 'lars', 'adabound', 'muon')
 SCHEDULER_CHOICES = ('none', 'multistep', 'cosine', 'sgdr', 'linear', 'polynomial')
@@ -832,10 +832,6 @@ def default_sam_rho(adaptive):
     return 0.5 if adaptive else 0.05
 
 
-def _format_number(value):
-    return f'{value:g}' if isinstance(value, float) else str(value)
-
-
 def _warmup_factor(step, warmup_steps, warmup_method, warmup_start_factor, warmup_exponent=4.0):
     """The warmup multiplier at ``step``; 1 from ``warmup_steps`` on.
 
@@ -948,11 +944,11 @@ def build_scheduler(optimizer, scheduler='multistep', epochs=160, steps_per_epoc
     milestone_offset = warmup_epochs if milestones_after_warmup else 0
     if scheduler == 'multistep' and 'milestones' not in unchecked and any(
             (milestone + milestone_offset) * steps_per_epoch > total_steps for milestone in milestones):
-        after = f', counted after {_format_number(warmup_epochs)} warmup epochs' if milestone_offset else ''
+        after = f', counted after {format_number(warmup_epochs)} warmup epochs' if milestone_offset else ''
         raise UsageError(f'--milestones {json.dumps(list(milestones))}: beyond the end of {run}{after}; expected '
                          f'epochs before the end')
     if 'warmup_epochs' not in unchecked and warmup_epochs > 0 and warmup_epochs * steps_per_epoch >= total_steps:
-        raise UsageError(f'--warmup_epochs {_format_number(warmup_epochs)}: expected fewer epochs than {run} '
+        raise UsageError(f'--warmup_epochs {format_number(warmup_epochs)}: expected fewer epochs than {run} '
                          f'(warmup shorter than the run)')
     for group in optimizer.param_groups:
         if 'whiten_bias_epochs' not in unchecked and group.get('schedule_epochs', 0) > epochs:

@@ -28,18 +28,8 @@ import dataloader
 import engine
 import models
 import utils
-from flags import Choice, UsageError, check_setting, show
+from flags import RESOLVED_ANEW, RUN_ONLY_FLAGS, Choice, UsageError, check_setting, json_kind, show
 
-# Flags that never change what a run computes, so a resumed run may give them anew.
-RUN_ONLY_FLAGS = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'tensorboard', 'dataset_dir',
-                  'download', 'dry_run', 'evaluate', 'list_archs', 'predict', 'weights', 'topk', 'config',
-                  'epochs', 'eval_every',
-                  'save_every', 'compile', 'compile_mode', 'sync_bn', 'dist_backend', 'dist_timeout',
-                  'find_unused_parameters', 'save_every_steps', 'skip_nonfinite'}
-# Those of them that describe this machine or this command, resolved anew on resume; the others keep the
-# saved run's value unless given (`--outdir X --resume` alone trains the saved --epochs, not the arch's).
-RESOLVED_ANEW = {'outdir', 'resume', 'device', 'gpu', 'num_workers', 'num_threads', 'download', 'dry_run', 'evaluate',
-                 'list_archs', 'predict', 'weights', 'topk', 'config', 'dist_backend', 'dataset_dir'}
 # Settings added after runs were saved without them, with the value that reproduces what those runs computed.
 LEGACY_SETTINGS = {'muon_lr_adjust': 'torch', 'cutmix_box': 'continuous', 'cutmix_prob': 1.0}
 FINAL_WEIGHTS = 'model_state.pth'
@@ -231,7 +221,7 @@ class RunDirectory:
                      'test_images': data.test_loader.num_samples, 'test_split': data.test_split_name},
             'model_flags': {k: getattr(args, k) for k in models.model_params(args.arch)
                             if getattr(args, k) is not None},
-            'command_line': ' '.join(shlex.quote(a) for a in sys.argv),
+            'command_line': shlex.join(sys.argv),
             'environment': utils.environment_info(device),
         }
         if self.dist.enabled:
@@ -407,11 +397,6 @@ def _kind(value):
     return f'{"an" if name[0].lower() in "aeiou" else "a"} {name}'
 
 
-def _json_kind(value):
-    return {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',
-            type(None): 'null'}.get(type(value), type(value).__name__)
-
-
 def _some(names, limit=6):
     """'a, b, c' or 'a, b, ... and 4 more'."""
     shown = ', '.join(names[:limit])
@@ -450,10 +435,7 @@ def check_checkpoint(state, what):
 def restore_args(args, checkpoint):
     """A resumed run keeps its saved settings; only run-control flags (and --epochs) may change, and those
     not given keep their saved values too (the machine's own, :data:`RESOLVED_ANEW`, are resolved anew)."""
-    saved = checkpoint.get('args')
-    if not isinstance(saved, dict):
-        raise UsageError(f'--resume: {args.outdir}/checkpoint.pth holds no settings')
-    saved = {**LEGACY_SETTINGS, **saved}
+    saved = {**LEGACY_SETTINGS, **checkpoint['args']}  # a dict: RunDirectory.read_checkpoint checked it
     changed = sorted(name for name in args.explicit
                      if name not in RUN_ONLY_FLAGS and name in saved and saved[name] != getattr(args, name))
     if changed:
@@ -477,9 +459,7 @@ def resume(checkpoint, model, trainer, args):
     process's is rank 0's); a rank the saved run did not have starts a stream of its own.
     """
     dist = trainer.dist
-    if not isinstance(checkpoint.get('model'), dict):
-        raise UsageError('--resume: checkpoint.pth holds no model')
-    load_weights(model, checkpoint['model'], '--resume: checkpoint.pth', checkpoint.get('args'), args, None)
+    load_weights(model, checkpoint['model'], '--resume: checkpoint.pth', checkpoint['args'], args, None)
     position = checkpoint.get('position')
     if position is not None and position.get('world_size', 1) != dist.world_size:
         raise UsageError(f'--resume: checkpoint.pth stopped inside epoch {position["epoch"]} with '
@@ -508,7 +488,7 @@ def check_new_length(checkpoint, args, total_steps, steps_per_epoch):
     """--resume with another --epochs: refused where the schedule (or lookahead's ramp) spans the run's
     length, since the longer run would have had another learning rate from its first step (a finished
     cosine run would go on at lr 0); where it does not (multistep, none, sgdr), the line that says so."""
-    saved = checkpoint.get('args') or {}
+    saved = checkpoint['args']
     saved_epochs = saved.get('epochs', args.epochs)
     saved_steps = saved.get('total_steps') or math.ceil(saved_epochs * steps_per_epoch - 1e-9)
     if saved_steps == total_steps:
@@ -551,11 +531,11 @@ def read_settings(config_path, source, outcome, required=True):
         text, prefix = str(error), f'config {config_path}: '
         raise UsageError(f'{source}: {text[len(prefix):] if text.startswith(prefix) else text}; {outcome}') from None
     if not isinstance(config, dict) or (required and 'settings' not in config):
-        found = f'a JSON {_json_kind(config)}' if not isinstance(config, dict) else 'an object without "settings"'
+        found = f'a JSON {json_kind(config)}' if not isinstance(config, dict) else 'an object without "settings"'
         raise UsageError(f'{source}: {found}, not the config.json of a run (an object with "settings"); {outcome}')
     settings = config.get('settings', {})
     if not isinstance(settings, dict):
-        raise UsageError(f'{source}: "settings" is a JSON {_json_kind(settings)}, not an object; {outcome}')
+        raise UsageError(f'{source}: "settings" is a JSON {json_kind(settings)}, not an object; {outcome}')
     domains = {'arch': Choice(models.list_models()), 'dataset': Choice(dataloader.DATASET_CHOICES),
                **{name: flag.domain for name, flag in models.model_flags().items()}}
     for name, domain in domains.items():
@@ -664,12 +644,12 @@ def load_weights(model, state_dict, what, saved_settings, settings, info):
                          f'({type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:160]})') from None
 
 
-def load_run_model(weights, flag, settings, info, device, state=None, saved=None):
+def load_run_model(weights, flag, settings, info, device, saved, state=None):
     """The model a run's ``weights`` file (model_state.pth or checkpoint.pth, of any run, distributed or
     not) holds: built with ``settings`` (arch, model flags, channels_last) for the dataset ``info`` on
-    ``device`` and loaded, in eval mode. ``state`` and ``saved``: the state_dict and saved settings if
-    already read (under torchrun rank 0 reads them and sends them to the others)."""
-    saved = saved_settings(weights) if saved is None else saved
+    ``device`` and loaded, in eval mode. ``saved``: the settings of the config.json beside it
+    (:func:`saved_settings`); ``state``: its state_dict if already read (under torchrun rank 0 reads it and
+    sends it to the others)."""
     state = read_weights(weights, flag) if state is None else state
     model = engine.build_model(settings, info, device)
     load_weights(model, state, f'{flag}: {weights}', saved, settings, info)

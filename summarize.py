@@ -11,7 +11,7 @@ summary.json is there too, else in progress (or stopped). An experiment is the r
 folder, named by its path relative to the given folder, so the seeds 0, 1, 2 of
 results/rp56/cutout/ form the experiment rp56/cutout. Statistics of the final test error are
 over finished runs; the best-epoch error is selected on the test set and so is optimistic.
-Runs of one experiment whose settings differ (other than the seed and runs.RUN_ONLY_FLAGS,
+Runs of one experiment whose settings differ (other than the seed and flags.RUN_ONLY_FLAGS,
 epochs excepted) or whose data differ are reported by name. The data column names the dataset,
 the last part of --dataset_dir and the image counts config.json records (its "data" object, see
 run_data), else the evaluated images counted in log.json. Published figures come from
@@ -33,6 +33,8 @@ import re
 import statistics
 import sys
 import tempfile
+
+import flags
 
 EXPERIMENTS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_experiments.sh')
 README_BEGIN = '<!-- summarize:begin -->'
@@ -206,11 +208,9 @@ def ignored_settings():
     """Settings that may differ between the runs of one experiment: the seed and main.py's run-only flags.
 
     Epochs may be raised on --resume (hence run-only for main.py), but runs of different lengths
-    are different experiments. main is imported here, not at the top: it imports torch, which a
-    bad command line need not wait for.
+    are different experiments.
     """
-    import runs
-    return (runs.RUN_ONLY_FLAGS - {'epochs'}) | {'seed'}
+    return (flags.RUN_ONLY_FLAGS - {'epochs'}) | {'seed'}
 
 
 def differing_settings(runs):

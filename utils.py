@@ -174,6 +174,12 @@ def _atomic_write(path, write, kill_point_name=None):
                 os.remove(tmp_path)
 
 
+def temporary_path(directory, suffix):
+    """A new name in ``directory`` for a file being written: TEMPORARY_PREFIX, a random part, ``suffix``
+    (``--resume`` deletes such files that a killed run left)."""
+    return os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{suffix}')
+
+
 def _create_temporary(directory, suffix):
     """A new ``.tmp-*`` file in ``directory``, open for writing: (descriptor, path).
 
@@ -184,7 +190,7 @@ def _create_temporary(directory, suffix):
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
     for _ in range(100):
-        path = os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{suffix}')
+        path = temporary_path(directory, suffix)
         try:
             return os.open(path, flags, 0o666), path
         except FileExistsError:
@@ -279,7 +285,7 @@ def keep_previous(path, previous):
     no copy. Nothing happens where ``path`` does not exist or the file system has no hard links (the
     old ``previous``, if any, stays)."""
     directory = os.path.dirname(os.path.abspath(path))
-    link = os.path.join(directory, f'{TEMPORARY_PREFIX}{secrets.token_hex(4)}{os.path.basename(previous)}')
+    link = temporary_path(directory, os.path.basename(previous))
     with contextlib.suppress(OSError):
         if os.path.samefile(path, previous):  # linked before a write that did not happen (a kill, a full disk)
             return True

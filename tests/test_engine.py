@@ -521,3 +521,26 @@ def test_device_timer_on_cpu_measures_the_host_clock():
     first = timer.elapsed()
     time.sleep(0.02)
     assert 0.05 <= first < timer.elapsed()
+
+
+def test_progress_off_a_terminal_is_one_line_per_interval_with_the_counters_of_that_moment(capsys):
+    """Off a terminal (capsys: stderr is no tty) one plain line each `interval` seconds, its counters read
+    only for that line; nothing else, and nothing for a pass shorter than the interval or a rank that
+    does not speak."""
+    seconds = iter(range(0, 1000, 10))  # each step takes 10 s
+    reads = []
+
+    def counters():
+        reads.append(1)
+        return {'loss': f'{len(reads):.4f}'}
+    progress = engine.make_progress(enabled=True, interval=30.0)
+    assert list(progress(range(10), 'epoch 1 train', counters, clock=lambda: next(seconds))) == list(range(10))
+    assert capsys.readouterr().err.splitlines() == [
+        'epoch 1 train: 3/10 steps, 0.1 steps/s, loss 1.0000',
+        'epoch 1 train: 6/10 steps, 0.1 steps/s, loss 2.0000',
+        'epoch 1 train: 9/10 steps, 0.1 steps/s, loss 3.0000']
+    assert len(reads) == 3
+    quick = iter(range(100))
+    list(progress(range(20), 'test', counters, clock=lambda: next(quick)))  # 20 s in all
+    list(engine.make_progress(enabled=False, interval=30.0)(range(10), 'test', counters, clock=lambda: next(seconds)))
+    assert capsys.readouterr().err == '' and len(reads) == 3
