@@ -297,14 +297,12 @@ class Trainer:
         random generators are restored afterwards, so training starts as without it. (A rank that holds
         no test batch has nothing to evaluate and compiles nothing for it.)
         """
-        rng_state = utils.get_rng_state()
-        model_state = {key: value.clone() for key, value in self.model.state_dict().items()}
+        rng_state, saved = utils.get_rng_state(), self._snapshot()
         self._synchronize()
         start = time.perf_counter()
         self.network.train()
         images, labels = train_loader.example_batch()
         if self.compiled_step:
-            saved = self._snapshot()
             ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
             lrs = [lr.clone() for lr in self._lr_tensors]
             lr_step = self._lr_step.clone() if self._lr_table is not None else None
@@ -314,7 +312,6 @@ class Trainer:
             if self.ema is not None:
                 self.ema_blend(self.model)
                 self.ema.load_state_dict(ema_state)
-            self._restore_if(torch.ones((), dtype=torch.bool, device=self.device), saved)
             torch._foreach_copy_(self._lr_tensors, lrs)
             if lr_step is not None:
                 self._lr_step.copy_(lr_step)
@@ -326,7 +323,7 @@ class Trainer:
             self.evaluate(_FixedBatch(*test_batch, test_loader.batch_size), gather=False)
         self._synchronize()
         elapsed = time.perf_counter() - start
-        self.model.load_state_dict(model_state)
+        self._restore_if(torch.ones((), dtype=torch.bool, device=self.device), saved)  # weights, buffers, state
         utils.set_rng_state(rng_state)
         return elapsed
 
@@ -481,7 +478,8 @@ class Trainer:
 
     @torch.no_grad()
     def _snapshot(self):
-        return {id(tensor): tensor.detach().clone() for tensor in self._state_tensors()}
+        tensors = self._state_tensors()
+        return dict(zip(map(id, tensors), torch._foreach_clone([tensor.detach() for tensor in tensors])))
 
     @torch.no_grad()
     def _restore_if(self, nonfinite, snapshot):
@@ -491,7 +489,7 @@ class Trainer:
             saved = snapshot.get(id(tensor))
             if saved is None:
                 saved = torch.zeros_like(tensor)
-            tensor.copy_(torch.where(nonfinite.to(tensor.device), saved, tensor))
+            torch.where(nonfinite.to(tensor.device), saved, tensor, out=tensor)  # as optim's fp16 handoff
 
     def _clip(self):
         if self.gradient_clip > 0:
