@@ -21,11 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ARCHS = {
-    'resnet_preact20': ['--arch', 'resnet_preact', '--depth', '20'],
-    'wrn16_4': ['--arch', 'wrn', '--depth', '16', '--widening_factor', '4'],
-    'resnet_preact8': ['--arch', 'resnet_preact', '--depth', '8', '--base_channels', '4'],
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_rate import ARCHS as STEP_RATE_ARCHS, build_trainer  # noqa: E402
+
+ARCHS = {**STEP_RATE_ARCHS, 'resnet_preact8': ['--arch', 'resnet_preact', '--depth', '8', '--base_channels', '4']}
 SETTINGS = {
     'default': [],
     'mixup_ema': ['--use_mixup', '--ema_decay', '0.999'],
@@ -38,29 +37,10 @@ def count(arch, setting, compiled, steps, batch_size, backend):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import augmentations
-    import dataloader
-    import engine
-    import main
-    import optim
     torch.manual_seed(0)
-    args = main.parse_args(['--outdir', 'unused', '--device', 'cpu', '--scheduler', 'cosine',
-                            '--batch_size', str(batch_size), *ARCHS[arch], *SETTINGS[setting]]
-                           + (['--compile'] if compiled else []))
-    info = dataloader.DATASETS['CIFAR10']
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size * (steps + 2), 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (len(images),), generator=generator)
-    loader = dataloader.DeviceLoader(images, labels, info, batch_size, torch.device('cpu'), True,
-                                     random_crop_padding=4, horizontal_flip=True)
-    model = engine.build_model(args, info, torch.device('cpu'))
-    optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
-    scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=2, steps_per_epoch=len(loader))
-    regularizer = augmentations.BatchRegularizer(info.num_classes, **augmentations.regularizer_kwargs(args))
-    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, torch.device('cpu'),
-                             total_steps=2 * len(loader), compile_backend=backend, **engine.trainer_kwargs(args))
-    test_loader = dataloader.DeviceLoader(images[:batch_size], labels[:batch_size], info, batch_size,
-                                          torch.device('cpu'), False)
+    argv = ['--device', 'cpu', '--scheduler', 'cosine', *ARCHS[arch], *SETTINGS[setting]]
+    trainer, loader, test_loader = build_trainer(argv + (['--compile'] if compiled else []), batch_size, steps + 2, 2,
+                                                 compile_backend=backend)
     compile_seconds = trainer.compile_ahead(loader, test_loader) if compiled else 0.0
     trainer.train_one_epoch(_Steps(loader, 2), 1)  # warm: the first steps of each region
     with profile(activities=[ProfilerActivity.CPU]) as recorded:

@@ -34,31 +34,42 @@ ARCHS = {
 }
 
 
-def measure(source, arch, device_name, steps, warmup, batch_size, extra):
-    """Steps per second of ``source``'s Trainer for ``arch`` (imports the modules from ``source``)."""
-    sys.path.insert(0, source)
+def build_trainer(argv, batch_size, n_batches, epochs, **options):
+    """main.py's Trainer for its flags ``argv`` (``--device`` among them) over ``n_batches`` batches of random
+    CIFAR-sized images in the device pipeline (crop, flip, normalization), with a cosine schedule over
+    ``epochs`` of them: (trainer, training loader, a test loader of one batch). ``options``: more Trainer
+    keywords. Imports whatever checkout comes first on sys.path."""
     import torch
     import augmentations
     import dataloader
     import engine
     import main
     import optim
-    device = torch.device(device_name)
-    args = main.parse_args(['--outdir', 'unused', *ARCHS[arch], '--device', device_name,
-                            '--batch_size', str(batch_size), '--no-tensorboard', *extra])
+    args = main.parse_args(['--outdir', 'unused', '--batch_size', str(batch_size), '--no-tensorboard', *argv])
+    device = main.resolve_device(args.device)
     info = dataloader.DATASETS['CIFAR10']
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size * 4, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (batch_size * 4,), generator=generator)
+    images = torch.randint(0, 256, (batch_size * n_batches, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (len(images),), generator=generator)
     loader = dataloader.DeviceLoader(images, labels, info, batch_size, device, True, random_crop_padding=4,
                                      horizontal_flip=True)
+    test_loader = dataloader.DeviceLoader(images[:batch_size], labels[:batch_size], info, batch_size, device, False)
     model = engine.build_model(args, info, device)
     optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
-    scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=10, steps_per_epoch=len(loader))
+    scheduler = optim.build_scheduler(optimizer, scheduler='cosine', epochs=epochs, steps_per_epoch=len(loader))
     regularizer = augmentations.BatchRegularizer(info.num_classes, **augmentations.regularizer_kwargs(args))
-    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, total_steps=10 * len(loader),
-                             **engine.trainer_kwargs(args))
-    model.train()
+    trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, total_steps=epochs * len(loader),
+                             **options, **engine.trainer_kwargs(args))
+    return trainer, loader, test_loader
+
+
+def measure(source, arch, device_name, steps, warmup, batch_size, extra):
+    """Steps per second of ``source``'s Trainer for ``arch`` (imports the modules from ``source``)."""
+    sys.path.insert(0, source)
+    import torch
+    trainer, loader, _ = build_trainer([*ARCHS[arch], '--device', device_name, *extra], batch_size, 4, 10)
+    device = trainer.device
+    trainer.model.train()
 
     def batches():
         while True:

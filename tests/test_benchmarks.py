@@ -76,3 +76,24 @@ def test_budget_race_sizes_each_recipe_to_the_budget(cifar10_dir, tmp_path):
     assert race['steps'] == max(1, int((3 - race['probe_eval_time']) / race['probe_step_time']))
     assert 0 <= race['accuracy'] <= 1 and race['accuracy_per_second'] == race['accuracy'] / race['time']
     assert 'fast_airbench94_muon' in result.stdout.splitlines()[-1]
+
+
+def test_step_ops_and_step_rate_build_the_same_trainer_and_run(tmp_path):
+    """step_ops.py (operators per step, eager and compiled with aot_eager) and step_rate.py (steps per second)
+    through their shared step_rate.build_trainer; the compiled step dispatches fewer operators from Python."""
+    ops = tmp_path / 'ops.json'
+    environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'step_ops.py'), '--archs', 'resnet_preact8',
+                             '--settings', 'default', '--steps', '2', '--batch_size', '8', '--backend', 'aot_eager',
+                             '--json', str(ops)], capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    eager, compiled = json.load(open(ops))['rows']
+    assert (eager['mode'], compiled['mode']) == ('eager', 'aot_eager')
+    assert compiled['top_level_ops_per_step'] < eager['top_level_ops_per_step'] / 2
+    rate = tmp_path / 'rate.json'
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'step_rate.py'), '--archs',
+                             'resnet_preact20', '--steps', '2', '--warmup', '1', '--batch_size', '8', '--json',
+                             str(rate), '--', '--base_channels', '4'], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(rate))['resnet_preact20'] > 0
