@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import augmentations
-from flags import UsageError
+from flags import UsageError, first_line
 from utils import derived_seed, get_rng_state, set_rng_state
 
 
@@ -224,8 +224,7 @@ def read_cifar_pickle(path, what='a CIFAR file', flag='--dataset_dir'):
 
 
 def _first_line(error, limit=200):
-    lines = str(error).strip().splitlines()
-    return lines[0][:limit] if lines else type(error).__name__
+    return first_line(error, limit) or type(error).__name__
 
 
 def _label_problem(labels, n_images, num_classes):
@@ -426,9 +425,8 @@ def _download(root, name):
             for train in (True, False):
                 dataset_class(staging, train=train, download=True)
         except Exception as error:  # network failures surface as many exception types
-            reason = (str(error).strip().splitlines() or [''])[0]
             raise UsageError(f'{name} is not in {root} and could not be downloaded from {url} '
-                             f'({type(error).__name__}: {reason}); without network, download it elsewhere and '
+                             f'({type(error).__name__}: {first_line(error)}); without network, download it elsewhere and '
                              f'{_by_hand(root, name)}, or pass --no-download') from None
         reader = _read_cifar if name in _CIFAR_FILES else _read_mnist_family
         for train in (True, False):

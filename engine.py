@@ -28,7 +28,7 @@ import augmentations
 import models
 import optim
 import utils
-from flags import UsageError
+from flags import UsageError, first_line
 
 # Non-finite losses are flagged on the device every step and read on the host at most every this many
 # steps (and at each checkpoint and epoch end): the run stops within this many steps of a divergence.
@@ -696,8 +696,7 @@ class _FixedBatch(list):
 
 
 def _compile_fallback_message(error, what, dist=utils.SINGLE_PROCESS):
-    first_line = (str(error).strip().splitlines() or [''])[0][:200]
-    dist.print(f'--compile: torch.compile {what} ({type(error).__name__}: {first_line}); running eager',
+    dist.print(f'--compile: torch.compile {what} ({type(error).__name__}: {first_line(error, 200)}); running eager',
                file=sys.stderr)
 
 

@@ -452,6 +452,13 @@ class ListOf(Domain):
         return [self._example()]
 
 
+def first_line(error, limit=None):
+    """The first line of an error's message ('' for none), cut at ``limit`` characters: what a one-line
+    report quotes of an exception from torch, PIL or the network."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else ''
+
+
 def json_kind(value):
     """The JSON type of a value read from a JSON file, as an error names it: 'number', 'list', 'null', ..."""
     return {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object',

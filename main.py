@@ -808,8 +808,8 @@ def cli(argv=None):
                      f'then continue with --resume)', speaks)
         if not (flags.launched_by_torchrun() and utils.is_collective_failure(error)):
             raise
-        first_line = (str(error).strip().splitlines() or [''])[0][:300]
-        _exit(1, f'{program}: rank {rank} stopped: another rank failed or stopped answering ({first_line})', True,
+        _exit(1, f'{program}: rank {rank} stopped: another rank failed or stopped answering '
+                 f'({flags.first_line(error, 300)})', True,
               leave_group=False)
     _exit(0, None, speaks)
 

@@ -28,7 +28,7 @@ import dataloader
 import engine
 import models
 import utils
-from flags import RESOLVED_ANEW, RUN_ONLY_FLAGS, Choice, UsageError, check_setting, json_kind, show
+from flags import RESOLVED_ANEW, RUN_ONLY_FLAGS, Choice, UsageError, check_setting, first_line, json_kind, show
 
 # Settings added after runs were saved without them, with the value that reproduces what those runs computed.
 LEGACY_SETTINGS = {'muon_lr_adjust': 'torch', 'cutmix_box': 'continuous', 'cutmix_prob': 1.0}
@@ -39,6 +39,11 @@ PREVIOUS_CHECKPOINT = 'checkpoint.prev.pth'
 LOCK = '.lock'
 # what a run's checkpoint.pth holds at least (Trainer.state_dict adds the schedule, scaler, EMA, ...)
 CHECKPOINT_ENTRIES = {'model': dict, 'optimizer': dict, 'epoch': int, 'args': dict, 'log': list}
+
+
+def _say_starting_over(outdir):
+    """--resume of a run with nothing to restore: it starts (again) from the beginning."""
+    print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
 
 
 class RunDirectory:
@@ -79,7 +84,7 @@ class RunDirectory:
             raise UsageError(f'--outdir {outdir}: not writable ({existing} is read-only)')
         if not os.path.isdir(outdir):
             if resume:  # a run resumed before it ever started (scripts pass --resume every time)
-                print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+                _say_starting_over(outdir)
             return False
         self.existed = True
         names = self._names()
@@ -124,7 +129,7 @@ class RunDirectory:
             return True
         shown = [name for name in names if not name.startswith(utils.TEMPORARY_PREFIX)]
         if not shown:
-            print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+            _say_starting_over(outdir)
             return False
         holds = f'it holds {_some(shown)}'
         if 'config.json' not in shown:
@@ -138,7 +143,7 @@ class RunDirectory:
                              f'nothing to continue from: start a new --outdir')
         # the run stopped before its first checkpoint (inside epoch 1, or before the first --save_every
         # epoch): nothing to restore, so it starts again and rewrites its log
-        print(f'--resume: no checkpoint in {outdir} yet; starting from epoch 1', file=sys.stderr)
+        _say_starting_over(outdir)
         return False
 
     def create(self):
@@ -474,7 +479,7 @@ def resume(checkpoint, model, trainer, args):
             utils.set_seed(utils.derived_seed(args.seed, dist.rank, checkpoint['epoch']))
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise UsageError(f'--resume: checkpoint does not match this run ({type(error).__name__}: '
-                         f'{str(error).splitlines()[0] if str(error) else ""})') from None
+                         f'{first_line(error)})') from None
     log = list(checkpoint['log'])
     trainer.nonfinite_before = sum(record.get('nonfinite_steps', 0) for record in log)
     return log, checkpoint['epoch'] + 1, position
@@ -499,10 +504,10 @@ def check_new_length(checkpoint, args, total_steps, steps_per_epoch):
     if args.lookahead_every:
         spans.append('its lookahead ramp')
     if spans:
-        raise UsageError(f'--epochs {show(args.epochs)}: the run in {args.outdir} was started for {show(saved_epochs)} '
-                         f'epoch{"" if saved_epochs == 1 else "s"} and {" and ".join(spans)} spans them: a {show(args.epochs)}-epoch run has another '
-                         f'learning rate from its first step. Resume it with --epochs {show(saved_epochs)}, or train '
-                         f'{show(args.epochs)} epochs in a new --outdir')
+        raise UsageError(f'--epochs {show(args.epochs)}: the run in {args.outdir} was started for '
+                         f'{_count(saved_epochs, "epoch")} and {" and ".join(spans)} spans them: a '
+                         f'{show(args.epochs)}-epoch run has another learning rate from its first step. Resume it '
+                         f'with --epochs {show(saved_epochs)}, or train {show(args.epochs)} epochs in a new --outdir')
     return (f'--resume: the run goes on to {show(args.epochs)} epochs instead of {show(saved_epochs)}; its '
             f'{args.scheduler} schedule does not depend on the length and continues as it was')
 

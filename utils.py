@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from flags import UsageError, env_rank, launched_by_torchrun
+from flags import UsageError, env_rank, first_line, launched_by_torchrun
 
 try:
     import fcntl
@@ -344,9 +344,8 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, garbage bytes, or a pickle with code in it
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
         raise UsageError(f'checkpoint {path} is corrupt or not a checkpoint '
-                         f'({type(error).__name__}: {first_line[:200]})') from None
+                         f'({type(error).__name__}: {first_line(error, 200)})') from None
 
 
 class LockHeld(Exception):
@@ -491,7 +490,7 @@ def set_threads(threads, device, dist=None):
     machine. On a GPU the operators' threads hardly matter: torch's default stays."""
     if threads is None and 'OMP_NUM_THREADS' not in os.environ and device.type == 'cpu':
         cpus = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(range(os.cpu_count() or 1))
-        ranks = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if dist is not None and dist.enabled else 1
+        ranks = dist.local_world_size if dist is not None else 1
         threads = max(1, min(len(cpus) // ranks, round(len(cpus) - busy_cores(cpus))))
     if threads is not None:
         torch.set_num_threads(threads)
@@ -601,6 +600,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str = None
+    local_world_size: int = 1  # the ranks on this machine
 
     @property
     def enabled(self):
@@ -745,7 +745,7 @@ def init_distributed(device, backend='auto', timeout_s=600, environ=None):
     if not torch_dist.is_available() or not getattr(torch_dist, f'is_{backend}_available')():
         raise UsageError(f'--dist_backend {backend}: not available in this torch build')
     torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Distributed(rank, world_size, local_rank, backend), device
+    return Distributed(rank, world_size, local_rank, backend, local_world_size), device
 
 
 def check_same_settings(dist, settings, machine_local=()):

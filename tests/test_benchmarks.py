@@ -83,8 +83,8 @@ def test_step_ops_and_step_rate_build_the_same_trainer_and_run(tmp_path):
     through their shared step_rate.build_trainer; the compiled step dispatches fewer operators from Python."""
     ops = tmp_path / 'ops.json'
     environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'step_ops.py'), '--archs', 'resnet_preact8',
-                             '--settings', 'default', '--steps', '2', '--batch_size', '8', '--backend', 'aot_eager',
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'step_ops.py'), '--archs',
+                             'resnet_preact8', '--settings', 'default', '--steps', '2', '--batch_size', '8', '--backend', 'aot_eager',
                              '--json', str(ops)], capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-2000:]
     eager, compiled = json.load(open(ops))['rows']

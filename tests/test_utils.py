@@ -23,8 +23,7 @@ def four_cores(monkeypatch):
                                                    (3.0, 2, 1)])
 def test_default_threads_are_the_idle_cores_shared_by_the_ranks(busy, ranks, expected, four_cores, monkeypatch):
     monkeypatch.setattr(utils, 'busy_cores', lambda cpus: busy)
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(ranks))
-    dist = type('Dist', (), {'enabled': ranks > 1})()
+    dist = utils.Distributed(world_size=ranks, backend='gloo' if ranks > 1 else None, local_world_size=ranks)
     assert utils.set_threads(None, CPU, dist) == expected == torch.get_num_threads()
 
 
