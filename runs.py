@@ -531,10 +531,9 @@ def read_settings(config_path, source, outcome, required=True):
     UsageError starting with ``source`` and ending with ``outcome`` (what happens next); with
     ``required`` False a JSON object without "settings" (another tool's config.json) gives {}."""
     try:
-        config = utils.load_json(config_path, what='config')
+        config = utils.load_json(config_path, source=source)
     except UsageError as error:
-        text, prefix = str(error), f'config {config_path}: '
-        raise UsageError(f'{source}: {text[len(prefix):] if text.startswith(prefix) else text}; {outcome}') from None
+        raise UsageError(f'{error}; {outcome}') from None
     if not isinstance(config, dict) or (required and 'settings' not in config):
         found = f'a JSON {json_kind(config)}' if not isinstance(config, dict) else 'an object without "settings"'
         raise UsageError(f'{source}: {found}, not the config.json of a run (an object with "settings"); {outcome}')

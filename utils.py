@@ -241,19 +241,22 @@ def save_json(obj, path):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def load_json(path, what='file'):
+def load_json(path, what='file', source=None):
+    """The JSON value in ``path``; a file that is missing, unreadable or not JSON is one UsageError starting
+    with ``source`` (default: ``what`` and the path)."""
+    source = source or f'{what} {path}'
     try:
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UsageError(f'{what} {path}: no such file') from None
+        raise UsageError(f'{source}: no such file') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f'{what} {path}: not valid JSON ({error})') from None
+        raise UsageError(f'{source}: not valid JSON ({error})') from None
     except RecursionError:
-        raise UsageError(f'{what} {path}: nested deeper than this reader follows (Python\'s recursion limit, '
+        raise UsageError(f'{source}: nested deeper than this reader follows (Python\'s recursion limit, '
                          f'{sys.getrecursionlimit()} levels)') from None
     except (OSError, ValueError) as error:  # a folder, no permission, an I/O error, a NUL in the name
-        raise UsageError(f'{what} {path}: cannot read it ({getattr(error, "strerror", None) or error})') from None
+        raise UsageError(f'{source}: cannot read it ({getattr(error, "strerror", None) or error})') from None
 
 
 def _torch_save(obj, f):
