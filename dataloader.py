@@ -1010,5 +1010,9 @@ def class_names(dataset, dataset_dirs):
             if names is not None:
                 return names
         elif dataset == 'ImageFolder' and os.path.isdir(os.path.join(directory, 'train')):
-            return tuple(sorted(entry.name for entry in os.scandir(os.path.join(directory, 'train')) if entry.is_dir()))
+            from torchvision.datasets.folder import find_classes  # ImageFolder's own class order
+            try:
+                return tuple(find_classes(os.path.join(directory, 'train'))[0])
+            except FileNotFoundError:  # no class folders
+                continue
     return CLASS_NAMES.get(dataset)
