@@ -33,8 +33,10 @@ def dry_run(work, timeout=240, **settings):
 @pytest.fixture(scope='session')
 def session(tmp_path_factory):
     """One dry run for every test here, whichever pytest -n worker asks first: the others wait for it on a
-    lock in the folder the workers share, then read what it left."""
-    shared = tmp_path_factory.getbasetemp().parent / 'gpu_session_dry_run'
+    lock in the folder the workers of this session share (without workers, this session's own: the folder
+    above it holds every session's), then read what it left."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'gpu_session_dry_run'
     shared.mkdir(exist_ok=True)
     with open(shared / 'lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -8,6 +8,8 @@ synchronize most, the count is split at main.py's ``epoch N/M:`` lines: the firs
 the setup and epoch 1 (and its checkpoint), each later one an epoch alone. Without CUDA the run
 goes ahead and no count is taken (``SYNCS n/a``), so the command can be tried on a CPU.
 """
+import collections
+import itertools
 import json
 import os
 import runpy
@@ -56,15 +58,14 @@ finally:
     if counting:
         torch.cuda.set_sync_debug_mode(0)
     sys.stdout = stdout
-syncs = [w for w in caught if 'synchroniz' in str(w.message)]
-where = {}
-for w in syncs:
-    key = f'{os.path.basename(w.filename)}:{w.lineno}'
-    where[key] = where.get(key, 0) + 1
-marks = [sum('synchroniz' in str(w.message) for w in caught[:n]) for n in at_epoch_end]
+is_sync = ['synchroniz' in str(w.message) for w in caught]
+syncs = [w for w, sync in zip(caught, is_sync) if sync]
+where = collections.Counter(f'{os.path.basename(w.filename)}:{w.lineno}' for w in syncs).most_common(12)
+syncs_before = [0, *itertools.accumulate(is_sync)]  # syncs_before[n]: among the first n warnings
+marks = [syncs_before[n] for n in at_epoch_end]
 per_epoch = [b - a for a, b in zip([0] + marks, marks)]
 if counting:
-    print('SYNCS', len(syncs), sorted(where.items(), key=lambda kv: -kv[1])[:12])
+    print('SYNCS', len(syncs), where)
     print('SYNCS_PER_EPOCH', per_epoch, '(the first with the setup)')
 else:
     print('SYNCS n/a: no CUDA device, nothing counted')
@@ -72,5 +73,5 @@ if json_path:
     with open(json_path, 'w') as f:
         json.dump({'counted': counting, 'exit_status': status, 'total': len(syncs) if counting else None,
                    'per_epoch': per_epoch if counting else None, 'epochs': len(at_epoch_end),
-                   'where': sorted(where.items(), key=lambda kv: -kv[1])[:12]}, f, indent=1)
+                   'where': where}, f, indent=1)
 sys.exit(status)
