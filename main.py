@@ -382,9 +382,13 @@ def args_parser():
 
 def arch_defaults(arch):
     """The settings a run of ``arch`` takes unless given: its training defaults and its model flags' values."""
-    model_flags = {name: list(value) if isinstance(value, tuple) else value
-                   for name, value in models.model_params(arch).items()}
-    return {**models.train_defaults(arch), **model_flags}
+    return {**models.train_defaults(arch), **model_flag_defaults(arch)}
+
+
+def model_flag_defaults(arch):
+    """The values ``arch``'s builder gives its model flags, as the flags hold them (lists, not tuples)."""
+    return {name: list(value) if isinstance(value, tuple) else value
+            for name, value in models.model_params(arch).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,10 +420,10 @@ def parse_args(argv=None):
     domains = flags.domains(parser)
     from_config = read_config(explicit['config'], domains) if explicit.get('config') else {}
     arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
-    arch_defaults = models.train_defaults(arch)
-    for name, value in arch_defaults.items():
+    training_defaults = models.train_defaults(arch)
+    for name, value in training_defaults.items():
         flags.check_setting(name, domains[name], value, f'--arch {arch} defaults')
-    settings = {**defaults, **arch_defaults, **from_config, **explicit}
+    settings = {**defaults, **training_defaults, **from_config, **explicit}
     given = set(from_config) | set(explicit)
     if settings['use_ricap'] and 'use_random_crop' not in given:
         settings['use_random_crop'] = False  # RICAP's paper setting; the original tool's tables have both
@@ -489,13 +493,13 @@ def adopt_saved_run(args, saved):
 def resolve_model_flags(args):
     """The model flags of ``args.arch`` take its builder's default where not given (so that config.json and
     --dry_run show the values the model is built with); those of other archs, unless given, are None."""
-    params = models.model_params(args.arch)
+    params = model_flag_defaults(args.arch)
     for name in models.model_flag_names():
         if name not in params:
             if name not in args.explicit:
                 setattr(args, name, None)
         elif getattr(args, name) is None:
-            setattr(args, name, list(params[name]) if isinstance(params[name], tuple) else params[name])
+            setattr(args, name, params[name])
 
 
 def check_relations(args):
