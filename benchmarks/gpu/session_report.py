@@ -13,7 +13,7 @@ tiny-data; no torch, so that each costs a fraction of a second).
     session_report.py check OUT                       # the $OUT layout, and a digest of it
 
 Everything read here is a file main.py writes (log.json, summary.json) or a line it prints; nothing
-imports main.py, whose internals are being rewritten.
+imports main.py or torch, whose import alone would cost each step seconds.
 """
 import argparse
 import glob
