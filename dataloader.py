@@ -795,6 +795,14 @@ class WorkersLoader(torch.utils.data.DataLoader):
         """As :meth:`DeviceLoader.example_batch`: the first batch of an epoch."""
         return next(iter(self))
 
+    def close(self):
+        """Stop the worker processes now. Their iterator persists from epoch to epoch; left to the garbage
+        collector, its teardown (queues closed under their feeder threads) comes at a random later moment,
+        in whatever runs then, with a multiprocessing traceback on stderr."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
+
     def __iter__(self):
         resuming = isinstance(self.sampler, ResumableSampler) and self.sampler.resuming
         # a new iterator draws its workers' base seed from the global generator; a resumed epoch's
@@ -805,6 +813,7 @@ class WorkersLoader(torch.utils.data.DataLoader):
             torch.set_rng_state(rng_state)
         for batch in iterator:
             if isinstance(batch, _Unreadable):
+                self.close()
                 raise UsageError(batch.message)
             images, labels = batch
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))

@@ -6,6 +6,7 @@ UsageError line naming the file (main.py prints it and exits with 2). These are 
 tests/test_main_fuzz.py sends the same files through main.py's command line.
 """
 import json
+import multiprocessing
 import os
 import pickle
 import stat
@@ -162,9 +163,12 @@ def test_image_folder_unreadable_image_met_while_loading_is_one_line(tmp_path, n
     """A worker process's error would reach the main process as its traceback's text; it arrives as the
     one line naming the file."""
     path = write_image_folder_with_bad_image(str(tmp_path), 'test')
+    children_before = set(multiprocessing.active_children())
     data = dataloader.build_data('ImageFolder', str(tmp_path), 4, CPU, num_workers=num_workers)
     message = refusal(lambda: list(data.test_loader))
     assert message.startswith(f'--dataset_dir {path}: cannot read the image (image file is truncated')
+    # the loader's worker processes are stopped with the error, not left to the garbage collector
+    assert set(multiprocessing.active_children()) == children_before
 
 
 def test_training_run_meeting_an_unreadable_image_exits_2_in_one_line(tmp_path, capsys):
