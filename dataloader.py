@@ -898,11 +898,15 @@ def _image_folder_info(dataset_dir, image_size):
     return info, splits
 
 
-def dataset_info(dataset, dataset_dir, image_size=None):
+def dataset_info(dataset, dataset_dir, image_size=None, folder_optional=False):
     """The DatasetInfo of a built-in dataset, or of the ImageFolder in ``dataset_dir`` (its class count,
-    image size and normalization statistics, read from its training images)."""
+    image size and normalization statistics, read from its training images). ``folder_optional``
+    (--list_archs, which only sizes the models): where ``dataset_dir`` holds no ImageFolder, that of 10
+    classes of RGB images of ``image_size`` (default 32)."""
     if dataset in DATASETS:
         return DATASETS[dataset]
+    if folder_optional and not os.path.isdir(os.path.join(dataset_dir, 'train')):
+        return DatasetInfo('ImageFolder', 3, image_size or 32, 10, (), (), True)
     return _image_folder_info(dataset_dir, image_size)[0]
 
 

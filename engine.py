@@ -823,6 +823,15 @@ class _Bar(_Lines):
                 last = self.clock()
 
 
+def top_classes(model, pixels, topk):
+    """The ``topk`` most probable classes of one image ``pixels`` (C, H, W) under ``model``, in eval mode:
+    [(probability, class index), ...], most probable first."""
+    with torch.no_grad():
+        probabilities = model(pixels[None].to(next(model.parameters()).device)).float().softmax(dim=1)[0]
+    values, indices = probabilities.topk(topk)
+    return list(zip(values.tolist(), indices.tolist()))
+
+
 def make_progress(enabled=True, interval=30.0):
     """``progress(iterable, description, counters=None)``: tqdm bars on a terminal, elsewhere one plain line
     every ``interval`` seconds (:class:`_Lines`)."""

@@ -546,6 +546,23 @@ class Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
+def config_settings(from_config, domains, path):
+    """The settings of the --config file ``path``, whose JSON value is ``from_config``: a flat object of flag
+    names and values in their ``domains``."""
+    source = f'--config {show(path)}'
+    if not isinstance(from_config, dict):
+        raise UsageError(f'{source}: expected a JSON object of flag values, e.g. {{"epochs": 200}}, '
+                         f'not a JSON {type(from_config).__name__}')
+    unknown = sorted(set(from_config) - set(domains))
+    if unknown:
+        raise UsageError(f'{source}: unknown setting(s) {", ".join(map(show, unknown))}')
+    if 'config' in from_config:
+        raise UsageError(f'{source}: a --config file cannot name another --config file')
+    for name, value in from_config.items():
+        check_setting(name, domains[name], value, source)
+    return from_config
+
+
 def domains(parser):
     """{setting: domain} of every flag of ``parser``: its argparse type (a list of them for ``nargs='+'``),
     and for the store_true/store_false flags a boolean (unset allowed where the default is None)."""
@@ -579,7 +596,55 @@ def env_rank(environ=None):
     return int(environ.get('RANK', 0)) if launched_by_torchrun(environ) else 0
 
 
+def exit_torchrun_rank(run):
+    """Call ``run`` (main.py's cli) in a torchrun rank, then end the process at once, its output flushed,
+    with run's exit status. A rank that had left its process group and written everything sometimes
+    aborted while the interpreter shut down (gloo's threads on CPU, 'terminate called without an active
+    exception': exit -6, and torchrun reported the run failed)."""
+    import sys
+    try:
+        run()
+        exit_status = 0
+    except SystemExit as stop:
+        exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_status)
+
+
 # ----------------------------------------------------------------------------- the parser, cached
+
+def code_files(folder):
+    """The toolkit's Python files in ``folder`` and its models/: what :func:`cached` keys main.py's answers by."""
+    import glob
+    return sorted(glob.glob(os.path.join(folder, '*.py')) + glob.glob(os.path.join(folder, 'models', '*.py')))
+
+
+def given_only(parser):
+    """(``parser`` with its defaults suppressed, so that it returns only the flags given; its defaults)."""
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser, defaults
+
+
+def print_help(parser, defaults_of_archs, argv):
+    """--help: every flag with the default a run of the --arch in ``argv`` (else of the parser's default
+    arch) takes, ``defaults_of_archs[arch]``: its training defaults and its model flags' values; then exit."""
+    import shutil
+    import textwrap
+    given = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == '--arch']
+    given += [word.split('=', 1)[1] for word in argv if word.startswith('--arch=')]
+    arch = given[-1] if given and given[-1] in defaults_of_archs else parser.get_default('arch')
+    parser.set_defaults(arch=arch, **defaults_of_archs[arch])
+    parser.description += '\n\n' + textwrap.fill(
+        f'Defaults below are those of --arch {arch} (--arch NAME --help shows another\'s; --list_archs lists them '
+        f'all); model flags without a default do not apply to it.', width=min(shutil.get_terminal_size().columns, 100))
+    parser.print_help()
+    raise SystemExit(0)
+
 
 _PARSE_FUNCTIONS = {'int': int, 'float': float, 'str': str}
 

@@ -17,14 +17,10 @@ The engine is engine.py's, the run folder's format runs.py's.
 """
 import argparse
 import functools
-import glob
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import textwrap
 
 import flags
 from flags import Bool, Choice, Int, ListOf, Real, Text, UsageError, number
@@ -52,21 +48,13 @@ FLAG_ALIASES = {'--lr': '--base_lr', '--learning_rate': '--base_lr', '--wd': '--
                 '--output': '--outdir', '--output_dir': '--outdir', '--data_dir': '--dataset_dir',
                 '--data_path': '--dataset_dir', '--workers': '--num_workers', '--lr_warmup_epochs': '--warmup_epochs'}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
+HERE = os.path.dirname(os.path.abspath(__file__))
 _POSITIVE = Real(0, None, '(]')
 _FRACTION = Real(0, 1, '[)')
 _PROBABILITY = Real(0, 1)
 
 
 # ----------------------------------------------------------------------------- arguments
-
-def add_model_flags(group):
-    """One flag per keyword-only argument of the registered builders (``models.model_flags``): its domain
-    from the registry, the help from ``models.registry.FLAG_HELP`` or the builder's docstring; default
-    None, so that the builder's own default applies unless it is given."""
-    for name, flag in models.model_flags().items():
-        switch = dict(nargs='?', const=True) if flag.kind == 'bool' else {}
-        group.add_argument(f'--{name}', type=flag.domain, choices=flag.choices, help=flag.help, **switch)
-
 
 def get_args_parser():
     import_toolkit()
@@ -96,7 +84,7 @@ def get_args_parser():
                        help='--predict: model_state.pth or checkpoint.pth (arch, flags and dataset from the '
                             'config.json beside it, or from the command line)')
     group.add_argument('--topk', type=Int(1), default=5, help='--predict: classes printed per image')
-    add_model_flags(group)
+    models.add_model_flags(group)  # one per keyword-only argument of the registered builders
 
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=Real(0, None, '(]', parse=number), default=160,
@@ -111,8 +99,7 @@ def get_args_parser():
                             '--base_lr/--momentum for the other parameters')
     group.add_argument('--base_lr', type=_POSITIVE, default=0.1,
                        help='learning rate (of the whole batch: not rescaled with --batch_size or the ranks)')
-    group.add_argument('--weight_decay', type=Real(0), default=1e-4,
-                       help='L2 weight decay (decoupled for adamw)')
+    group.add_argument('--weight_decay', type=Real(0), default=1e-4, help='L2 weight decay (decoupled for adamw)')
     flags.switch(group, '--no_weight_decay_on_bn', 'no weight decay on BN parameters and biases')
     flags.switch(group, '--bn_weight_freeze', 'keep BN scales fixed at their initial value (fast recipe)')
     group.add_argument('--bn_bias_lr_factor', type=_POSITIVE, default=1.0,
@@ -131,16 +118,14 @@ def get_args_parser():
     group.add_argument('--whiten_bias_epochs', type=Real(0, None, '(]', optional=True), default=None,
                        help='airbench: the patch-whitening bias trains (on its own copy of the schedule) '
                             'for this many epochs only')
-    group.add_argument('--momentum', type=_FRACTION, default=0.9,
-                       help='SGD/LARS momentum')
+    group.add_argument('--momentum', type=_FRACTION, default=0.9, help='SGD/LARS momentum')
     group.add_argument('--nesterov', type=Bool(), nargs='?', const=True, default=True,
                        help="Nesterov momentum (sgd, lars, muon's filters)")
     group.add_argument('--betas', type=ListOf(_FRACTION, 2, example='[0.9,0.999]'), default=[0.9, 0.999],
                        help='adam/adamw/adabound betas')
     group.add_argument('--adabound_final_lr', type=_POSITIVE, default=0.1,
                        help='adabound: the lr its bounds converge to')
-    group.add_argument('--adabound_gamma', type=_POSITIVE, default=1e-3,
-                       help='adabound: how fast the bounds converge')
+    group.add_argument('--adabound_gamma', type=_POSITIVE, default=1e-3, help='adabound: how fast the bounds converge')
     flags.switch(group, '--use_sam', 'sharpness-aware minimization around the chosen optimizer (arXiv 2010.01412)')
     group.add_argument('--sam_rho', type=Real(0, None, '(]', optional=True), default=None,
                        help='SAM neighbourhood radius (default: 0.05, or 0.5 with --sam_adaptive, the authors\' '
@@ -217,8 +202,7 @@ def get_args_parser():
     group.add_argument('--test_batch_size', type=Int(1, optional=True), default=None,
                        help='batch of the evaluation (default: max(--batch_size, 256))')
     flags.switch(group, '--use_random_crop', 'pad and randomly crop (default on; off by default with RICAP)', True)
-    group.add_argument('--random_crop_padding', type=Int(0), default=4,
-                       help='pixels of padding before the random crop')
+    group.add_argument('--random_crop_padding', type=Int(0), default=4, help='pixels of padding before the random crop')
     group.add_argument('--padding_mode', **flags.choice(('zeros', 'reflect')), default='zeros',
                        help='random crop padding; reflect is airbench\'s random translation')
     flags.switch(group, '--use_horizontal_flip', 'random horizontal flip (datasets where it applies)', True)
@@ -227,10 +211,8 @@ def get_args_parser():
 
     group = parser.add_argument_group('Augmentation and regularization')
     flags.switch(group, '--use_cutout', 'Cutout (arXiv 1708.04552)')
-    group.add_argument('--cutout_size', type=Int(1), default=16,
-                       help='side of the Cutout square (pixels)')
-    group.add_argument('--cutout_prob', type=_PROBABILITY, default=1.0,
-                       help='probability that an image is cut out')
+    group.add_argument('--cutout_size', type=Int(1), default=16, help='side of the Cutout square (pixels)')
+    group.add_argument('--cutout_prob', type=_PROBABILITY, default=1.0, help='probability that an image is cut out')
     flags.switch(group, '--cutout_inside', 'keep the whole square inside the image')
     flags.switch(group, '--use_random_erasing', 'Random Erasing (arXiv 1708.04896)')
     group.add_argument('--random_erasing_prob', type=_PROBABILITY, default=0.5,
@@ -247,14 +229,11 @@ def get_args_parser():
                             'random: a standard-normal value per pixel (the paper\'s random values, as torchvision); '
                             'uniform: one U(0,1) value per rectangle (the original tool, hysts)')
     flags.switch(group, '--use_mixup', 'Mixup (arXiv 1710.09412)')
-    group.add_argument('--mixup_alpha', type=_POSITIVE, default=1.0,
-                       help='Mixup: lambda ~ Beta(alpha, alpha)')
+    group.add_argument('--mixup_alpha', type=_POSITIVE, default=1.0, help='Mixup: lambda ~ Beta(alpha, alpha)')
     flags.switch(group, '--use_ricap', 'RICAP (arXiv 1811.09030)')
-    group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3,
-                       help='RICAP: the crossing point ~ Beta(beta, beta)')
+    group.add_argument('--ricap_beta', type=_POSITIVE, default=0.3, help='RICAP: the crossing point ~ Beta(beta, beta)')
     flags.switch(group, '--use_cutmix', 'CutMix (arXiv 1905.04899)')
-    group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0,
-                       help='CutMix: lambda ~ Beta(alpha, alpha)')
+    group.add_argument('--cutmix_alpha', type=_POSITIVE, default=1.0, help='CutMix: lambda ~ Beta(alpha, alpha)')
     group.add_argument('--cutmix_prob', type=_PROBABILITY, default=1.0,
                        help='probability that a batch is mixed (the paper\'s Algorithm 1: 1; the authors\' CIFAR '
                             'command: 0.5)')
@@ -359,36 +338,19 @@ EXCLUSIVE = [('evaluate', 'resume'), ('evaluate', 'lr_finder'), ('evaluate', 'dr
 MACHINE_LOCAL_FLAGS = ('explicit', 'config', 'dataset_dir', 'num_workers', 'download', 'num_threads')
 
 
-def source_files():
-    """The code main.py's answers come from: what :func:`flags.cached` keys them by."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob(os.path.join(here, 'models', '*.py')))
-
-
 def args_parser():
-    """(the parser, {arch: its defaults}): get_args_parser() and :func:`arch_defaults`, kept in the user's
+    """(the parser, {arch: its defaults}): get_args_parser() and ``models.arch_defaults``, kept in the user's
     cache under the hash of the code that defines them (building them imports torch and every model
     file: seconds), so that reading a command line imports none of it."""
     def build():
         return {'parser': flags.parser_spec(get_args_parser()),
-                'arch_defaults': {arch: arch_defaults(arch) for arch in models.list_models()}}
+                'arch_defaults': {arch: models.arch_defaults(arch) for arch in models.list_models()}}
 
     def load(value):
         parser = flags.parser_from_spec(value['parser'])
         parser.aliases = FLAG_ALIASES
         return parser, dict(value['arch_defaults'])
-    return flags.cached('parser', source_files(), build, load)
-
-
-def arch_defaults(arch):
-    """The settings a run of ``arch`` takes unless given: its training defaults and its model flags' values."""
-    return {**models.train_defaults(arch), **model_flag_defaults(arch)}
-
-
-def model_flag_defaults(arch):
-    """The values ``arch``'s builder gives its model flags, as the flags hold them (lists, not tuples)."""
-    return {name: list(value) if isinstance(value, tuple) else value
-            for name, value in models.model_params(arch).items()}
+    return flags.cached('parser', flags.code_files(HERE), build, load)
 
 
 @functools.lru_cache(maxsize=None)
@@ -396,11 +358,7 @@ def command_line_reader():
     """(the parser with its defaults suppressed, so that it returns only the flags given; the defaults),
     made once per process: a caller of main.cli in a loop (the tests, a benchmark) neither hashes the
     sources nor rebuilds the parser again (6 of the 7 ms of a bad command line read in-process)."""
-    parser, _ = args_parser()
-    defaults = {action.dest: action.default for action in parser._actions if action.dest != 'help'}
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return parser, defaults
+    return flags.given_only(args_parser()[0])
 
 
 def parse_args(argv=None):
@@ -409,7 +367,7 @@ def parse_args(argv=None):
     check theirs when main() builds their objects. Reads at most the --config file."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if '-h' in argv or '--help' in argv:
-        print_help(*args_parser(), argv)
+        flags.print_help(*args_parser(), argv)
     parser, defaults = command_line_reader()
     explicit = vars(parser.parse_args(argv))
     dataset = explicit.get('dataset', defaults['dataset'])
@@ -418,7 +376,8 @@ def parse_args(argv=None):
         sys.exit(0)
     import_toolkit()
     domains = flags.domains(parser)
-    from_config = read_config(explicit['config'], domains) if explicit.get('config') else {}
+    config = explicit.get('config')
+    from_config = flags.config_settings(utils.load_json(config, what='--config'), domains, config) if config else {}
     arch = explicit.get('arch', from_config.get('arch', defaults['arch']))
     training_defaults = models.train_defaults(arch)
     for name, value in training_defaults.items():
@@ -431,37 +390,6 @@ def parse_args(argv=None):
     resolve_defaults(args)
     check_relations(args)
     return args
-
-
-def print_help(parser, defaults_of_archs, argv):
-    """--help: every flag with the default a run of the --arch given (else of the default arch) takes,
-    its training defaults and its model flags' values included; then exit."""
-    given = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == '--arch']
-    given += [word.split('=', 1)[1] for word in argv if word.startswith('--arch=')]
-    arch = given[-1] if given and given[-1] in defaults_of_archs else parser.get_default('arch')
-    parser.set_defaults(arch=arch, **defaults_of_archs[arch])
-    parser.description += '\n\n' + textwrap.fill(
-        f'Defaults below are those of --arch {arch} (--arch NAME --help shows another\'s; --list_archs lists them '
-        f'all); model flags without a default do not apply to it.', width=min(shutil.get_terminal_size().columns, 100))
-    parser.print_help()
-    raise SystemExit(0)
-
-
-def read_config(path, domains):
-    """The settings of a --config file: a flat JSON object of flag names and values in their domains."""
-    source = f'--config {flags.show(path)}'
-    from_config = utils.load_json(path, what='--config')
-    if not isinstance(from_config, dict):
-        raise UsageError(f'{source}: expected a JSON object of flag values, e.g. {{"epochs": 200}}, '
-                         f'not a JSON {type(from_config).__name__}')
-    unknown = sorted(set(from_config) - set(domains))
-    if unknown:
-        raise UsageError(f'{source}: unknown setting(s) {", ".join(map(flags.show, unknown))}')
-    if 'config' in from_config:
-        raise UsageError(f'{source}: a --config file cannot name another --config file')
-    for name, value in from_config.items():
-        flags.check_setting(name, domains[name], value, source)
-    return from_config
 
 
 def resolve_defaults(args):
@@ -479,27 +407,7 @@ def resolve_defaults(args):
         args.dataset_dir = dataloader.default_dataset_dir(args.dataset)
     # a policy given by the user replaces the one an arch's defaults switch on; two given are refused
     augmentations.resolve_policy_switches(args, set(args.explicit))
-    resolve_model_flags(args)
-
-
-def adopt_saved_run(args, saved):
-    """--evaluate and --predict: the arch, model flags and dataset of the run that saved the weights, where
-    the command line does not give them, and that run's --dataset_dir where it still exists."""
-    runs.adopt_saved_settings(args, saved)
-    resolve_model_flags(args)
-    args.dataset_dir = runs.saved_dataset_dir(args, saved, args.dataset)
-
-
-def resolve_model_flags(args):
-    """The model flags of ``args.arch`` take its builder's default where not given (so that config.json and
-    --dry_run show the values the model is built with); those of other archs, unless given, are None."""
-    params = model_flag_defaults(args.arch)
-    for name in models.model_flag_names():
-        if name not in params:
-            if name not in args.explicit:
-                setattr(args, name, None)
-        elif getattr(args, name) is None:
-            setattr(args, name, params[name])
+    models.resolve_model_flags(args)
 
 
 def check_relations(args):
@@ -520,15 +428,6 @@ def check_relations(args):
         raise UsageError('--outdir is required (the run directory to write into)')
 
 
-def resolve_device(name):
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'--device {name}: CUDA is not available on this machine')
-    return device
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(argv=None):
@@ -538,7 +437,7 @@ def main(argv=None):
     if args.predict:
         return predict(args)
     # under torchrun: join the process group, one device per rank (a single process otherwise)
-    dist, device = utils.init_distributed(resolve_device(args.device), args.dist_backend, args.dist_timeout)
+    dist, device = utils.init_distributed(utils.resolve_device(args.device), args.dist_backend, args.dist_timeout)
     args.num_threads = utils.set_threads(args.num_threads, device, dist)
     if dist.enabled and args.lr_finder:
         raise UsageError('--lr_finder runs in one process: start it without torchrun')
@@ -574,7 +473,7 @@ def build_and_train(args, run, argv, dist, device):
         regularizer = augmentations.BatchRegularizer(data.info.num_classes, **augmentations.regularizer_kwargs(args))
     n_params = utils.count_parameters(model)
     if args.dry_run:
-        return print_dry_run(args, n_params, data, batch_size, device, dist)
+        return dist.print(runs.dry_run_text(args, n_params, data, batch_size, device, dist))
 
     # the one place where the model meets DistributedDataParallel (and SyncBatchNorm)
     model, network = utils.distribute(model, dist, device, sync_bn=args.sync_bn,
@@ -588,7 +487,7 @@ def build_and_train(args, run, argv, dist, device):
     optimizer = optim.build_optimizer(model, **optim.optimizer_kwargs(args))
     scheduler = optim.build_scheduler(optimizer, **optim.scheduler_kwargs(args), epochs=total_steps / steps_per_epoch,
                                       steps_per_epoch=steps_per_epoch)
-    teacher = load_teacher(args, data.info, device) if args.teacher else None
+    teacher = runs.load_teacher(args.teacher, args.dataset, args.channels_last, data.info, device)
     trainer = engine.Trainer(model, optimizer, scheduler, regularizer, device, total_steps=total_steps,
                              network=network, dist=dist, teacher=teacher, **engine.trainer_kwargs(args))
     run.create()
@@ -675,32 +574,6 @@ def train(run, trainer, data, args, log, first_epoch, epochs, position, compile_
                                              f'checkpoint.pth resumes at epoch {epoch + 1}')
 
 
-def print_dry_run(args, n_params, data, batch_size, device, dist):
-    settings = {k: v for k, v in vars(args).items() if k != 'explicit'}
-    dist.print(json.dumps(settings, indent=2, default=str))
-    dist.print(f'{args.arch}: {n_params:,} parameters; {data.info.name}: '
-               f'{data.train_loader.num_samples} train / {data.test_loader.num_samples} {data.test_split_name} '
-               f'images, {len(data.train_loader)} steps per epoch on {device}'
-               + (f' ({dist.world_size} ranks of {batch_size} images)' if dist.enabled else ''))
-
-
-def load_teacher(args, info, device):
-    """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
-    weights, frozen, in eval mode. It must have been trained on the same --dataset: its logits are
-    compared with the student's class by class; the Trainer runs it under the student's autocast."""
-    state = runs.read_weights(args.teacher, '--teacher')
-    saved = runs.saved_settings(args.teacher)
-    arch = saved.get('arch')
-    if arch is None:
-        raise UsageError(f'--teacher {args.teacher}: no config.json with the teacher\'s arch beside it')
-    if saved.get('dataset', args.dataset) != args.dataset:
-        raise UsageError(f'--teacher {args.teacher}: trained on {saved["dataset"]}, not --dataset {args.dataset}')
-    settings = argparse.Namespace(arch=arch, channels_last=args.channels_last,
-                                  **{name: saved.get(name) for name in models.model_params(arch)})
-    teacher = runs.load_run_model(args.teacher, '--teacher', settings, info, device, state=state, saved=saved)
-    return teacher.requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- the other modes
 
 def evaluate_weights(args, device, dist=None):
@@ -712,13 +585,12 @@ def evaluate_weights(args, device, dist=None):
     """
     dist = utils.SINGLE_PROCESS if dist is None else dist
     saved = runs.saved_settings(args.evaluate)
-    adopt_saved_run(args, saved)
+    runs.adopt_saved_settings(args, saved)
     state = dist.run_on_main(lambda: runs.read_weights(args.evaluate, '--evaluate'))
     data = build_data(args, max(1, args.batch_size // dist.world_size), device, dist)
     with dist.agree():
         model = runs.load_run_model(args.evaluate, '--evaluate', args, data.info, device, state=state, saved=saved)
-    result = engine.evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last,
-                             dist=dist)
+    result = engine.evaluate(model, data.test_loader, device, tta=args.tta, channels_last=args.channels_last, dist=dist)
     dist.print(f'{args.evaluate}: test accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
                f'({data.test_loader.num_samples} images, tta={args.tta})')
     return result
@@ -732,7 +604,7 @@ def predict(args):
     its input size and normalized with its statistics, as the test images were in training.
     """
     settings = runs.saved_settings(args.weights)
-    adopt_saved_run(args, settings)
+    runs.adopt_saved_settings(args, settings)
     dataset_dirs = [args.dataset_dir if 'dataset_dir' in args.explicit else None, settings.get('dataset_dir')]
     if args.dataset not in dataloader.DATASETS:
         directory = next((d for d in dataset_dirs if d), None)
@@ -741,18 +613,14 @@ def predict(args):
                              'normalization statistics)')
         args.dataset_dir = directory
     info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size or settings.get('image_size'))
-    device = resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     model = runs.load_run_model(args.weights, '--weights', args, info, device, saved=settings)
     names = dataloader.class_names(args.dataset, dataset_dirs) or tuple(str(i) for i in range(info.num_classes))
     transform = dataloader.build_sample_transform(info, train=False, from_pil=True, image_size=info.image_size)
     topk = min(args.topk, info.num_classes)
     for path in args.predict:
         pixels = transform(dataloader.open_image(path, 'RGB' if info.in_channels == 3 else 'L'))
-        with torch.no_grad():
-            probabilities = model(pixels[None].to(device)).float().softmax(dim=1)[0]
-        values, indices = probabilities.topk(topk)
-        ranked = ', '.join(f'{names[i]} {p:.3f}' for p, i in zip(values.tolist(), indices.tolist()))
-        print(f'{path}: {ranked}')
+        print(f'{path}: ' + ', '.join(f'{names[i]} {p:.3f}' for p, i in engine.top_classes(model, pixels, topk)))
 
 
 def every_arch_listed(dataset):
@@ -761,17 +629,13 @@ def every_arch_listed(dataset):
     def build():
         import_toolkit()
         return list(models.describe_archs(models.list_models(), dataloader.DATASETS[dataset]))
-    return flags.cached(f'archs-{dataset}', source_files(), build)
+    return flags.cached(f'archs-{dataset}', flags.code_files(HERE), build)
 
 
 def list_archs(args):
     """--list_archs: every arch (or the --arch given, with the model flags given) with its parameters and
     forward multiply-adds at the --dataset's input size, its model flags and its training defaults."""
-    info = dataloader.DATASETS.get(args.dataset)
-    if info is None:  # an ImageFolder: its own classes and size where --dataset_dir holds one
-        has_folder = os.path.isdir(os.path.join(args.dataset_dir, 'train'))
-        info = (dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size) if has_folder else
-                dataloader.DatasetInfo('ImageFolder', 3, args.image_size or 32, 10, (), (), True))
+    info = dataloader.dataset_info(args.dataset, args.dataset_dir, args.image_size, folder_optional=True)
     given = {k: v for k, v in models.model_kwargs(args).items() if v is not None} if 'arch' in args.explicit else {}
     for line in models.describe_archs([args.arch] if 'arch' in args.explicit else models.list_models(), info, **given):
         print(line)
@@ -813,8 +677,7 @@ def cli(argv=None):
         if not (flags.launched_by_torchrun() and utils.is_collective_failure(error)):
             raise
         _exit(1, f'{program}: rank {rank} stopped: another rank failed or stopped answering '
-                 f'({flags.first_line(error, 300)})', True,
-              leave_group=False)
+                 f'({flags.first_line(error, 300)})', True, leave_group=False)
     _exit(0, None, speaks)
 
 
@@ -832,18 +695,6 @@ def _exit(status, message, speaks, leave_group=True, interrupt=False):
 if __name__ != '__main__':
     import_toolkit()
 elif flags.launched_by_torchrun():
-    # A torchrun rank that had left its process group and written everything sometimes aborted while the
-    # interpreter shut down (gloo's threads on CPU, 'terminate called without an active exception': exit
-    # -6, and torchrun reported the run failed); so a rank ends here, its output flushed, without that.
-    try:
-        cli()
-        exit_status = 0
-    except SystemExit as stop:
-        exit_status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_status)
+    flags.exit_torchrun_rank(cli)  # without the interpreter's shutdown, where gloo's threads could abort a rank
 else:
     cli()

@@ -16,6 +16,7 @@ every .pth file is verified against the checksums written with it when it is rea
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import shlex
@@ -575,10 +576,14 @@ def saved_dataset_dir(args, saved, dataset):
 
 
 def adopt_saved_settings(args, settings):
-    """Take the arch, dataset and model flags of a saved run where the command line does not give them."""
+    """--evaluate and --predict: the arch, dataset and model flags of the run that saved the weights (its
+    config.json's ``settings``) where the command line does not give them, the arch's builder defaults for
+    the model flags neither gives, and that run's --dataset_dir where it still exists."""
     for name in ['arch', 'dataset', *models.model_flags()]:
         if name not in args.explicit and name in settings:
             setattr(args, name, settings[name])
+    models.resolve_model_flags(args)
+    args.dataset_dir = saved_dataset_dir(args, settings, args.dataset)
 
 
 def read_weights(path, flag):
@@ -600,6 +605,14 @@ def model_name(settings):
     return ' '.join([str(arch)] + [f'{flag} {show(settings[flag])}' for flag in sizes])
 
 
+def dry_run_text(args, n_params, data, batch_size, device, dist):
+    """--dry_run's answer: the resolved settings as JSON, then the model's size and the data's."""
+    settings = json.dumps({k: v for k, v in vars(args).items() if k != 'explicit'}, indent=2, default=str)
+    return (f'{settings}\n{args.arch}: {n_params:,} parameters; {data.info.name}: {data.train_loader.num_samples} train / '
+            f'{data.test_loader.num_samples} {data.test_split_name} images, {len(data.train_loader)} steps per epoch '
+            f'on {device}' + (f' ({dist.world_size} ranks of {batch_size} images)' if dist.enabled else ''))
+
+
 def start_lines(args, device, n_params, data, steps_per_epoch, epochs, first_epoch, position, dist):
     """What a run is about to do, in three lines (and where a resumed run goes on)."""
     threads = f' ({_count(args.num_threads, "thread")})' if device.type == 'cpu' else ''
@@ -609,8 +622,8 @@ def start_lines(args, device, n_params, data, steps_per_epoch, epochs, first_epo
     lines = [f'{model_name(vars(args))}: {n_params:,} parameters; {device}{threads}{ranks}, {args.precision}',
              f'{data.info.name} in {args.dataset_dir}: {data.train_loader.num_samples:,} training and '
              f'{data.test_loader.num_samples:,} {data.test_split_name} images; {_count(epochs, "epoch")} of '
-             f'{_count(steps_per_epoch, "step")} of {global_batch} images' + (f' ({left_out} images of each epoch left out: every batch is full)'
-                                                  if left_out > 0 else ''),
+             f'{_count(steps_per_epoch, "step")} of {global_batch} images'
+             + (f' ({left_out} images of each epoch left out: every batch is full)' if left_out > 0 else ''),
              f'run folder: {args.outdir}']
     if first_epoch > 1 or position is not None:
         step = f', step {position["step"]}' if position is not None else ''
@@ -658,3 +671,23 @@ def load_run_model(weights, flag, settings, info, device, saved, state=None):
     model = engine.build_model(settings, info, device)
     load_weights(model, state, f'{flag}: {weights}', saved, settings, info)
     return model.eval()
+
+
+def load_teacher(weights, dataset, channels_last, info, device):
+    """--teacher: the saved model, rebuilt from the arch and model flags in the config.json beside its
+    ``weights``, frozen, in eval mode. It must have been trained on the same ``dataset``: its logits are
+    compared with the student's class by class; the Trainer runs it under the student's autocast. None
+    for no ``weights``."""
+    if weights is None:
+        return None
+    state = read_weights(weights, '--teacher')
+    saved = saved_settings(weights)
+    arch = saved.get('arch')
+    if arch is None:
+        raise UsageError(f'--teacher {weights}: no config.json with the teacher\'s arch beside it')
+    if saved.get('dataset', dataset) != dataset:
+        raise UsageError(f'--teacher {weights}: trained on {saved["dataset"]}, not --dataset {dataset}')
+    settings = argparse.Namespace(arch=arch, channels_last=channels_last,
+                                  **{name: saved.get(name) for name in models.model_params(arch)})
+    teacher = load_run_model(weights, '--teacher', settings, info, device, state=state, saved=saved)
+    return teacher.requires_grad_(False)

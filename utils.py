@@ -712,6 +712,16 @@ def close_distributed():
         torch_dist.destroy_process_group()
 
 
+def resolve_device(name):
+    """--device: ``name`` (cpu, cuda, cuda:N, ...), or CUDA where there is one and else the CPU for None."""
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
 def init_distributed(device, backend='auto', timeout_s=600, environ=None):
     """The Distributed of this process and the device it trains on.
 

@@ -45,8 +45,9 @@ def build_trainer(argv, batch_size, n_batches, epochs, **options):
     import engine
     import main
     import optim
+    import utils
     args = main.parse_args(['--outdir', 'unused', '--batch_size', str(batch_size), '--no-tensorboard', *argv])
-    device = main.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     info = dataloader.DATASETS['CIFAR10']
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size * n_batches, 3, 32, 32), dtype=torch.uint8, generator=generator)

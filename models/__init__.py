@@ -8,9 +8,9 @@ model flags (help and domain from ``registry.FLAGS``), and the registry-driven t
 import importlib
 import pkgutil
 
-from models.registry import (FlagSpec, ModelConfigError, create_model, describe_archs, get_test_config, list_models,
-                             model_cost, model_flag_names, model_flags, model_kwargs, model_params, register_model,
-                             train_defaults)
+from models.registry import (FlagSpec, ModelConfigError, add_model_flags, arch_defaults, create_model, describe_archs,
+                             flag_defaults, get_test_config, list_models, model_cost, model_flag_names, model_flags,
+                             model_kwargs, model_params, register_model, resolve_model_flags, train_defaults)
 
 _SUPPORT_MODULES = {'registry', 'common'}
 
@@ -18,5 +18,6 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES and not _module.name.startswith('_'):
         importlib.import_module(f'{__name__}.{_module.name}')
 
-__all__ = ['FlagSpec', 'ModelConfigError', 'create_model', 'describe_archs', 'get_test_config', 'list_models', 'model_cost',
-           'model_flag_names', 'model_flags', 'model_kwargs', 'model_params', 'register_model', 'train_defaults']
+__all__ = ['FlagSpec', 'ModelConfigError', 'add_model_flags', 'arch_defaults', 'create_model', 'describe_archs',
+           'flag_defaults', 'get_test_config', 'list_models', 'model_cost', 'model_flag_names', 'model_flags',
+           'model_kwargs', 'model_params', 'register_model', 'resolve_model_flags', 'train_defaults']

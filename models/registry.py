@@ -185,6 +185,37 @@ def train_defaults(name):
     return dict(_TRAIN_DEFAULTS[name])
 
 
+def flag_defaults(name):
+    """The values ``name``'s builder gives its model flags, as the flags hold them (lists, not tuples)."""
+    return {flag: list(value) if isinstance(value, tuple) else value for flag, value in model_params(name).items()}
+
+
+def arch_defaults(name):
+    """The settings a run of ``name`` takes unless given: its training defaults and its model flags' values."""
+    return {**train_defaults(name), **flag_defaults(name)}
+
+
+def resolve_model_flags(settings):
+    """The model flags of ``settings.arch`` (an argparse Namespace with ``explicit``, the names given) take
+    its builder's default where not given, so that config.json and --dry_run show the values the model is
+    built with; those of other archs, unless given, are None."""
+    defaults = flag_defaults(settings.arch)
+    for name in _flag_specs():
+        if name not in defaults:
+            if name not in settings.explicit:
+                setattr(settings, name, None)
+        elif getattr(settings, name) is None:
+            setattr(settings, name, defaults[name])
+
+
+def add_model_flags(group):
+    """One argparse flag per model flag (:func:`model_flags`) in ``group``: its domain as its type, default
+    None, so that the builder's own default applies unless it is given."""
+    for name, flag in model_flags().items():
+        switch = dict(nargs='?', const=True) if flag.kind == 'bool' else {}
+        group.add_argument(f'--{name}', type=flag.domain, choices=flag.choices, help=flag.help, **switch)
+
+
 def get_test_config(name):
     """The small configuration registered for the tests (None if the builder registered none)."""
     get_builder(name)

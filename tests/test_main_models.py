@@ -19,6 +19,7 @@ import dataloader
 import engine
 import main
 import models
+import runs
 from conftest import TINY_RUN, build_trainer, run_main, write_image_folder
 from models.pyramidnet import ShakeDrop
 
@@ -161,7 +162,7 @@ def test_trainer_mixes_distillation_and_hard_target_loss(trained_run, cifar10_di
                             '--kd_temperature', '3', '--scheduler', 'none'])
     torch.manual_seed(0)
     student = engine.build_model(args, CIFAR10, torch.device('cpu'))
-    teacher = main.load_teacher(args, CIFAR10, torch.device('cpu'))
+    teacher = runs.load_teacher(args.teacher, args.dataset, args.channels_last, CIFAR10, torch.device('cpu'))
     trainer = build_trainer(student, args, teacher=teacher, scheduler='none', epochs=1, steps_per_epoch=10)
     teacher = trainer.teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -180,7 +181,7 @@ def test_teacher_runs_under_the_students_bf16_autocast(trained_run, monkeypatch)
     args = main.parse_args(['--arch', 'resnet', '--depth', '8', '--base_channels', '4', '--outdir', 'x',
                             '--teacher', os.path.join(trained_run, 'model_state.pth'), '--precision', 'bf16'])
     student = engine.build_model(args, CIFAR10, torch.device('cpu'))
-    teacher = main.load_teacher(args, CIFAR10, torch.device('cpu'))
+    teacher = runs.load_teacher(args.teacher, args.dataset, args.channels_last, CIFAR10, torch.device('cpu'))
     trainer = build_trainer(student, args, teacher=teacher, scheduler='none', epochs=1, steps_per_epoch=10)
     seen = []
     monkeypatch.setattr(augmentations, 'distillation_loss',
