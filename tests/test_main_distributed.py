@@ -21,6 +21,7 @@ import engine
 import main
 import utils
 from conftest import ROOT, run_main
+from launch import Process
 
 MAIN = os.path.join(ROOT, 'main.py')
 # no augmentation randomness, so that two ranks and one process can see the very same images
@@ -45,11 +46,10 @@ def rank_environment(rank, world_size, port):
 
 
 def launch(argv_per_rank, timeout=120, extra_env=None, program=MAIN):
-    """Start one ``python main.py`` per rank as torchrun would; returns [(exit status, stdout, stderr)]."""
+    """Start one ``python main.py`` per rank as torchrun would (forked: tests/launch.py); returns
+    [(exit status, stdout, stderr)]."""
     port, world_size = free_port(), len(argv_per_rank)
-    processes = [subprocess.Popen([sys.executable, program, *argv],
-                                  env={**rank_environment(rank, world_size, port), **(extra_env or {})},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes = [Process(program, argv, env={**rank_environment(rank, world_size, port), **(extra_env or {})})
                  for rank, argv in enumerate(argv_per_rank)]
     results = []
     try:
@@ -327,8 +327,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_others_without_a_launcher(kind, wrap
             '--outdir', str(tmp_path / 'run')]
     port = free_port()
     env = {'INJECT_FAILURE': f'{kind}:1:3'}
-    ranks = [subprocess.Popen([sys.executable, wrapper, *argv], env={**rank_environment(rank, 2, port), **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    ranks = [Process(wrapper, argv, env={**rank_environment(rank, 2, port), **env}) for rank in range(2)]
     start = time.monotonic()
     try:
         _, err0 = ranks[0].communicate(timeout=90)
@@ -337,7 +336,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_others_without_a_launcher(kind, wrap
         for process in ranks:
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
-            process.communicate()
+            process.wait()
     assert ranks[0].returncode == 1 and elapsed < 60
     assert 'Traceback' not in err0, err0[-3000:]
     assert [line for line in err0.splitlines() if 'stopped' in line or 'rror' in line] == [

@@ -12,8 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 import engine
 import hostile
+import launch
 import main
 import utils
 from conftest import ROOT, run_main
@@ -56,8 +55,7 @@ def _subprocess(args, kill_at=None, tmp_path=None):
     env.pop(utils.KILL_AT_VARIABLE, None)
     if kill_at:
         env[utils.KILL_AT_VARIABLE] = kill_at
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    return launch.run(os.path.join(ROOT, 'main.py'), args, env=env, cwd=tmp_path, timeout=300)
 
 
 @pytest.fixture(scope='module')
@@ -441,9 +439,8 @@ def _start(args, log_prefix, kill_at=None):
     env.pop(utils.KILL_AT_VARIABLE, None)
     if kill_at:
         env[utils.KILL_AT_VARIABLE] = kill_at
-    out, err = open(f'{log_prefix}.out', 'w'), open(f'{log_prefix}.err', 'w')
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], stdout=out, stderr=err,
-                               env=env, cwd=os.path.dirname(log_prefix))
+    process = launch.Process(os.path.join(ROOT, 'main.py'), args, env=env, cwd=os.path.dirname(log_prefix),
+                             stdout_path=f'{log_prefix}.out', stderr_path=f'{log_prefix}.err')
     process.err_path = f'{log_prefix}.err'
     return process
 
