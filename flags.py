@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 
 
 # Flags that never change what a run computes, so a resumed run may give them anew (runs.restore_args), and
@@ -539,7 +540,6 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
     def parse_known_args(self, args=None, namespace=None):
-        import sys
         args = [self._spelled(word) for word in (sys.argv[1:] if args is None else args)]
         parsed, extras = super().parse_known_args(args, namespace)
         self._unrecognized = extras
@@ -601,7 +601,6 @@ def exit_torchrun_rank(run):
     with run's exit status. A rank that had left its process group and written everything sometimes
     aborted while the interpreter shut down (gloo's threads on CPU, 'terminate called without an active
     exception': exit -6, and torchrun reported the run failed)."""
-    import sys
     try:
         run()
         exit_status = 0
